@@ -1,0 +1,66 @@
+"""Verifier settings, validated once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    # Name clients must send in `open.model`; usually the model directory's name.
+    model_name: str
+    # Concurrent sessions; each owns one preallocated KV-cache row.
+    max_sessions: int = 32
+    # Most committed tokens a session may hold (prompt plus generated). None: as many as
+    # the model's max_seq_len leaves room for after one round's pending entries.
+    max_context: int | None = None
+    # Most draft nodes in one round; also caps `round.new_tokens`.
+    max_tree_nodes: int = 64
+    # A session idle this long is freed; its next round gets FAILED_PRECONDITION.
+    session_ttl_s: float = 120.0
+    # How long the first round of a batch waits for rounds of other live sessions.
+    batch_window_ms: float = 3.0
+    # Most sessions verified in one forward pass.
+    max_batch: int = 16
+    # Context tokens prefilled per forward pass when a session opens.
+    prefill_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_sessions": (self.max_sessions, 1, 4096),
+            "max_tree_nodes": (self.max_tree_nodes, 1, 4096),
+            "session_ttl_s": (self.session_ttl_s, 0.01, 86400.0),
+            "batch_window_ms": (self.batch_window_ms, 0.0, 1000.0),
+            "max_batch": (self.max_batch, 1, 1024),
+            "prefill_chunk": (self.prefill_chunk, 1, 1 << 16),
+        }
+        for name, (value, low, high) in checks.items():
+            if not low <= value <= high:
+                raise ValueError(f"{name}: must be in [{low}, {high}], got {value}")
+        if self.max_context is not None and not 2 <= self.max_context <= 1 << 20:
+            raise ValueError(f"max_context: must be in [2, {1 << 20}], got {self.max_context}")
+        if not self.model_name:
+            raise ValueError("model_name: must be non-empty")
+
+    @property
+    def round_room(self) -> int:
+        """Cache positions a round may need past the committed context: new tokens and
+        tree nodes, padded to the batch's longest, plus the pending bonus token."""
+        return 2 * self.max_tree_nodes + 2
+
+    def for_model(self, max_seq_len: int) -> VerifierConfig:
+        """This config with `max_context` resolved against the model's max_seq_len."""
+        room = max_seq_len - self.round_room
+        if self.max_context is None:
+            if room < 2:
+                raise ValueError(
+                    f"max_tree_nodes: {self.max_tree_nodes} leaves no room for context in "
+                    f"the model's {max_seq_len} positions"
+                )
+            return replace(self, max_context=room)
+        if self.max_context > room:
+            raise ValueError(
+                f"max_context: at most {room} for this model (max_seq_len {max_seq_len} "
+                f"minus {self.round_room} for one round), got {self.max_context}"
+            )
+        return self

@@ -1,0 +1,353 @@
+"""The verifier's engine: sessions, their KV-cache rows, and the batching loop.
+
+One asyncio task owns the model. Its loop is `schedule -> execute -> update`:
+
+- schedule: take waiting prefill chunks first (one per pass), else up to
+  `max_batch` rounds from distinct sessions. The first round waits at most
+  `batch_window_ms` for rounds of other live sessions, and not at all when every
+  live session already has one queued.
+- execute: one forward pass in a worker thread (the event loop keeps serving I/O):
+  per session its pending tokens (the last bonus token, plus tokens the edge added)
+  followed by its draft tree, padded into one batch with per-row masks and positions.
+- update: per session, acceptance (`lm.acceptance.verify_tree`) on the target's
+  distributions, commit of the accepted path into the cache without recomputation,
+  and the bonus token becomes the session's next pending token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from cloud_node.config import VerifierConfig
+from cloud_node.validation import OpenRequest, RoundRequest
+from lm.acceptance import Acceptance, verify_tree
+from lm.kv_cache import KVCache
+from lm.model import Transformer
+from lm.sampling import SamplingParams, make_generator, probs_from_logits
+from serving.errors import FailedPrecondition, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    row: int
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    # Tokens the session holds that are not in the KV cache yet (at least one).
+    pending: list[int]
+    last_used: float
+    forward_passes: int = 0
+    closed_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    acceptance: Acceptance
+    nodes_verified: int
+    server_ms: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class _RoundWork:
+    session: Session
+    request: RoundRequest
+    future: asyncio.Future = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+@dataclass(eq=False)
+class _PrefillWork:
+    session: Session
+    tokens: list[int]
+    future: asyncio.Future = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class VerifierEngine:
+    """Owns the target model and every session's KV-cache row."""
+
+    def __init__(self, model: Transformer, config: VerifierConfig) -> None:
+        config = config.for_model(model.config.max_seq_len)
+        self.model = model
+        self.config = config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.cache = KVCache(
+            model.config,
+            config.max_sessions,
+            config.max_context + config.round_room,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        self.sessions: dict[str, Session] = {}
+        self.forward_passes = 0
+        self._free_rows = deque(range(config.max_sessions))
+        self._prefills: deque[_PrefillWork] = deque()
+        self._rounds: deque[_RoundWork] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="verifier-forward")
+        self._draining = False
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._loop()), asyncio.create_task(self._reap())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    def drain(self) -> None:
+        """New sessions get UNAVAILABLE from now on; open ones keep running."""
+        self._draining = True
+
+    async def open(self, request: OpenRequest) -> Session:
+        if self._draining:
+            raise Unavailable("verifier is draining: open the session on another verifier")
+        if not self._free_rows:
+            raise ResourceExhausted(
+                f"max_sessions: all {self.config.max_sessions} session slots are in use"
+            )
+        session_id = request.session_id or uuid.uuid4().hex
+        if session_id in self.sessions:
+            raise FailedPrecondition(f"open.session_id: session {session_id!r} is already open")
+        session = Session(
+            id=session_id,
+            row=self._free_rows.popleft(),
+            sampling=request.sampling,
+            generator=None
+            if request.sampling.greedy
+            else make_generator(request.sampling.seed, self.device),
+            pending=[request.context[-1]],
+            last_used=time.monotonic(),
+        )
+        self.cache.reset(session.row)
+        self.sessions[session.id] = session
+        try:
+            prefix = list(request.context[:-1])
+            for start in range(0, len(prefix), self.config.prefill_chunk):
+                work = _PrefillWork(session, prefix[start : start + self.config.prefill_chunk])
+                self._prefills.append(work)
+                self._wakeup.set()
+                await work.future
+        except BaseException:
+            self.close(session, "prefill failed")
+            raise
+        return session
+
+    async def verify(self, session: Session, request: RoundRequest) -> RoundOutcome:
+        self._check_open(session)
+        committed = self.cache.lengths[session.row]
+        needed = committed + len(session.pending) + len(request.new_tokens) + _depth(request) + 1
+        if needed > self.config.max_context:
+            raise ResourceExhausted(
+                f"max_context: this round would take the session to {needed} tokens; "
+                f"the limit is {self.config.max_context}"
+            )
+        session.pending.extend(request.new_tokens)
+        work = _RoundWork(session, request)
+        self._rounds.append(work)
+        self._wakeup.set()
+        outcome = await work.future
+        session.last_used = time.monotonic()
+        return outcome
+
+    def close(self, session: Session, reason: str = "closed") -> None:
+        """Frees the session's row; idempotent."""
+        if session.closed_reason is not None:
+            return
+        session.closed_reason = reason
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+            self.cache.reset(session.row)
+            self._free_rows.append(session.row)
+
+    def _check_open(self, session: Session) -> None:
+        if session.closed_reason is not None:
+            raise FailedPrecondition(f"session {session.id!r} is gone: {session.closed_reason}")
+
+    async def _reap(self) -> None:
+        ttl = self.config.session_ttl_s
+        while True:
+            await asyncio.sleep(min(ttl / 4, 5.0))
+            now = time.monotonic()
+            busy = {w.session for w in itertools.chain(self._rounds, self._prefills)}
+            for session in list(self.sessions.values()):
+                if session not in busy and now - session.last_used > ttl:
+                    log.info("session expired", extra={"session": session.id})
+                    self.close(session, f"expired after {ttl:g} s idle (--session-ttl)")
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._prefills or self._rounds:
+                if self._prefills:
+                    work = self._prefills.popleft()
+                    forward = loop.run_in_executor(self._executor, self._prefill, work)
+                    await self._run([work], forward)
+                    continue
+                batch = await self._schedule()
+                if batch:
+                    await self._run(
+                        batch, loop.run_in_executor(self._executor, self._execute, batch)
+                    )
+
+    async def _schedule(self) -> list[_RoundWork]:
+        """Waits up to the batch window for rounds of other live sessions."""
+        deadline = time.monotonic() + self.config.batch_window_ms / 1000
+        while len(self._rounds) < min(len(self.sessions), self.config.max_batch):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+        batch: list[_RoundWork] = []
+        seen: set[Session] = set()
+        for work in list(self._rounds):
+            if len(batch) == self.config.max_batch:
+                break
+            if work.session in seen:
+                continue
+            seen.add(work.session)
+            batch.append(work)
+            self._rounds.remove(work)
+        return [w for w in batch if not self._fail_if_closed(w)]
+
+    def _fail_if_closed(self, work: _RoundWork) -> bool:
+        if work.session.closed_reason is None:
+            return False
+        if not work.future.done():
+            work.future.set_exception(
+                FailedPrecondition(
+                    f"session {work.session.id!r} is gone: {work.session.closed_reason}"
+                )
+            )
+        return True
+
+    async def _run(self, items: list, future: asyncio.Future) -> None:
+        """Resolves each item's future with its result, or all of them with the error."""
+        try:
+            results = await future
+        except Exception as exc:  # a failed pass fails its callers, not the loop
+            log.exception("forward pass failed")
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        for item, result in zip(items, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(result)
+
+    @torch.inference_mode()
+    def _prefill(self, work: _PrefillWork) -> list[None]:
+        row = work.session.row
+        ids = torch.tensor([work.tokens], device=self.device)
+        self.model(ids, cache=self.cache, rows=[row])
+        self.cache.commit(row, range(len(work.tokens)))
+        work.session.forward_passes += 1
+        self.forward_passes += 1
+        return [None]
+
+    @torch.inference_mode()
+    def _execute(self, batch: list[_RoundWork]) -> list[RoundOutcome]:
+        start = time.perf_counter()
+        packed = pack_rounds(
+            [(w.session.pending, w.request.tree, self.cache.lengths[w.session.row]) for w in batch]
+        )
+        logits = self.model(
+            packed.input_ids.to(self.device),
+            cache=self.cache,
+            rows=[w.session.row for w in batch],
+            positions=packed.positions.to(self.device),
+            mask=packed.mask.to(self.device),
+        )
+        self.forward_passes += 1
+        outcomes = []
+        for b, work in enumerate(batch):
+            session, tree = work.session, work.request.tree
+            n_pending = len(session.pending)
+            target = probs_from_logits(
+                logits[b, n_pending - 1 : n_pending + tree.size].float(), session.sampling
+            )
+            acceptance = verify_tree(
+                tree, target, work.request.draft, session.generator, session.sampling.greedy
+            )
+            self.cache.commit(
+                session.row, [*range(n_pending), *(n_pending + node for node in acceptance.nodes)]
+            )
+            session.pending = [acceptance.bonus]
+            session.forward_passes += 1
+            outcomes.append(acceptance)
+        server_ms = (time.perf_counter() - start) * 1000
+        return [
+            RoundOutcome(a, w.request.tree.size, server_ms, len(batch))
+            for a, w in zip(outcomes, batch, strict=True)
+        ]
+
+
+def _depth(request: RoundRequest) -> int:
+    return max(request.tree.depths(), default=-1) + 1
+
+
+@dataclass(frozen=True)
+class PackedRounds:
+    """Several sessions' rounds as one padded batch.
+
+    input_ids, positions: (batch, time); mask: (batch, time, time). Row b holds its
+    pending tokens (causal among themselves), then its tree nodes (each sees every
+    pending token and its own ancestors), then padding that sees only itself.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
+def pack_rounds(rounds: list[tuple[list[int], object, int]]) -> PackedRounds:
+    """`rounds`: (pending tokens, TokenTree, committed length) per session.
+
+    Example: pending [7], tree tokens (4, 5, 6) with parents (-1, 0, 0), committed 10
+    gives ids [7, 4, 5, 6], positions [10, 11, 12, 12]; node 2 (token 6) sees
+    token 7, token 4 and itself, not its sibling 5.
+    """
+    width = max(len(pending) + tree.size for pending, tree, _ in rounds)
+    batch = len(rounds)
+    input_ids = torch.zeros(batch, width, dtype=torch.long)
+    positions = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.eye(width, dtype=torch.bool).expand(batch, width, width).clone()
+    for b, (pending, tree, committed) in enumerate(rounds):
+        n = len(pending)
+        end = n + tree.size
+        input_ids[b, :n] = torch.tensor(pending)
+        input_ids[b, n:end] = torch.tensor(tree.tokens, dtype=torch.long)
+        positions[b, :n] = committed + torch.arange(n)
+        positions[b, n:end] = tree.positions(committed + n)
+        positions[b, end:] = committed
+        mask[b, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        mask[b, n:end, :n] = True
+        mask[b, n:end, n:end] = tree.attention_mask()
+    return PackedRounds(input_ids, positions, mask)

@@ -1,0 +1,79 @@
+"""`Verifier.Verify`: one bidirectional stream per generation session.
+
+The stream's first message opens the session (prefill), every later one is a round.
+Replies come in order. Whatever ends the stream (the client closing it, a
+cancellation, a bad message, a server drain) frees the session's KV-cache row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from cloud_node.engine import Session, VerifierEngine
+from cloud_node.validation import parse_open, parse_round
+from edgecloud.v1 import verification_pb2 as pb
+from edgecloud.v1 import verification_pb2_grpc as pb_grpc
+from serving.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ServingError,
+    abort_with,
+)
+
+log = logging.getLogger(__name__)
+
+
+class VerifierService(pb_grpc.VerifierServicer):
+    def __init__(self, engine: VerifierEngine) -> None:
+        self.engine = engine
+
+    async def Verify(
+        self, request_iterator: AsyncIterator[pb.VerifyRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.VerifyResponse]:
+        session: Session | None = None
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if kind == "open":
+                    if session is not None:
+                        raise FailedPrecondition("open: this stream already has a session")
+                    request = parse_open(message.open, self.engine.config, self.engine.vocab_size)
+                    session = await self.engine.open(request)
+                    yield pb.VerifyResponse(
+                        opened=pb.SessionOpened(
+                            session_id=session.id,
+                            context_length=len(request.context),
+                            max_tree_nodes=self.engine.config.max_tree_nodes,
+                            max_context=self.engine.config.max_context,
+                        )
+                    )
+                elif kind == "round":
+                    if session is None:
+                        raise FailedPrecondition("round: open a session on this stream first")
+                    request = parse_round(message.round, self.engine.config, self.engine.vocab_size)
+                    outcome = await self.engine.verify(session, request)
+                    yield pb.VerifyResponse(
+                        result=pb.RoundResult(
+                            round_id=request.round_id,
+                            accepted_nodes=outcome.acceptance.nodes,
+                            accepted_tokens=outcome.acceptance.tokens,
+                            bonus_token=outcome.acceptance.bonus,
+                            nodes_verified=outcome.nodes_verified,
+                            server_ms=outcome.server_ms,
+                            batch_size=outcome.batch_size,
+                        )
+                    )
+                else:
+                    raise InvalidArgument("kind: each message must set `open` or `round`")
+        except ServingError as error:
+            await abort_with(context, error)
+        except Exception:
+            log.exception("verify stream failed", extra={"session": session and session.id})
+            await abort_with(context, Internal("internal error; the session was closed"))
+        finally:
+            if session is not None:
+                self.engine.close(session, "stream ended")

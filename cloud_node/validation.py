@@ -1,0 +1,132 @@
+"""Turns verification protos into checked, typed requests.
+
+Every check names the field that failed and the allowed range, and raises
+`InvalidArgument`; the service maps that to INVALID_ARGUMENT. Nothing here touches
+the model or a session, so a bad message can never disturb another session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cloud_node.config import VerifierConfig
+from edgecloud.v1 import verification_pb2 as pb
+from lm.acceptance import DraftDistribution, check_draft
+from lm.sampling import SamplingParams
+from lm.tree import TokenTree, TreeError
+from serving.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    session_id: str
+    context: tuple[int, ...]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    new_tokens: tuple[int, ...]
+    tree: TokenTree
+    # Keyed by the node whose children were drawn from it (-1: the last context token).
+    draft: dict[int, DraftDistribution]
+    round_id: int
+
+
+def check_tokens(field: str, tokens: Sequence[int], vocab_size: int) -> tuple[int, ...]:
+    for i, token in enumerate(tokens):
+        if not 0 <= token < vocab_size:
+            raise InvalidArgument(
+                f"{field}[{i}]: token id must be in [0, {vocab_size}), got {token}"
+            )
+    return tuple(tokens)
+
+
+def parse_sampling(field: str, msg: pb.SamplingParams, vocab_size: int) -> SamplingParams:
+    try:
+        params = SamplingParams(
+            temperature=msg.temperature,
+            top_k=msg.top_k,
+            top_p=msg.top_p if msg.top_p > 0 else 1.0,
+            seed=msg.seed if msg.HasField("seed") else None,
+        )
+        params.validate(vocab_size)
+    except ValueError as exc:
+        raise InvalidArgument(f"{field}.{exc}") from exc
+    return params
+
+
+def parse_open(msg: pb.OpenSession, config: VerifierConfig, vocab_size: int) -> OpenRequest:
+    if msg.model != config.model_name:
+        raise InvalidArgument(
+            f"open.model: this verifier serves {config.model_name!r}, got {msg.model!r}"
+        )
+    if not msg.context:
+        raise InvalidArgument("open.context: must hold at least one token")
+    if len(msg.context) > config.max_context:
+        raise InvalidArgument(
+            f"open.context: at most {config.max_context} tokens (--max-context), "
+            f"got {len(msg.context)}"
+        )
+    if len(msg.session_id) > 128:
+        raise InvalidArgument(f"open.session_id: at most 128 characters, got {len(msg.session_id)}")
+    return OpenRequest(
+        session_id=msg.session_id,
+        context=check_tokens("open.context", msg.context, vocab_size),
+        sampling=parse_sampling("open.sampling", msg.sampling, vocab_size),
+    )
+
+
+def parse_round(msg: pb.Round, config: VerifierConfig, vocab_size: int) -> RoundRequest:
+    limit = config.max_tree_nodes
+    if len(msg.new_tokens) > limit:
+        raise InvalidArgument(
+            f"round.new_tokens: at most {limit} tokens (--max-tree-nodes), "
+            f"got {len(msg.new_tokens)}"
+        )
+    if len(msg.tree.tokens) > limit:
+        raise InvalidArgument(
+            f"round.tree.tokens: at most {limit} nodes (--max-tree-nodes), "
+            f"got {len(msg.tree.tokens)}"
+        )
+    tokens = check_tokens("round.tree.tokens", msg.tree.tokens, vocab_size)
+    try:
+        tree = TokenTree(tokens=tokens, parents=tuple(msg.tree.parents))
+    except TreeError as exc:
+        raise InvalidArgument(f"round.tree.{exc}") from exc
+    return RoundRequest(
+        new_tokens=check_tokens("round.new_tokens", msg.new_tokens, vocab_size),
+        tree=tree,
+        draft=parse_draft(msg.draft_dists, tree, vocab_size),
+        round_id=msg.round_id,
+    )
+
+
+def parse_draft(
+    dists: Sequence[pb.DraftDistribution], tree: TokenTree, vocab_size: int
+) -> dict[int, DraftDistribution]:
+    draft: dict[int, DraftDistribution] = {}
+    for i, msg in enumerate(dists):
+        field = f"round.draft_dists[{i}]"
+        if not -1 <= msg.node < tree.size:
+            raise InvalidArgument(f"{field}.node: must be in [-1, {tree.size}), got {msg.node}")
+        if msg.node in draft:
+            raise InvalidArgument(f"{field}.node: node {msg.node} has two distributions")
+        if len(msg.tokens) != len(msg.probs) or not msg.tokens:
+            raise InvalidArgument(
+                f"{field}: tokens and probs must be non-empty and of equal length, "
+                f"got {len(msg.tokens)} and {len(msg.probs)}"
+            )
+        if len(msg.tokens) > vocab_size:
+            raise InvalidArgument(f"{field}.tokens: at most {vocab_size} entries")
+        try:
+            draft[msg.node] = DraftDistribution(
+                node=msg.node,
+                tokens=check_tokens(f"{field}.tokens", msg.tokens, vocab_size),
+                probs=tuple(msg.probs),
+            )
+            check_draft(tree, {msg.node: draft[msg.node]}, vocab_size)
+        except ValueError as exc:
+            raise InvalidArgument(f"{field}: {exc}") from exc
+    return draft

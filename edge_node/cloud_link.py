@@ -1,0 +1,106 @@
+"""The edge's connections to verifiers: one channel per address, shared by every
+generation on this edge, and sessions opened through the picker with failover."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc import aio
+
+from edge_node.picker import VerifierEndpoint, VerifierPicker
+from edge_node.verifier_client import VerifierSession
+from edgecloud._channel import TlsOptions, bearer_metadata, open_aio_channel
+from lm.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# Failures after which another verifier (or the same one, reopened) may succeed.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
+def is_retryable(error: BaseException) -> bool:
+    if isinstance(error, aio.AioRpcError):
+        return error.code() in RETRYABLE
+    return isinstance(error, (ConnectionError, asyncio.TimeoutError, OSError))
+
+
+class NoVerifier(Exception):
+    """No verifier could be reached; the message says what was tried."""
+
+
+@dataclass(frozen=True)
+class CloudLinkConfig:
+    # The edge-to-verifier credential (distinct from the clients' tokens).
+    token: str | None = None
+    tls: TlsOptions | None = None
+    # Opening a session (connect plus prefill) must finish within this.
+    open_timeout_s: float = 10.0
+    # A round with no reply within this is treated as a failed verifier.
+    round_timeout_s: float = 10.0
+    # Lossless requests without a deadline wait this long for a verifier to appear.
+    wait_for_verifier_s: float = 30.0
+
+    def __repr__(self) -> str:
+        return f"CloudLinkConfig(token={'<set>' if self.token else None}, tls={self.tls})"
+
+
+class CloudLink:
+    def __init__(self, picker: VerifierPicker, config: CloudLinkConfig = CloudLinkConfig()) -> None:
+        self.picker = picker
+        self.config = config
+        self._channels: dict[str, aio.Channel] = {}
+
+    def channel(self, address: str) -> aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = open_aio_channel(address, tls=self.config.tls)
+        return self._channels[address]
+
+    async def open(
+        self,
+        session_id: str,
+        context: Sequence[int],
+        sampling: SamplingParams,
+        exclude: frozenset[str] = frozenset(),
+    ) -> tuple[VerifierSession, VerifierEndpoint]:
+        """Opens a session on the first verifier that accepts it; raises NoVerifier."""
+        tried: list[str] = []
+        while True:
+            endpoint = await self.picker.pick(session_id, exclude | frozenset(tried))
+            if endpoint is None:
+                raise NoVerifier(f"no verifier reachable (tried {', '.join(tried) or 'none'})")
+            session = VerifierSession(
+                self.channel(endpoint.address), metadata=bearer_metadata(self.config.token)
+            )
+            try:
+                await asyncio.wait_for(
+                    session.open(endpoint.model, context, sampling, session_id),
+                    self.config.open_timeout_s,
+                )
+                return session, endpoint
+            except Exception as error:
+                await session.close()
+                await self.picker.release(session_id, endpoint)
+                if not is_retryable(error):
+                    raise
+                log.info("verifier refused session", extra={"address": endpoint.address})
+                tried.append(endpoint.address)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

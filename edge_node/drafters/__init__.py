@@ -1,0 +1,104 @@
+"""Drafters: each proposes a token tree from the edge's SLM, behind one interface.
+
+A drafter grows its tree in the SLM's cache (`EdgeLM.forward_nodes`), so the
+accepted path's keys and values are kept after verification. Node ids given to
+`forward_nodes` are the drafter's own; `Draft.node_ids` maps tree indices to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from edge_node.slm import EdgeLM
+from lm.acceptance import DraftDistribution
+from lm.sampling import SamplingParams
+from lm.tree import TokenTree
+
+TreeKind = Literal["beam", "topk", "chain"]
+
+
+@dataclass(frozen=True)
+class DraftShape:
+    width: int  # beams (beam), branching factor (topk); 1 for chain
+    depth: int  # tokens along each beam / levels of the tree
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.width <= 16:
+            raise ValueError(f"width: must be in [1, 16], got {self.width}")
+        if not 1 <= self.depth <= 32:
+            raise ValueError(f"depth: must be in [1, 32], got {self.depth}")
+
+
+@dataclass(frozen=True)
+class Draft:
+    tree: TokenTree
+    # q per node whose children were sampled; empty for deterministic drafts.
+    dists: dict[int, DraftDistribution]
+    # Tree index -> the drafter's node id (what EdgeLM.accept wants).
+    node_ids: tuple[int, ...]
+    # Tree nodes before prefix deduplication (beam: width * depth), to report the saving.
+    undeduplicated: int
+    # Tree indices of the drafter's most likely path, root first.
+    main_path: tuple[int, ...]
+
+
+class Drafter(Protocol):
+    def draft(
+        self,
+        lm: EdgeLM,
+        shape: DraftShape,
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> Draft: ...
+
+
+def paths_to_draft(
+    keep: list[int],
+    tokens: dict[int, int],
+    parents: dict[int, int],
+    undeduplicated: int,
+    best: int,
+) -> Draft:
+    """A deterministic Draft from node ids `keep` (parents before children); `best` is
+    the node id ending the most likely path."""
+    index = {node: i for i, node in enumerate(keep)}
+    tree = TokenTree(
+        tokens=tuple(tokens[n] for n in keep),
+        parents=tuple(index[parents[n]] if parents[n] >= 0 else -1 for n in keep),
+    )
+    main = tuple(index[n] for n in [*ancestors(best, parents), best])
+    return Draft(
+        tree=tree,
+        dists={},
+        node_ids=tuple(keep),
+        undeduplicated=undeduplicated,
+        main_path=main,
+    )
+
+
+def ancestors(node: int, parents: dict[int, int]) -> list[int]:
+    """Ids from the top of the tree down to `node`'s parent."""
+    path = []
+    node = parents[node]
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+def get_drafter(kind: TreeKind) -> Drafter:
+    from edge_node.drafters.beam import BeamDrafter
+    from edge_node.drafters.chain import ChainDrafter
+    from edge_node.drafters.topk import TopKDrafter
+
+    drafters: dict[str, Drafter] = {
+        "beam": BeamDrafter(),
+        "topk": TopKDrafter(),
+        "chain": ChainDrafter(),
+    }
+    if kind not in drafters:
+        raise ValueError(f"draft.tree: must be one of {sorted(drafters)}, got {kind!r}")
+    return drafters[kind]

@@ -1,0 +1,360 @@
+"""One generation on the edge, in any of the four modes.
+
+`Generation.stream()` yields `Chunk`s as tokens become final, then one last chunk
+with the statistics. The verified loop (lossless) per round:
+
+    draft a tree (SLM, in a worker thread) -> send it -> accept path + bonus
+    -> keep the accepted path's cache entries -> stream the tokens
+
+Faults: a failed round (stream broken, verifier stalled past `round_timeout_s`,
+session expired) reopens a session on another verifier with the full history
+and resends the same draft, so the output does not change. With no verifier at
+all, `lossless` keeps trying until just before its deadline and then fails with
+UNAVAILABLE; `adaptive` continues on the edge with `verified=False` tokens, and
+when a verifier answers again the unverified span is checked in catch-up rounds;
+where the cloud disagrees, a rollback chunk replaces the tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+
+from edge_node.cloud_link import CloudLink, NoVerifier, is_retryable
+from edge_node.drafters import Draft, DraftShape, get_drafter
+from edge_node.output import Output
+from edge_node.picker import VerifierEndpoint
+from edge_node.policy import ShapePolicy
+from edge_node.slm import EdgeLM
+from edge_node.types import Chunk, GenerationRequest, GenerationStats, Mode
+from edge_node.verifier_client import VerifierSession
+from edgecloud.v1 import verification_pb2 as pb
+from lm.model import Transformer
+from lm.sampling import make_generator, probs_from_logits, sample
+from lm.tokenizer import Tokenizer
+from lm.tree import TokenTree
+from serving.errors import DeadlineExceeded, Internal, ServingError, Unavailable
+
+log = logging.getLogger(__name__)
+
+EMPTY_TREE = TokenTree((), ())
+# How long before its deadline a lossless request gives up waiting for a verifier,
+# so the client hears UNAVAILABLE (retryable) rather than DEADLINE_EXCEEDED.
+DEADLINE_MARGIN_S = 0.25
+# Adaptive mode without a verifier: try to reconnect after this many local tokens.
+RECONNECT_EVERY_TOKENS = 8
+
+
+@dataclass
+class _Counters:
+    rounds: int = 0
+    passes: int = 0
+    bytes_to: int = 0
+    bytes_from: int = 0
+    failovers: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    dedup_saved: int = 0
+    rollbacks: int = 0
+    degraded: bool = False
+    draft_ms: float = 0.0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def count_round(self, draft: Draft | None, result: pb.RoundResult) -> None:
+        self.rounds += 1
+        self.passes += 1
+        accepted = len(result.accepted_tokens)
+        self.accepted_tokens += accepted
+        if draft is not None:
+            self.draft_tokens += draft.tree.size
+            self.dedup_saved += draft.undeduplicated - draft.tree.size
+        grow = accepted - len(self.accepted_per_position)
+        self.accepted_per_position += [0] * max(grow, 0)
+        for i in range(accepted):
+            self.accepted_per_position[i] += 1
+
+
+class Generation:
+    def __init__(
+        self,
+        request: GenerationRequest,
+        model: Transformer,
+        *,
+        link: CloudLink | None,
+        model_name: str,
+        tokenizer: Tokenizer | None,
+        executor: Executor,
+        max_tree_nodes: int = 64,
+    ) -> None:
+        self.request = request
+        self.lm = EdgeLM(model)
+        self.link = link
+        self.model_name = model_name
+        self.executor = executor
+        self.session_id = request.request_id or uuid.uuid4().hex
+        self.out = Output(
+            request.prompt_tokens,
+            request.max_tokens,
+            request.stop,
+            model.config.eos_token_id,
+            tokenizer,
+        )
+        self.policy = ShapePolicy(
+            DraftShape(request.draft.width, request.draft.depth), adapt=request.draft.adapt
+        )
+        self.drafter = get_drafter(request.draft.tree)
+        self.generator = (
+            None if request.sampling.greedy else make_generator(request.sampling.seed, "cpu")
+        )
+        self.max_tree_nodes = max_tree_nodes
+        self.counters = _Counters()
+        self._session: VerifierSession | None = None
+        self._endpoint: VerifierEndpoint | None = None
+        self._start = time.monotonic()
+        self._deadline = None if request.timeout_s is None else self._start + request.timeout_s
+        self._first_token_ms: float | None = None
+        self._last_draft_ms = 0.0
+        self._last_round_ms = 0.0
+
+    async def stream(self) -> AsyncIterator[Chunk]:
+        self.lm.reset(self.request.prompt_tokens)
+        modes: dict[Mode, Callable[[], AsyncIterator[Chunk]]] = {
+            Mode.LOSSLESS: self._lossless,
+            Mode.CLOUD_ONLY: self._cloud_only,
+            Mode.EDGE_ONLY: self._edge_only,
+            Mode.ADAPTIVE: self._adaptive,
+        }
+        try:
+            async for chunk in modes[self.request.mode]():
+                if chunk.tokens or chunk.text or chunk.rollback:
+                    if self._first_token_ms is None:
+                        self._first_token_ms = (time.monotonic() - self._start) * 1000
+                    yield chunk
+                if self.out.done:
+                    break
+            yield Chunk(verified=True, finish_reason=self.out.finish_reason, stats=self.stats())
+        finally:
+            await self._close_session()
+
+    def stats(self) -> GenerationStats:
+        c = self.counters
+        return GenerationStats(
+            rounds=c.rounds,
+            tokens_per_round=(c.accepted_tokens + c.rounds) / c.rounds if c.rounds else 0.0,
+            cloud_forward_passes=c.passes,
+            generated_tokens=len(self.out.tokens),
+            prompt_tokens=len(self.request.prompt_tokens),
+            bytes_to_cloud=c.bytes_to + (self._session.bytes_sent if self._session else 0),
+            bytes_from_cloud=c.bytes_from + (self._session.bytes_received if self._session else 0),
+            time_to_first_token_ms=self._first_token_ms or 0.0,
+            total_ms=(time.monotonic() - self._start) * 1000,
+            degraded=c.degraded,
+            failovers=c.failovers,
+            draft_tokens=c.draft_tokens,
+            accepted_tokens=c.accepted_tokens,
+            accepted_per_position=tuple(c.accepted_per_position),
+            rollbacks=c.rollbacks,
+            dedup_saved_tokens=c.dedup_saved,
+            draft_ms=c.draft_ms,
+        )
+
+    # ---- modes -------------------------------------------------------------------
+
+    async def _lossless(self) -> AsyncIterator[Chunk]:
+        while not self.out.done:
+            draft = await self._draft()
+            result = await self._verify(draft)
+            yield self._accept(draft, result)
+
+    async def _cloud_only(self) -> AsyncIterator[Chunk]:
+        while not self.out.done:
+            result = await self._verify(None)
+            self.counters.count_round(None, result)
+            self.lm.append([result.bonus_token])
+            yield self.out.emit([result.bonus_token], verified=True)
+
+    async def _edge_only(self) -> AsyncIterator[Chunk]:
+        while not self.out.done:
+            token, _ = await self._local_token()
+            self.lm.append([token])
+            yield self.out.emit([token], verified=False)
+
+    async def _adaptive(self) -> AsyncIterator[Chunk]:
+        """Confident edge tokens go out unverified and reach the verifier as `new_tokens`
+        with the next escalated round; the rest is drafted and verified."""
+        unseen: list[int] = []  # tokens the open session has not been sent yet
+        offline_from: int | None = None  # history index where the outage began
+        since_retry = 0
+        while not self.out.done:
+            if offline_from is not None and since_retry >= RECONNECT_EVERY_TOKENS:
+                since_retry = 0
+                async for chunk in self._catch_up(offline_from):
+                    yield chunk
+                if self._session is not None:
+                    offline_from, unseen = None, []
+                continue
+            token, confidence = await self._local_token()
+            if offline_from is not None or confidence >= self.request.adaptive_threshold:
+                self.lm.append([token])
+                unseen.append(token)
+                since_retry += 1
+                yield self.out.emit([token], verified=False)
+                continue
+            draft = await self._draft()
+            try:
+                result = await self._verify(draft, new_tokens=unseen, wait=False)
+            except NoVerifier:
+                self.counters.degraded = True
+                offline_from = len(self.lm.tokens) - len(unseen)
+                continue
+            unseen = []
+            yield self._accept(draft, result)
+
+    async def _catch_up(self, start: int) -> AsyncIterator[Chunk]:
+        """Verifies history[start:] (made while offline) in chain rounds; on the first
+        disagreement rolls the output back and continues from the cloud's token."""
+        try:
+            await self._open(self.lm.tokens[:start], wait=False)
+        except NoVerifier:
+            return
+        pos = start
+        while pos < len(self.lm.tokens):
+            piece = self.lm.tokens[pos : pos + self.max_tree_nodes]
+            result = await self._verify_on_session(TokenTree.chain(piece), {})
+            self.counters.count_round(None, result)
+            pos += len(result.accepted_tokens)
+            if pos < len(self.lm.tokens) and self.lm.tokens[pos] == result.bonus_token:
+                pos += 1
+                continue
+            if pos < len(self.lm.tokens):
+                self.counters.rollbacks += 1
+                rollback = self.out.rollback(pos - len(self.request.prompt_tokens))
+                self.lm.truncate(pos)
+                self.lm.append([result.bonus_token])
+                yield self.out.emit([result.bonus_token], verified=True, rollback=rollback)
+                return
+            self.lm.append([result.bonus_token])
+            yield self.out.emit([result.bonus_token], verified=True)
+            return
+
+    # ---- pieces ------------------------------------------------------------------
+
+    async def _in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _draft(self) -> Draft:
+        start = time.perf_counter()
+        draft = await self._in_thread(
+            self.drafter.draft, self.lm, self.policy.shape(), self.request.sampling, self.generator
+        )
+        self._last_draft_ms = (time.perf_counter() - start) * 1000
+        self.counters.draft_ms += self._last_draft_ms
+        return draft
+
+    async def _local_token(self) -> tuple[int, float]:
+        """The edge's own next token and the SLM's probability of it."""
+        logits = await self._in_thread(self.lm.next_logits)
+        probs = probs_from_logits(logits.float(), self.request.sampling)
+        if self.generator is None:
+            token = int(probs.argmax())
+        else:
+            token = int(sample(probs, self.generator))
+        confidence = float(torch.softmax(logits.float(), -1)[token])
+        return token, confidence
+
+    def _accept(self, draft: Draft, result: pb.RoundResult) -> Chunk:
+        tokens = [*result.accepted_tokens, result.bonus_token]
+        self.lm.accept(tokens, [draft.node_ids[i] for i in result.accepted_nodes])
+        self.counters.count_round(draft, result)
+        main = draft.main_path[: len(result.accepted_nodes)]
+        self.policy.observe(
+            depth=max(draft.tree.depths(), default=-1) + 1,
+            accepted=len(result.accepted_nodes),
+            off_main_path=tuple(result.accepted_nodes) != main,
+            round_trip_ms=self._last_round_ms,
+            draft_ms=self._last_draft_ms,
+        )
+        return self.out.emit(tokens, verified=True)
+
+    async def _verify(
+        self, draft: Draft | None, new_tokens: list[int] | None = None, wait: bool = True
+    ) -> pb.RoundResult:
+        """One round, with failover: a failed round reopens and resends the draft."""
+        tree, dists = (EMPTY_TREE, {}) if draft is None else (draft.tree, draft.dists)
+        new_tokens = list(new_tokens or [])
+        while True:
+            if self._session is None:
+                # The history already holds any unseen tokens: the new session gets them.
+                await self._open(self.lm.tokens, wait=wait)
+                new_tokens = []
+            try:
+                return await self._verify_on_session(tree, dists, new_tokens)
+            except ServingError:
+                raise
+            except Exception as error:
+                if not is_retryable(error):
+                    raise Internal(f"verifier rejected a round: {error}") from error
+                log.warning("verifier failed; failing over", extra={"session": self.session_id})
+                self.counters.failovers += 1
+                await self._close_session(failed=True)
+
+    async def _verify_on_session(self, tree, dists, new_tokens=()) -> pb.RoundResult:
+        start = time.perf_counter()
+        timeout = self._remaining(self.link.config.round_timeout_s)
+        result = await asyncio.wait_for(
+            self._session.verify(tree, new_tokens=new_tokens, draft=dists), timeout
+        )
+        self._last_round_ms = (time.perf_counter() - start) * 1000
+        return result
+
+    async def _open(self, context: list[int], wait: bool) -> None:
+        """Opens a session; with `wait`, retries until just before the deadline."""
+        if self.link is None:
+            raise Unavailable("no verifier configured on this edge")
+        delay = 0.05
+        failed = frozenset({self._endpoint.address}) if self._endpoint else frozenset()
+        give_up = time.monotonic() + self.link.config.wait_for_verifier_s
+        while True:
+            try:
+                self._session, self._endpoint = await self.link.open(
+                    self.session_id, context, self.request.sampling, exclude=failed
+                )
+                return
+            except NoVerifier as error:
+                failed = frozenset()  # next time, try the failed one again too
+                if not wait:
+                    raise
+                remaining = self._remaining(give_up - time.monotonic())
+                if remaining <= DEADLINE_MARGIN_S + delay:
+                    raise Unavailable(f"{error} before the request's deadline") from error
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _remaining(self, cap: float | None) -> float | None:
+        if self._deadline is None:
+            return cap
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("request deadline passed")
+        return remaining if cap is None else min(cap, remaining)
+
+    async def _close_session(self, failed: bool = False) -> None:
+        session, endpoint = self._session, self._endpoint
+        self._session = None
+        if session is None:
+            return
+        self.counters.bytes_to += session.bytes_sent
+        self.counters.bytes_from += session.bytes_received
+        if failed:
+            session.abort()
+        else:
+            await session.close()
+        if endpoint is not None:
+            await self.link.picker.release(self.session_id, endpoint)

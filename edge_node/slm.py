@@ -1,0 +1,136 @@
+"""The edge's small model: its full token history, and a one-row KV cache that
+drafts grow into and that acceptance compacts, so nothing is computed twice.
+
+Cache layout while drafting (one row)::
+
+    | history: tokens[0 : base] | draft nodes, level by level |
+      committed context           committed too, but each node sees only the history
+                                  and its own ancestors (a full attention mask)
+
+After the verifier answers, `accept` keeps the entries of the accepted nodes (moved
+to `base`, `base + 1`, ...) and drops the rest; the bonus token and any accepted node
+that was never forwarded (the deepest level is proposed from its parent's logits,
+not forwarded) are simply pending: `tokens[cached:]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lm.kv_cache import KVCache
+from lm.model import Transformer
+
+
+class EdgeLM:
+    """One generation's view of the SLM. Not thread-safe: one generation at a time."""
+
+    def __init__(self, model: Transformer, max_len: int | None = None) -> None:
+        self.model = model
+        param = next(model.parameters())
+        self.device = param.device
+        self.max_len = max_len or model.config.max_seq_len
+        self.cache = KVCache(model.config, 1, self.max_len, device=param.device, dtype=param.dtype)
+        self.tokens: list[int] = []
+        # Cache entries [0, base) hold tokens[:base]; draft entries follow.
+        self._base = 0
+        # node id -> cache position of draft nodes forwarded since the last accept/reset.
+        self._draft_positions: dict[int, int] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def reset(self, tokens: Sequence[int]) -> None:
+        if not tokens:
+            raise ValueError("tokens: must hold at least one token")
+        if len(tokens) >= self.max_len:
+            raise ValueError(f"tokens: at most {self.max_len - 1} tokens, got {len(tokens)}")
+        self.cache.reset(0)
+        self.tokens = list(tokens)
+        self._draft_positions = {}
+        self._base = 0
+
+    @torch.inference_mode()
+    def next_logits(self) -> torch.Tensor:
+        """Logits (vocab,) for the token after the history; forwards what is pending.
+
+        Drops any draft entries first, then caches the whole history.
+        """
+        self._drop_drafts()
+        if self._base == len(self.tokens):  # all cached: recompute the last token's logits
+            self._base -= 1
+            self.cache.rollback(0, self._base)
+        pending = self.tokens[self._base :]
+        ids = torch.tensor([pending], device=self.device)
+        logits = self.model(ids, cache=self.cache, rows=[0])
+        self.cache.commit(0, range(len(pending)))
+        self._base = self.cache.lengths[0]
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def forward_nodes(
+        self, nodes: Sequence[int], tokens: Sequence[int], ancestors: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """Forwards draft nodes below the history; returns their logits (len(nodes), vocab).
+
+        nodes: ids the caller gives these nodes; tokens: their tokens; ancestors[i]: the
+        ids of node i's ancestors (already forwarded), root first. Node i sits at position
+        base + len(ancestors[i]) and attends to the history, its ancestors and itself.
+        """
+        if self._base != len(self.tokens):
+            raise RuntimeError("forward_nodes: call next_logits() first")
+        start = self.cache.lengths[0]
+        n = len(nodes)
+        if start + n > self.max_len:
+            raise ValueError(f"nodes: {n} more draft nodes exceed the cache ({self.max_len})")
+        mask = torch.zeros(1, n, start + n, dtype=torch.bool)
+        mask[0, :, : self._base] = True
+        for i, path in enumerate(ancestors):
+            mask[0, i, [self._draft_positions[a] for a in path]] = True
+            mask[0, i, start + i] = True
+        positions = torch.tensor([[self._base + len(path) for path in ancestors]])
+        logits = self.model(
+            torch.tensor([list(tokens)], device=self.device),
+            cache=self.cache,
+            rows=[0],
+            positions=positions.to(self.device),
+            cache_mask=mask.to(self.device),
+        )
+        self.cache.commit(0, range(n))
+        for i, node in enumerate(nodes):
+            self._draft_positions[node] = start + i
+        return logits[0]
+
+    def accept(self, tokens: Sequence[int], nodes: Sequence[int]) -> None:
+        """Appends verified tokens. `nodes` are the draft node ids of the accepted path
+        (a prefix of `tokens`); the cached ones keep their keys and values."""
+        kept = []
+        for node in nodes:
+            if node not in self._draft_positions:
+                break
+            kept.append(self._draft_positions[node])
+        self.cache.keep(0, self._base, kept)
+        self._base += len(kept)
+        self._draft_positions = {}
+        self.tokens.extend(tokens)
+
+    def append(self, tokens: Sequence[int]) -> None:
+        """Appends tokens with no draft state to reuse (cloud-only steps, edge samples)."""
+        self._drop_drafts()
+        self.tokens.extend(tokens)
+
+    def truncate(self, length: int) -> None:
+        """Forgets every token after the first `length` (a rollback of unverified output)."""
+        if not 1 <= length <= len(self.tokens):
+            raise ValueError(f"length: must be in [1, {len(self.tokens)}], got {length}")
+        self._drop_drafts()
+        self.tokens = self.tokens[:length]
+        self.cache.rollback(0, min(self.cache.lengths[0], length))
+        self._base = self.cache.lengths[0]
+
+    def _drop_drafts(self) -> None:
+        if self._draft_positions:
+            self.cache.rollback(0, self._base)
+            self._draft_positions = {}

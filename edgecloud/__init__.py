@@ -1,0 +1,58 @@
+"""edgecloud client SDK: generate text with edge-drafted, cloud-verified decoding.
+
+Needs only grpcio and protobuf (plus grpcio-health-checking for `health()`). The
+public names are below; the code lives in private modules, and the generated
+protocol modules in `edgecloud.v1`.
+"""
+
+from edgecloud._async_client import AsyncClient, AsyncGenerationStream
+from edgecloud._channel import KeepAliveOptions, RetryPolicy, TlsOptions
+from edgecloud._client import Client, GenerationStream
+from edgecloud._errors import (
+    DeadlineExceeded,
+    EdgecloudError,
+    InvalidRequest,
+    ResourceExhausted,
+    ServerError,
+    Unauthenticated,
+    Unavailable,
+)
+from edgecloud._types import (
+    Chunk,
+    DraftOptions,
+    FinishReason,
+    GenerateOptions,
+    GenerationResult,
+    GenerationStats,
+    HealthStatus,
+    Mode,
+    ModelInfo,
+    Rollback,
+)
+
+__all__ = [
+    "AsyncClient",
+    "AsyncGenerationStream",
+    "Chunk",
+    "Client",
+    "DeadlineExceeded",
+    "DraftOptions",
+    "EdgecloudError",
+    "FinishReason",
+    "GenerateOptions",
+    "GenerationResult",
+    "GenerationStats",
+    "GenerationStream",
+    "HealthStatus",
+    "InvalidRequest",
+    "KeepAliveOptions",
+    "Mode",
+    "ModelInfo",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "Rollback",
+    "ServerError",
+    "TlsOptions",
+    "Unauthenticated",
+    "Unavailable",
+]

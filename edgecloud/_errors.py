@@ -1,0 +1,110 @@
+"""The SDK's exceptions, and the one place where gRPC status codes become them.
+
+Every error a client method raises is an `EdgecloudError` carrying the gRPC status
+`code` and the server's `message`; transport exceptions (`grpc.RpcError` and its aio
+variant) never reach users. The codes a caller can act on get their own class:
+
+| status code          | exception           | what to do                           |
+|----------------------|---------------------|--------------------------------------|
+| INVALID_ARGUMENT     | `InvalidRequest`    | fix the named field                  |
+| UNAUTHENTICATED      | `Unauthenticated`   | check the token                      |
+| UNAVAILABLE          | `Unavailable`       | retry later (already retried once    |
+|                      |                     | or more before the first token)      |
+| RESOURCE_EXHAUSTED   | `ResourceExhausted` | back off, or ask for less            |
+| DEADLINE_EXCEEDED    | `DeadlineExceeded`  | raise `timeout`                      |
+| any other            | `ServerError`       | report it                            |
+
+Client-side validation raises `InvalidRequest` too, before anything is sent.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class EdgecloudError(Exception):
+    """Base of every SDK error. `code` is the gRPC status; `message` is the server's text
+    (or the SDK's, for errors raised before a call)."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(EdgecloudError, ValueError):
+    """A request field is out of range. `field` names it when the SDK caught it before
+    sending (e.g. "top_p"); errors from the server carry the name in `message` only."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Unauthenticated(EdgecloudError):
+    """The bearer token is missing or wrong."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Unavailable(EdgecloudError):
+    """The server cannot be reached or is draining; safe to retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(EdgecloudError):
+    """A server limit was hit (capacity, context length, message size)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(EdgecloudError):
+    """The call outlived its `timeout`."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ServerError(EdgecloudError):
+    """Any other status (INTERNAL, NOT_FOUND, CANCELLED, ...), or a server that broke the
+    protocol (e.g. a stream that ended without its final statistics)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[EdgecloudError]] = {
+    cls.code: cls
+    for cls in (InvalidRequest, Unauthenticated, Unavailable, ResourceExhausted, DeadlineExceeded)
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> EdgecloudError:
+    """The SDK exception for a failed call (sync or aio)."""
+    # Sync errors are `grpc.Call`s, aio ones (`AioRpcError`) only look like one.
+    has_status = callable(getattr(error, "code", None)) and callable(
+        getattr(error, "details", None)
+    )
+    code = error.code() if has_status else grpc.StatusCode.UNKNOWN
+    message = (error.details() if has_status else None) or str(error)
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return ServerError(message, code=code)
+    return cls(message)
+
+
+class translated_rpc_errors:
+    """`with translated_rpc_errors(): ...` re-raises a `grpc.RpcError` from the block as
+    its SDK exception. Works in sync and async code alike."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, grpc.RpcError):
+            raise from_rpc_error(exc) from exc
+        return False

@@ -1,0 +1,347 @@
+"""The SDK's values: request options in, chunks, statistics and results out.
+
+All are frozen dataclasses or enums, converted from and to the `edgecloud.v1` protos
+here and nowhere else, so users never touch a protobuf message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar, Literal
+
+from edgecloud._errors import InvalidRequest, ServerError
+from edgecloud._validation import check_draft, check_generation, check_prompt
+from edgecloud.v1 import generation_pb2 as pb
+
+ModeName = Literal["lossless", "adaptive", "edge_only", "cloud_only"]
+DraftTree = Literal["", "beam", "topk", "chain"]
+
+
+class Mode(str, Enum):
+    """Who decides each token. Methods accept the enum or its string value."""
+
+    # The cloud verifies every token: output identical to cloud-only decoding.
+    LOSSLESS = "lossless"
+    # The edge keeps tokens it is confident of and escalates the rest; may roll back.
+    ADAPTIVE = "adaptive"
+    # The edge alone; no cloud. Tokens arrive with verified=False.
+    EDGE_ONLY = "edge_only"
+    # The cloud decodes autoregressively: the baseline.
+    CLOUD_ONLY = "cloud_only"
+
+    @property
+    def proto(self) -> int:
+        return pb.Mode.Value(f"MODE_{self.name}")
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"  # max_tokens reached
+    STOP = "stop"  # a stop string or the end-of-sequence token
+
+    @classmethod
+    def from_proto(cls, value: int) -> FinishReason | None:
+        """None for FINISH_REASON_UNSPECIFIED (every chunk but the last) and for values
+        newer than this SDK."""
+        name = pb.FinishReason.Name(value) if value in pb.FinishReason.values() else ""
+        return cls.__members__.get(name.removeprefix("FINISH_REASON_"))
+
+
+class HealthStatus(str, Enum):
+    """grpc.health.v1 serving status. A draining server answers NOT_SERVING."""
+
+    UNKNOWN = "unknown"
+    SERVING = "serving"
+    NOT_SERVING = "not_serving"
+    SERVICE_UNKNOWN = "service_unknown"
+
+
+@dataclass(frozen=True)
+class DraftOptions:
+    """How the edge drafts. Zero values mean the server's defaults."""
+
+    # "beam" (ReDrafter-style beams, shared prefixes merged), "topk" or "chain".
+    tree: DraftTree = ""
+    # Beams (beam tree) or branching factor (top-k tree), in [0, 16].
+    width: int = 0
+    # Draft tokens per beam, in [0, 32].
+    depth: int = 0
+
+    default: ClassVar[DraftOptions]
+
+    def __post_init__(self) -> None:
+        check_draft(self.tree, self.width, self.depth)
+
+
+DraftOptions.default = DraftOptions()
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Everything about a generation except the prompt. Validated on construction with
+    the server's rules (`InvalidRequest` names the field and its range)."""
+
+    # Tokens to generate, in [1, 2**20] (and at most the model's context).
+    max_tokens: int = 256
+    # 0 = greedy; otherwise in (0, 100].
+    temperature: float = 0.0
+    # Nucleus sampling mass in [0, 1]; 0 or 1 = off.
+    top_p: float = 1.0
+    # Keep the k most likely tokens, in [0, vocab]; 0 = off.
+    top_k: int = 0
+    # Seeds the request's sampler, in [0, 2**64); None = fresh entropy.
+    seed: int | None = None
+    # Given as the enum or its string value; stored as the enum.
+    mode: Mode | ModeName = Mode.LOSSLESS
+    # Up to 8 strings of 1..64 characters; the text stops before the first one seen.
+    # A single string means a list of one; stored as a tuple.
+    stop: str | Sequence[str] = ()
+    # Model name; "" = the server's default.
+    model: str = ""
+    draft: DraftOptions = DraftOptions.default
+    # Adaptive mode: the edge keeps its token when its probability is at least this,
+    # in [0, 1]; 0 = server default.
+    adaptive_threshold: float = 0.0
+
+    default: ClassVar[GenerateOptions]
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "mode", Mode(self.mode))
+        except ValueError:
+            names = ", ".join(m.value for m in Mode)
+            raise InvalidRequest(
+                f"mode: must be one of {names}, got {self.mode!r}", field="mode"
+            ) from None
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, Iterable):
+            raise InvalidRequest(
+                f"stop: must be a string or a list of strings, got {stop!r}", field="stop"
+            )
+        object.__setattr__(self, "stop", tuple(stop))
+        if not isinstance(self.model, str):
+            raise InvalidRequest(f"model: must be a string, got {self.model!r}", field="model")
+        if not isinstance(self.draft, DraftOptions):
+            raise InvalidRequest(
+                f"draft: must be a DraftOptions, got {type(self.draft).__name__}", field="draft"
+            )
+        check_generation(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            mode=Mode(self.mode).proto,
+            stop=self.stop,
+            adaptive_threshold=self.adaptive_threshold,
+        )
+
+    def updated(self, **changes: object) -> GenerateOptions:
+        """A copy with the changes that are not None (None means "keep mine")."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def request(self, prompt: str | Sequence[int]) -> pb.GenerateRequest:
+        """The wire request for `prompt`: text, or token ids (sent as prompt_tokens)."""
+        if isinstance(prompt, str):
+            text, tokens = prompt, ()
+        elif isinstance(prompt, Iterable) and not isinstance(prompt, (bytes, bytearray)):
+            text, tokens = "", tuple(prompt)
+        else:
+            raise InvalidRequest(
+                f"prompt: must be a str or a sequence of token ids, got {type(prompt).__name__}",
+                field="prompt",
+            )
+        check_prompt(text, tokens)
+        req = pb.GenerateRequest(
+            prompt=text,
+            prompt_tokens=[int(t) for t in tokens],
+            model=self.model,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            mode=Mode(self.mode).proto,
+            stop=self.stop,
+            draft=pb.DraftOptions(
+                tree=self.draft.tree, width=self.draft.width, depth=self.draft.depth
+            ),
+            adaptive_threshold=self.adaptive_threshold,
+        )
+        if self.seed is not None:
+            req.seed = int(self.seed)
+        return req
+
+
+GenerateOptions.default = GenerateOptions()
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """What one generation cost. Sent by the server with the last chunk; every field of
+    the `GenerationStats` proto, same names."""
+
+    rounds: int  # verification rounds sent to the cloud
+    tokens_per_round: float  # mean tokens accepted per round, bonus included (tau)
+    cloud_forward_passes: int  # target-model forward passes the cloud ran
+    generated_tokens: int
+    prompt_tokens: int
+    bytes_to_cloud: int  # verification bytes edge -> cloud
+    bytes_from_cloud: int  # verification bytes cloud -> edge
+    time_to_first_token_ms: float
+    total_ms: float
+    degraded: bool  # some output token was never verified by the cloud
+    failovers: int  # times the edge reopened its session on another verifier
+    draft_tokens: int  # draft tokens proposed
+    accepted_tokens: int  # draft tokens the cloud accepted
+    # accepted_per_position[i]: rounds in which the draft's (i+1)-th token was accepted
+    accepted_per_position: tuple[int, ...]
+    rollbacks: int  # rollbacks sent in this stream
+
+    @property
+    def tau(self) -> float:
+        """Mean accepted tokens per round, the speculative-decoding literature's tau."""
+        return self.tokens_per_round
+
+    @classmethod
+    def from_proto(cls, msg: pb.GenerationStats) -> GenerationStats:
+        return cls(**_fields_of(cls, msg))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    vocab_size: int
+    max_context: int
+    roles: tuple[str, ...]  # who serves it here: "edge", "cloud"
+
+    @classmethod
+    def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
+        return cls(**_fields_of(cls, msg))
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Before appending the chunk that carries it: keep only the first `keep_tokens`
+    output tokens and the first `keep_chars` characters (code points) of text."""
+
+    keep_tokens: int
+    keep_chars: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed message. `text` is the delta for `tokens`; apply `rollback` (if any)
+    to what you have shown before appending them. The stream object tracks the
+    accumulated text and tokens with rollbacks applied (`stream.text`, `stream.tokens`)."""
+
+    text: str
+    tokens: tuple[int, ...]
+    # The cloud verified these tokens (always in lossless and cloud_only modes).
+    verified: bool
+    rollback: Rollback | None = None
+    # Set on the last chunk only.
+    stats: GenerationStats | None = None
+    finish_reason: FinishReason | None = None
+
+    @classmethod
+    def from_proto(cls, msg: pb.GenerateChunk) -> Chunk:
+        rollback = msg.rollback if msg.HasField("rollback") else None
+        return cls(
+            text=msg.text,
+            tokens=tuple(msg.tokens),
+            verified=msg.verified,
+            rollback=None if rollback is None else Rollback(**_fields_of(Rollback, rollback)),
+            stats=GenerationStats.from_proto(msg.stats) if msg.HasField("stats") else None,
+            finish_reason=FinishReason.from_proto(msg.finish_reason),
+        )
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    tokens: tuple[int, ...]
+    stats: GenerationStats
+    finish_reason: FinishReason | None
+
+
+class Transcript:
+    """The output of one stream so far, with rollbacks applied. Base of the stream
+    classes, which feed it one chunk at a time.
+
+    Worked example (adaptive mode corrects an unverified span):
+
+        chunk "Héllo" [1, 2] verified          -> "Héllo",        [1, 2]
+        chunk " wrld" [3, 4] unverified        -> "Héllo wrld",   [1, 2, 3, 4]
+        chunk Rollback(keep_tokens=2, keep_chars=5), " world" [5, 6] verified
+                                               -> "Héllo world",  [1, 2, 5, 6]
+
+    `keep_chars` counts characters (code points), not UTF-8 bytes: "Héllo" is 5.
+    """
+
+    def __init__(self) -> None:
+        self._tokens: list[int] = []
+        self._parts: list[str] = []  # joined lazily: appending stays O(delta)
+        self._chars = 0
+        self._stats: GenerationStats | None = None
+        self._finish_reason: FinishReason | None = None
+
+    @property
+    def text(self) -> str:
+        """The text received so far, rollbacks applied."""
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """The output token ids received so far, rollbacks applied."""
+        return tuple(self._tokens)
+
+    @property
+    def stats(self) -> GenerationStats | None:
+        """The final statistics; None until the last chunk has arrived."""
+        return self._stats
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self._finish_reason
+
+    def _apply(self, msg: pb.GenerateChunk) -> Chunk:
+        chunk = Chunk.from_proto(msg)
+        if chunk.rollback is not None:
+            keep_tokens, keep_chars = chunk.rollback.keep_tokens, chunk.rollback.keep_chars
+            if not 0 <= keep_tokens <= len(self._tokens):
+                raise ServerError(
+                    f"rollback.keep_tokens: must be in [0, {len(self._tokens)}], got {keep_tokens}"
+                )
+            if not 0 <= keep_chars <= self._chars:
+                raise ServerError(
+                    f"rollback.keep_chars: must be in [0, {self._chars}], got {keep_chars}"
+                )
+            del self._tokens[keep_tokens:]
+            self._parts[:] = [self.text[:keep_chars]]
+            self._chars = keep_chars
+        self._tokens.extend(chunk.tokens)
+        self._parts.append(chunk.text)
+        self._chars += len(chunk.text)
+        if chunk.stats is not None:
+            self._stats = chunk.stats
+            self._finish_reason = chunk.finish_reason
+        return chunk
+
+    def _result(self) -> GenerationResult:
+        """The finished generation; the stream must have ended."""
+        if self._stats is None:
+            raise ServerError("the stream ended without its final chunk (the one with stats)")
+        return GenerationResult(self.text, self.tokens, self._stats, self._finish_reason)
+
+
+def _fields_of(cls: type, msg: object) -> dict[str, object]:
+    """The dataclass `cls`'s fields read from the proto `msg` by name; repeated -> tuple."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = getattr(msg, field.name)
+        values[field.name] = value if isinstance(value, (str, bytes, int, float)) else tuple(value)
+    return values

@@ -1,0 +1,144 @@
+"""The rules a GenerateRequest must follow, shared by the SDK and the servers.
+
+The SDK checks them before sending (so a bad call fails without a round trip) and
+servers check the received proto with `validate_generate_request` (so a client that
+skips the SDK gets the same answer). Keeping one copy keeps the two from drifting.
+Everything here is a pure function: no I/O, no model, no gRPC call.
+
+Each failure raises `InvalidRequest` (a `ValueError`) whose message starts with the
+field name and gives the allowed range, e.g. "top_p: must be in [0, 1], got 1.5";
+servers answer it with INVALID_ARGUMENT and the same message.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+from edgecloud._errors import InvalidRequest
+from edgecloud.v1 import generation_pb2 as pb
+
+MAX_TOKENS = 1 << 20
+MAX_TEMPERATURE = 100.0
+INT32_MAX = 2**31 - 1
+SEED_LIMIT = 2**64
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+DRAFT_TREES = ("", "beam", "topk", "chain")
+MAX_DRAFT_WIDTH = 16
+MAX_DRAFT_DEPTH = 32
+
+
+def validate_generate_request(
+    req: pb.GenerateRequest, *, vocab_size: int | None = None, max_context: int | None = None
+) -> None:
+    """Raise `InvalidRequest` naming the first bad field of `req`.
+
+    `vocab_size` and `max_context` are the serving model's, when known: they tighten
+    the bounds of top_k and the prompt token ids (< vocab_size) and of max_tokens.
+    """
+    check_prompt(req.prompt, req.prompt_tokens, vocab_size=vocab_size)
+    check_generation(
+        max_tokens=req.max_tokens,
+        temperature=req.temperature,
+        top_k=req.top_k,
+        top_p=req.top_p,
+        seed=req.seed if req.HasField("seed") else None,
+        mode=req.mode,
+        stop=req.stop,
+        adaptive_threshold=req.adaptive_threshold,
+        vocab_size=vocab_size,
+        max_context=max_context,
+    )
+    check_draft(req.draft.tree, req.draft.width, req.draft.depth)
+
+
+def check_prompt(
+    prompt: str, prompt_tokens: Sequence[int], *, vocab_size: int | None = None
+) -> None:
+    """Exactly one of `prompt` (text) and `prompt_tokens` (ids) is non-empty."""
+    _check_model_limit("vocab_size", vocab_size)
+    if not isinstance(prompt, str):
+        raise InvalidRequest(
+            f"prompt: must be a string, got {type(prompt).__name__}", field="prompt"
+        )
+    if bool(prompt) == bool(len(prompt_tokens)):
+        got = "both" if prompt else "neither"
+        raise InvalidRequest(
+            f"prompt: exactly one of prompt and prompt_tokens must be non-empty, got {got}",
+            field="prompt",
+        )
+    high = INT32_MAX if vocab_size is None else vocab_size - 1
+    shown = None if vocab_size is None else f"[0, {vocab_size})"
+    for i, token in enumerate(prompt_tokens):
+        _check_int(f"prompt_tokens[{i}]", token, 0, high, shown=shown)
+
+
+def check_generation(
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    mode: int,
+    stop: Sequence[str],
+    adaptive_threshold: float,
+    vocab_size: int | None = None,
+    max_context: int | None = None,
+) -> None:
+    """The per-request generation settings. `mode` is the proto enum value; 0 (unset)
+    is allowed and means lossless."""
+    _check_model_limit("vocab_size", vocab_size)
+    _check_model_limit("max_context", max_context)
+    _check_int("max_tokens", max_tokens, 1, min(MAX_TOKENS, max_context or MAX_TOKENS))
+    _check_real("temperature", temperature, 0.0, MAX_TEMPERATURE)
+    _check_int("top_k", top_k, 0, INT32_MAX if vocab_size is None else vocab_size)
+    _check_real("top_p", top_p, 0.0, 1.0)
+    if seed is not None:
+        _check_int("seed", seed, 0, SEED_LIMIT - 1, shown="[0, 2**64)")
+    if mode not in pb.Mode.values():
+        names = ", ".join(pb.Mode.keys())
+        raise InvalidRequest(f"mode: must be one of {names}, got {mode!r}", field="mode")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest(
+            f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stop)}", field="stop"
+        )
+    for i, text in enumerate(stop):
+        if not isinstance(text, str) or not 1 <= len(text) <= MAX_STOP_CHARS:
+            raise InvalidRequest(
+                f"stop[{i}]: must be a string of 1 to {MAX_STOP_CHARS} characters, got {text!r}",
+                field=f"stop[{i}]",
+            )
+    _check_real("adaptive_threshold", adaptive_threshold, 0.0, 1.0)
+
+
+def check_draft(tree: str, width: int, depth: int) -> None:
+    """Draft shape; zero values ("" and 0) mean the server's defaults."""
+    if tree not in DRAFT_TREES:
+        allowed = ", ".join(repr(t) for t in DRAFT_TREES)
+        raise InvalidRequest(
+            f"draft.tree: must be one of {allowed}, got {tree!r}", field="draft.tree"
+        )
+    _check_int("draft.width", width, 0, MAX_DRAFT_WIDTH)
+    _check_int("draft.depth", depth, 0, MAX_DRAFT_DEPTH)
+
+
+def _check_int(field: str, value: object, low: int, high: int, shown: str | None = None) -> None:
+    span = shown or f"[{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidRequest(f"{field}: must be an integer in {span}, got {value!r}", field=field)
+    if not low <= value <= high:
+        raise InvalidRequest(f"{field}: must be in {span}, got {value}", field=field)
+
+
+def _check_real(field: str, value: object, low: float, high: float) -> None:
+    # `not low <= value <= high` also rejects NaN.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+        raise InvalidRequest(f"{field}: must be in [{low:g}, {high:g}], got {value!r}", field=field)
+
+
+def _check_model_limit(name: str, value: int | None) -> None:
+    """The caller's own bound (not the request's): a wrong one is a programming error."""
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name}: must be an integer >= 1 or None, got {value!r}")

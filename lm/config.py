@@ -1,0 +1,193 @@
+"""The shape of a Llama-family model, and its mapping to and from Hugging Face config.json.
+
+One frozen dataclass describes every model the core runs: Llama, Qwen2 (Llama plus a
+bias on the q/k/v projections) and Mistral (Llama plus a sliding attention window, which
+we do not implement: see `ModelConfig.from_hf`).
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+logger = logging.getLogger(__name__)
+
+Activation = Literal["silu", "relu"]
+Architecture = Literal["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"]
+
+_MODEL_TYPES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a decoder-only Llama-family transformer.
+
+    Weight shapes follow from these fields: embeddings (vocab_size, dim); per layer
+    wq (dim, dim), wk/wv (n_kv_heads * head_dim, dim), wo (dim, dim), and the gated MLP
+    gate/up (hidden_dim, dim), down (dim, hidden_dim).
+    """
+
+    vocab_size: int  # rows of the token embedding (and of the classifier)
+    dim: int  # width of the residual stream ("hidden_size" in HF)
+    n_layers: int
+    n_heads: int  # query heads; head_dim = dim // n_heads
+    n_kv_heads: int  # key/value heads (grouped-query attention when < n_heads)
+    hidden_dim: int  # MLP width ("intermediate_size" in HF)
+    max_seq_len: int = 2048  # longest context the model is valid for; caches may not exceed it
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base frequency
+    tie_embeddings: bool = False  # classifier shares the token embedding matrix
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2 only)
+    activation: Activation = "silu"  # MLP is always gated: down(act(gate(x)) * up(x))
+    architecture: Architecture = "LlamaForCausalLM"  # the HF class these weights load into
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _require(self.max_seq_len >= 1, "max_seq_len", "must be >= 1", self.max_seq_len)
+        _require(self.dim % self.n_heads == 0, "dim", "must be a multiple of n_heads", self.dim)
+        _require(self.head_dim % 2 == 0, "dim", "dim // n_heads must be even (RoPE)", self.dim)
+        _require(
+            self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
+            "n_kv_heads",
+            f"must divide n_heads={self.n_heads}",
+            self.n_kv_heads,
+        )
+        _require(self.norm_eps > 0, "norm_eps", "must be > 0", self.norm_eps)
+        _require(self.rope_theta > 0, "rope_theta", "must be > 0", self.rope_theta)
+        _require(
+            self.activation in get_args(Activation),
+            "activation",
+            f"must be one of {get_args(Activation)}",
+            self.activation,
+        )
+        _require(
+            self.architecture in _MODEL_TYPES,
+            "architecture",
+            f"must be one of {tuple(_MODEL_TYPES)}",
+            self.architecture,
+        )
+        # Qwen2 always has q/k/v bias and the others never do; anything else has no HF class.
+        wants_bias = self.architecture == "Qwen2ForCausalLM"
+        _require(
+            self.qkv_bias == wants_bias,
+            "qkv_bias",
+            f"must be {wants_bias} for {self.architecture}",
+            self.qkv_bias,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_hf(cls, hf_config: dict[str, Any]) -> "ModelConfig":
+        """Read a Hugging Face config.json dict.
+
+        Accepts both the transformers 4 spelling (top-level ``rope_theta``, ``rope_scaling``)
+        and the transformers 5 one (``rope_parameters``). Raises ValueError, naming the key,
+        for anything this core would run differently from transformers: RoPE scaling, a
+        head_dim other than hidden_size // num_attention_heads, Llama attention/MLP biases.
+
+        Sliding-window attention (Mistral; Qwen2 with use_sliding_window) is not implemented.
+        Attention is identical to full attention while the context is no longer than the
+        window, so max_seq_len is clamped to the window, and KV caches cannot grow past it.
+        """
+        archs = hf_config.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in _MODEL_TYPES:
+            raise ValueError(
+                f"architectures: unsupported architecture {arch!r}; "
+                f"supported: {', '.join(_MODEL_TYPES)}"
+            )
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            if key not in hf_config:
+                raise ValueError(f"{key}: missing from config")
+        if "num_attention_heads" not in hf_config:
+            raise ValueError("num_attention_heads: missing from config")
+        rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rope_parameters: rope_type {rope_type!r} is not supported")
+        rope_theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+        dim, n_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+        head_dim = hf_config.get("head_dim")
+        if head_dim is not None and head_dim * n_heads != dim:
+            raise ValueError(
+                f"head_dim: must equal hidden_size // num_attention_heads = {dim // n_heads}, "
+                f"got {head_dim}"
+            )
+        if arch == "LlamaForCausalLM":
+            for key in ("attention_bias", "mlp_bias"):
+                if hf_config.get(key):
+                    raise ValueError(f"{key}: Llama projection biases are not supported")
+        max_seq_len = hf_config.get("max_position_embeddings", 2048)
+        window = _sliding_window(arch, hf_config)
+        if window is not None and window < max_seq_len:
+            logger.info("sliding_window=%d: limiting max_seq_len from %d", window, max_seq_len)
+            max_seq_len = window
+        eos = hf_config.get("eos_token_id")
+        return cls(
+            vocab_size=hf_config["vocab_size"],
+            dim=dim,
+            n_layers=hf_config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
+            hidden_dim=hf_config["intermediate_size"],
+            max_seq_len=max_seq_len,
+            norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM",
+            activation=hf_config.get("hidden_act", "silu"),
+            architecture=arch,
+            bos_token_id=hf_config.get("bos_token_id"),
+            # Llama 3 lists several end tokens; the first is the canonical one.
+            eos_token_id=eos[0] if isinstance(eos, list) and eos else eos,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that transformers (4.45+ and 5.x) loads into `architecture`."""
+        hf: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": _MODEL_TYPES[self.architecture],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.hidden_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": self.activation,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if self.architecture == "LlamaForCausalLM":
+            hf.update(attention_bias=False, mlp_bias=False)
+        elif self.architecture == "MistralForCausalLM":
+            hf["sliding_window"] = None  # we compute full attention; say so
+        else:
+            hf["use_sliding_window"] = False
+        return hf
+
+
+def _sliding_window(arch: str, hf_config: dict[str, Any]) -> int | None:
+    if arch == "MistralForCausalLM":
+        return hf_config.get("sliding_window")
+    if arch == "Qwen2ForCausalLM" and hf_config.get("use_sliding_window"):
+        return hf_config.get("sliding_window")
+    return None
+
+
+def _require(ok: bool, field: str, rule: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{field}: {rule}, got {value!r}")

@@ -1,0 +1,175 @@
+"""Preallocated key/value cache for many independent sequences ("rows").
+
+A forward pass appends its T new tokens to a row as *pending* entries. Afterwards the
+caller decides which of them to keep: `commit(row, range(T))` keeps a whole chain,
+`commit(row, path)` keeps one root-to-node path of a token tree, and doing nothing
+discards them all. Committed lengths live on the host (`lengths`), so building the next
+forward's indices never waits for the GPU.
+
+Example (one row, 3 tokens committed, then a forward over a tree of 4 nodes)::
+
+    positions in the row:  0 1 2 | 3 4 5 6      lengths[row] == 3, pending == 4
+    commit(row, [0, 2])    keeps tree nodes 0 and 2: entry 5 moves to 4; lengths[row] == 5
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lm.config import ModelConfig
+from lm.device import default_device, default_dtype, host_to_device
+
+
+@dataclass(frozen=True)
+class CacheStep:
+    """Where one forward pass writes and reads in the cache.
+
+    rows: (batch,) cache row per batch row, on the cache's device.
+    row_slice: the same rows as a slice when they are consecutive (reads need no copy).
+    starts: (batch,) committed length of each row; the new tokens go right after.
+    write_positions: (batch, time) = starts[:, None] + arange(time).
+    kv_len: keys are read up to this position, max(starts) + time.
+    """
+
+    rows: torch.Tensor
+    row_slice: slice | None
+    starts: torch.Tensor
+    write_positions: torch.Tensor
+    kv_len: int
+
+
+class KVCache(nn.Module):
+    """K/V buffers: (n_layers, rows, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        rows: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if rows < 1:
+            raise ValueError(f"rows: must be >= 1, got {rows}")
+        if not 1 <= max_len <= config.max_seq_len:
+            raise ValueError(f"max_len: must be in [1, {config.max_seq_len}], got {max_len}")
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype if dtype is not None else default_dtype(device)
+        shape = (config.n_layers, rows, config.n_kv_heads, max_len, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype))
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype))
+        self.max_len = max_len
+        self.lengths: list[int] = [0] * rows
+        self.pending: list[int] = [0] * rows  # entries written by the last forward, per row
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def rollback(self, row: int, length: int) -> None:
+        """Forget everything after the first `length` committed entries of `row`."""
+        self._check_row(row)
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"length: must be in [0, {self.lengths[row]}], got {length}")
+        self.lengths[row] = length
+        self.pending[row] = 0
+
+    def reset(self, row: int) -> None:
+        """Make `row` empty, ready for a new sequence."""
+        self.rollback(row, 0)
+
+    def commit(self, row: int, offsets: Sequence[int]) -> None:
+        """Keep the pending entries at `offsets` (in that order) and drop the other ones.
+
+        offsets index the T tokens of the last forward on this row, e.g. the accepted
+        root-to-node path of a token tree. The kept entries move to lengths[row] + 0, 1, ...
+        (a gather then a scatter, so overlapping moves are safe); nothing is recomputed.
+        """
+        self._check_row(row)
+        offsets = list(offsets)
+        bad = [o for o in offsets if not 0 <= o < self.pending[row]]
+        if bad:
+            raise ValueError(
+                f"offsets: must be in [0, {self.pending[row]}) (pending entries of row {row}), "
+                f"got {bad[0]}"
+            )
+        start = self.lengths[row]
+        self.lengths[row] += self.pending[row]
+        self.keep(row, start, [start + o for o in offsets])
+
+    def keep(self, row: int, start: int, positions: Sequence[int]) -> None:
+        """Keep the committed entries at `positions` (each >= start), in that order, at
+        start, start + 1, ...; drop everything else after `start`.
+
+        A drafter that commits its tree into the cache uses this to keep the accepted
+        path once the verifier answers. Example: lengths 8, keep(row, 5, [6, 7]) moves
+        entries 6, 7 to 5, 6; lengths becomes 7.
+        """
+        self._check_row(row)
+        positions = list(positions)
+        bad = [p for p in positions if not start <= p < self.lengths[row]]
+        if bad or not 0 <= start <= self.lengths[row]:
+            raise ValueError(
+                f"positions: must be in [start, {self.lengths[row]}) with start >= 0, "
+                f"got start {start}, positions {positions}"
+            )
+        if positions != list(range(start, start + len(positions))):
+            src = host_to_device(positions, self.k.device)
+            dst = torch.arange(start, start + len(positions), device=self.k.device)
+            for buf in (self.k, self.v):
+                view = buf[:, row]  # (n_layers, n_kv_heads, max_len, head_dim)
+                view.index_copy_(2, dst, view.index_select(2, src))
+        self.lengths[row] = start + len(positions)
+        self.pending[row] = 0
+
+    def prepare(self, rows: Sequence[int], time: int) -> CacheStep:
+        """Plan a forward of `time` new tokens on each of `rows` (one per batch row)."""
+        rows = list(rows)
+        for row in rows:
+            self._check_row(row)
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"rows: must be distinct, got {rows}")
+        starts = [self.lengths[row] for row in rows]
+        if max(starts) + time > self.max_len:
+            raise ValueError(
+                f"time: {time} new tokens after {max(starts)} cached ones exceed "
+                f"max_len={self.max_len}"
+            )
+        for row in rows:
+            self.pending[row] = time
+        device = self.k.device
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        starts_t = host_to_device(starts, device)
+        return CacheStep(
+            rows=host_to_device(rows, device),
+            row_slice=slice(rows[0], rows[0] + len(rows)) if consecutive else None,
+            starts=starts_t,
+            write_positions=starts_t[:, None] + torch.arange(time, device=device),
+            kv_len=max(starts) + time,
+        )
+
+    def update(
+        self, layer: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new k, v (batch, n_kv_heads, time, head_dim) at step.write_positions.
+
+        Returns keys, values (batch, n_kv_heads, step.kv_len, head_dim) of the step's rows.
+        Positions a row has not reached hold stale data; the attention mask hides them.
+        """
+        index = (step.rows[:, None], slice(None), step.write_positions)
+        out = []
+        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
+            buf[index] = new.transpose(1, 2)  # indexed view: (batch, time, h, d)
+            if step.row_slice is not None:
+                out.append(buf[step.row_slice, :, : step.kv_len])
+            else:
+                out.append(buf[:, :, : step.kv_len].index_select(0, step.rows))
+        return out[0], out[1]
+
+    def _check_row(self, row: int) -> None:
+        if not 0 <= row < self.rows:
+            raise ValueError(f"row: must be in [0, {self.rows}), got {row}")

@@ -1,0 +1,248 @@
+"""A Llama-family decoder (Llama, Qwen2, Mistral) in the style of gpt-fast.
+
+Numerics follow Hugging Face transformers so that logits match it: RMSNorm is computed
+in float32 and cast back before the weight multiply; RoPE uses the "rotate halves"
+layout with inv_freq computed in float32; attention is scaled dot-product attention with
+a boolean mask (True = may attend).
+
+The cached forward writes the new tokens as pending cache entries and lets each query
+see its row's committed entries plus the new tokens its mask allows. That one mechanism
+serves prefill, chain decoding, padded batches and token-tree verification.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm.config import ModelConfig
+from lm.kv_cache import CacheStep, KVCache
+
+_ACTIVATIONS = {"silu": F.silu, "relu": F.relu}
+
+
+class Transformer(nn.Module):
+    """Token ids in, float32 logits out; `config` says which model this is."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        rows: Sequence[int] | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (batch, time, vocab) in float32 for input_ids (batch, time).
+
+        positions: (batch, time) RoPE positions; default 0.. without a cache, and
+            lengths[rows[b]] + t with one.
+        mask: (batch, time, time) bool, [b, t, u] = new token t may attend to new token u;
+            default causal. With a cache, every query also sees all committed entries
+            of its row. No query may be all-False (give padding mask[b, t, t] = True).
+        cache_mask: (batch, time, kv_len) bool over whole cache rows, replacing `mask` and
+            the committed-prefix rule, where kv_len = max(lengths[rows]) + time. Lets a
+            drafter grow a tree level by level in the cache: each new node sees the
+            history and its own ancestors, not its cousins committed before it.
+        rows: cache row of each batch row; default 0..batch-1.
+        return_hidden: also return the final-norm output (batch, time, dim), the input
+            of the classifier.
+        """
+        batch, time = input_ids.shape
+        if mask is not None and (mask.shape != (batch, time, time) or mask.dtype != torch.bool):
+            raise ValueError(
+                f"mask: must be bool of shape {(batch, time, time)}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        step = None if cache is None else self._prepare(cache, rows, batch, time)
+        if cache_mask is not None and (
+            step is None
+            or mask is not None
+            or cache_mask.dtype != torch.bool
+            or cache_mask.shape != (batch, time, step.kv_len)
+        ):
+            raise ValueError(
+                "cache_mask: needs a cache, no `mask`, and bool shape (batch, time, kv_len); "
+                f"got {cache_mask.dtype} {tuple(cache_mask.shape)}"
+            )
+        if step is None:
+            if positions is None:
+                positions = torch.arange(time, device=input_ids.device).expand(batch, time)
+            mask = None if mask is None else mask[:, None]
+        else:
+            positions = step.write_positions if positions is None else positions
+            mask = cached_attention_mask(step, mask) if cache_mask is None else cache_mask[:, None]
+        cos, sin = rope_cos_sin(positions, self.config, self.tok_embeddings.weight.dtype)
+        x = self.tok_embeddings(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, step)
+        hidden = self.norm(x)
+        logits = self.output(hidden).float()
+        return (logits, hidden) if return_hidden else logits
+
+    def _prepare(
+        self, cache: KVCache, rows: Sequence[int] | None, batch: int, time: int
+    ) -> CacheStep:
+        rows = range(batch) if rows is None else rows
+        if len(rows) != batch:
+            raise ValueError(f"rows: must have one entry per batch row ({batch}), got {rows}")
+        weight = self.tok_embeddings.weight
+        if (cache.k.dtype, cache.k.device) != (weight.dtype, weight.device):
+            raise ValueError(
+                f"cache: {cache.k.dtype} on {cache.k.device} must match the model's "
+                f"{weight.dtype} on {weight.device}"
+            )
+        return cache.prepare(rows, time)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        step: CacheStep | None,
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, step)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: n_heads queries share n_kv_heads keys/values."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        kv_dim = config.n_kv_heads * config.head_dim
+        self.wq = nn.Linear(config.dim, config.dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        step: CacheStep | None,
+    ) -> torch.Tensor:
+        """x: (batch, time, dim); mask: (batch, 1, time, keys) bool or None for causal."""
+        batch, time, _ = x.shape
+        q = self.wq(x).view(batch, time, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, time, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, time, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, step, k, v)
+        repeat = self.n_heads // self.n_kv_heads
+        if repeat > 1:
+            k, v = repeat_kv(k, repeat), repeat_kv(v, repeat)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(y.transpose(1, 2).reshape(batch, time, -1))
+
+
+class FeedForward(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.up = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.down = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.act = _ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in float32 and cast back before the weight (as HF)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def repeat_kv(x: torch.Tensor, repeat: int) -> torch.Tensor:
+    """(batch, n_kv_heads, keys, head_dim) -> (batch, n_kv_heads * repeat, keys, head_dim).
+
+    kv head j serves query heads j * repeat .. (j + 1) * repeat - 1, as in HF. An expand and
+    a reshape, unlike repeat_interleave, never needs the output size from the device.
+    """
+    batch, heads, keys, head_dim = x.shape
+    x = x[:, :, None].expand(batch, heads, repeat, keys, head_dim)
+    return x.reshape(batch, heads * repeat, keys, head_dim)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, config: ModelConfig, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: (batch, 1, time, head_dim) for positions (batch, time).
+
+    Frequency i (of head_dim / 2) is rope_theta ** (-2i / head_dim); both halves of a
+    head share it (HF layout). Computed in float32 on the fly, so any position works,
+    including the repeated depths of a token tree.
+    """
+    half = torch.arange(0, config.head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / config.rope_theta ** (half / config.head_dim)
+    angles = positions[:, None, :, None].float() * inv_freq  # (batch, 1, time, head_dim / 2)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (x_i, x_{i + head_dim/2}) pairs: x * cos + rotate_half(x) * sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def cached_attention_mask(step: CacheStep, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mask over the cache, (batch, 1, time, step.kv_len) bool.
+
+    Key position j of batch row b is visible to query t when j is committed
+    (j < starts[b]) or when it is new token u = j - starts[b] and mask[b, t, u].
+
+    Example: starts = [2], time = 2, causal mask -> [[T, T, T, F], [T, T, T, T]].
+    """
+    batch, time = step.write_positions.shape
+    device = step.starts.device
+    if mask is None:
+        mask = torch.ones(time, time, dtype=torch.bool, device=device).tril().expand(batch, -1, -1)
+    keys = torch.arange(step.kv_len, device=device)
+    full = (keys < step.starts[:, None]).unsqueeze(1).expand(batch, time, -1).clone()
+    full.scatter_(2, step.write_positions[:, None, :].expand(batch, time, time), mask)
+    return full[:, None]

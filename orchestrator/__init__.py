@@ -1,0 +1,1 @@
+"""Client-facing gateway, placement and routing, Ray bootstrap, and the `edgecloud` CLI."""

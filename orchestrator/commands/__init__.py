@@ -1,0 +1,1 @@
+"""One module per `edgecloud` subcommand group; each exposes `register(subparsers)`."""

@@ -1,0 +1,61 @@
+"""Flags every serving command shares (address, auth, TLS), parsed into `ServerConfig`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def dtype_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+
+
+def torch_dtype(name: str | None):
+    """The torch dtype for a `--dtype` value; None keeps the device's default."""
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+def add_server_flags(parser: argparse.ArgumentParser, *, default_port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument("--auth-token", help="bearer token clients must send")
+    parser.add_argument("--auth-token-file", help="file holding the bearer token")
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="accept calls without a token (local demos only)",
+    )
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain; enables TLS")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca", type=Path, help="require client certificates signed by this CA"
+    )
+    parser.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+
+
+def server_config(args: argparse.Namespace):
+    """Raises ValueError naming the bad flag."""
+    from serving.auth import AuthConfig
+    from serving.server import ServerConfig, TlsConfig
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key: give both or neither")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValueError("--tls-client-ca: needs --tls-cert and --tls-key")
+    tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    auth = AuthConfig.from_flags(args.auth_token, args.auth_token_file, args.insecure_no_auth)
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        auth=auth,
+        tls=tls,
+        max_message_bytes=args.max_message_bytes,
+    )

@@ -1,0 +1,330 @@
+"""`edgecloud train`, `edgecloud distill` and `edgecloud eval`: make and measure a model pair.
+
+train: byte-level BPE + a Llama-family model with a ReLU MLP on a corpus of source files (default:
+the running interpreter's standard library).  distill: a smaller draft from a trained target by
+knowledge distillation (ReDrafter's recipe).  eval: held-out perplexity and speed of a model, and
+with --draft the pair's greedy agreement, per-position chain acceptance and expected tau.
+
+Progress goes to stderr; the final summary to stdout.  Both commands resume from
+OUT/checkpoint/ when run again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from orchestrator.usage import UsageError
+
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train a tokenizer and a target model on a corpus")
+    train.add_argument("--out", required=True, type=Path, help="output model directory")
+    train.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (default 4096)")
+    _shape_flags(train, dim=256, layers=6, heads=8, kv_heads=4, hidden=768)
+    _run_flags(train, steps=1000, batch=8, lr=1e-3)
+    train.set_defaults(run=run_train)
+
+    distill = subparsers.add_parser(
+        "distill", help="distill a smaller draft model from a trained target"
+    )
+    distill.add_argument("--target", required=True, type=Path, help="trained target directory")
+    distill.add_argument("--out", required=True, type=Path, help="output draft directory")
+    _shape_flags(distill, dim=128, layers=3, heads=4, kv_heads=2, hidden=352)
+    _run_flags(distill, steps=1000, batch=16, lr=2e-3)
+    distill.add_argument(
+        "--generated-fraction",
+        type=float,
+        default=0.5,
+        help="share of each batch taken from target-generated sequences (default 0.5)",
+    )
+    distill.add_argument(
+        "--pool-size", type=int, default=512, help="target-generated sequences (default 512)"
+    )
+    distill.add_argument(
+        "--prompt-len", type=int, default=32, help="corpus tokens before each generation"
+    )
+    distill.add_argument(
+        "--gen-temperature", type=float, default=1.0, help="target sampling temperature (1)"
+    )
+    distill.set_defaults(run=run_distill)
+
+    evaluate = subparsers.add_parser(
+        "eval", help="held-out perplexity and speed of a model (and a draft against it)"
+    )
+    evaluate.add_argument("--model", type=Path, help="model directory (default: bundled target)")
+    evaluate.add_argument("--draft", type=Path, help="draft directory: also report agreement/tau")
+    _corpus_flags(evaluate)
+    evaluate.add_argument("--context", type=int, help="window length (default: model max)")
+    evaluate.add_argument("--windows", type=int, help="at most this many held-out windows")
+    evaluate.add_argument("--chains", type=int, default=256, help="prompts for chain acceptance")
+    evaluate.add_argument("--prompt-len", type=int, default=64, help="tokens per chain prompt")
+    evaluate.add_argument("--max-len", type=int, default=8, help="longest chain measured (8)")
+    _device_flags(evaluate)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(run=run_eval)
+
+
+def _corpus_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--corpus", type=Path, help="directory of source files (default: the Python stdlib)"
+    )
+    parser.add_argument("--pattern", default="*.py", help="file glob in --corpus (default *.py)")
+    parser.add_argument(
+        "--include-tests", action="store_true", help="keep test/ and tests/ packages"
+    )
+    parser.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.05,
+        help="share of files held out by path hash (0.05); use the same value everywhere",
+    )
+
+
+def _device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: CUDA when present)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+
+
+def _shape_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    dim: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    hidden: int,
+) -> None:
+    parser.add_argument("--dim", type=int, default=dim, help=f"model width (default {dim})")
+    parser.add_argument("--layers", type=int, default=layers, help=f"(default {layers})")
+    parser.add_argument("--heads", type=int, default=heads, help=f"query heads (default {heads})")
+    parser.add_argument("--kv-heads", type=int, default=kv_heads, help=f"(default {kv_heads})")
+    parser.add_argument("--hidden", type=int, default=hidden, help=f"MLP width (default {hidden})")
+    parser.add_argument("--untied", action="store_true", help="separate output matrix")
+
+
+def _run_flags(parser: argparse.ArgumentParser, *, steps: int, batch: int, lr: float) -> None:
+    _corpus_flags(parser)
+    parser.add_argument("--context", type=int, default=512, help="tokens per window (512)")
+    parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps ({steps})")
+    parser.add_argument("--batch", type=int, default=batch, help=f"windows per step ({batch})")
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate ({lr})")
+    parser.add_argument("--warmup", type=int, default=50, help="linear warmup steps (50)")
+    parser.add_argument("--seed", type=int, default=0, help="init and batch seed (0)")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps (100)")
+    parser.add_argument("--log-every", type=int, default=10, help="steps per progress line (10)")
+    parser.add_argument(
+        "--save-dtype", choices=SAVE_DTYPES, default="float32", help="weights on disk (float32)"
+    )
+    _device_flags(parser)
+
+
+def _setup(args: argparse.Namespace):
+    """Device, threads and the corpus split, shared by the three commands."""
+    import torch
+
+    from lm import corpus
+    from lm.device import default_device
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+    except RuntimeError as exc:
+        raise UsageError(f"--device: {exc}") from exc
+    try:
+        split = corpus.discover(
+            args.corpus,
+            pattern=args.pattern,
+            include_tests=args.include_tests,
+            heldout_fraction=args.heldout_fraction,
+        )
+    except ValueError as exc:  # CorpusError names the path, a bad fraction the field
+        raise UsageError(str(exc)) from exc
+    return device, split
+
+
+def _shape(args: argparse.Namespace):
+    from lm.train import ModelShape
+
+    return ModelShape(
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        hidden_dim=args.hidden,
+        tie_embeddings=not args.untied,
+    )
+
+
+def _train_config(args: argparse.Namespace):
+    from lm.train import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        context=args.context,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+    )
+
+
+def _print_progress(progress) -> None:
+    print(progress.line(), file=sys.stderr, flush=True)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from lm.train import train_language_model
+
+    device, split = _setup(args)
+    try:
+        summary = train_language_model(
+            split,
+            args.out,
+            _shape(args),
+            _train_config(args),
+            vocab_size=args.vocab_size,
+            device=device,
+            save_dtype=getattr(torch, args.save_dtype),
+            progress=_print_progress,
+        )
+    except ValueError as exc:  # CorpusError, CheckpointError and config errors name the field
+        raise UsageError(str(exc)) from exc
+    print(
+        f"saved {args.out}: {summary['parameters']:,} parameters, loss "
+        f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, "
+        f"{summary['tokens_per_s']:,.0f} tok/s"
+        + (
+            f", held-out perplexity {summary['heldout_perplexity']:.2f}"
+            if "heldout_perplexity" in summary
+            else ""
+        )
+    )
+    return 0
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    import torch
+
+    from lm.distill import DistillConfig, distill_draft
+
+    device, split = _setup(args)
+    try:
+        summary = distill_draft(
+            args.target,
+            split,
+            args.out,
+            _shape(args),
+            _train_config(args),
+            DistillConfig(
+                generated_fraction=args.generated_fraction,
+                pool_size=args.pool_size,
+                prompt_len=args.prompt_len,
+                temperature=args.gen_temperature,
+            ),
+            device=device,
+            save_dtype=getattr(torch, args.save_dtype),
+            progress=_print_progress,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    print(
+        f"saved {args.out}: {summary['parameters']:,} parameters "
+        f"(target {summary['target_parameters']:,}), KL {summary['first_loss']:.3f} -> "
+        f"{summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tok/s"
+    )
+    if "greedy_agreement" in summary:
+        print(_pair_lines(summary))
+    return 0
+
+
+def _pair_lines(report: dict) -> str:
+    taus = " ".join(f"{t:.2f}" for t in report["expected_tau"])
+    rates = " ".join(f"{a:.3f}" for a in report["chain_acceptance"])
+    return (
+        f"held-out perplexity: target {report['target_perplexity']:.2f}, "
+        f"draft {report['draft_perplexity']:.2f}\n"
+        f"greedy agreement: {report['greedy_agreement']:.1%}\n"
+        f"chain acceptance a_1..a_{len(report['chain_acceptance'])}: {rates}\n"
+        f"expected tau(1..{len(report['expected_tau'])}): {taus}"
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from lm import corpus
+    from lm.bpe import special_ids
+    from lm.checkpoint import load_model
+    from lm.corpus import sequential_windows
+    from lm.distill import load_target
+    from lm.evaluate import check_pair, decode_tokens_per_s, evaluate_pair, perplexity
+    from lm.train import load_split_streams
+
+    if args.model is None:
+        from orchestrator.demo_models import TARGET_DIR
+
+        args.model = TARGET_DIR
+    device, split = _setup(args)
+    try:
+        model, tokenizer = load_target(args.model, device)
+        draft = None
+        if args.draft is not None:
+            draft = load_model(args.draft, device=device, dtype=next(model.parameters()).dtype)
+            check_pair(args.model, args.draft, model.config.vocab_size, draft.config.vocab_size)
+        context = args.context or model.config.max_seq_len
+        _, stream = load_split_streams(split, tokenizer, *special_ids(tokenizer)[:2])
+        if stream is None:
+            raise UsageError(f"--corpus: no held-out files under {split.root}")
+        if draft is None:
+            target = perplexity(model, sequential_windows(stream, context, limit=args.windows))
+            report = {"target_perplexity": target.perplexity}
+        else:
+            pair = evaluate_pair(
+                model,
+                draft,
+                stream,
+                context,
+                windows=args.windows,
+                chains=args.chains,
+                prompt_len=args.prompt_len,
+                max_len=args.max_len,
+            )
+            target = pair.target
+            report = pair.as_dict()
+    except ValueError as exc:  # CorpusError and CheckpointError name the path or field
+        raise UsageError(str(exc)) from exc
+    prompt = stream[None, : args.prompt_len]
+    report["heldout_sha256"] = corpus.heldout_digest(split)
+    report["heldout_tokens"] = target.tokens
+    report["target_forward_tokens_per_s"] = target.tokens_per_s
+    report["target_decode_tokens_per_s"] = decode_tokens_per_s(model, prompt)
+    if draft is not None:
+        report["draft_forward_tokens_per_s"] = pair.draft.tokens_per_s
+        report["draft_decode_tokens_per_s"] = decode_tokens_per_s(draft, prompt)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"model {args.model}" + (f", draft {args.draft}" if draft is not None else ""))
+    print(f"held-out split sha256 {report['heldout_sha256']}, {target.tokens:,} tokens")
+    if draft is None:
+        print(f"held-out perplexity: {report['target_perplexity']:.2f}")
+    else:
+        print(_pair_lines(report))
+    for kind, how in (("forward", "teacher-forced batches"), ("decode", "batch 1, KV cache")):
+        speeds = [
+            f"{who} {report[f'{who}_{kind}_tokens_per_s']:,.0f}"
+            for who in ("target", "draft")
+            if f"{who}_{kind}_tokens_per_s" in report
+        ]
+        print(f"{kind} tokens/s ({how}): " + ", ".join(speeds))
+    return 0

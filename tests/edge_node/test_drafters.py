@@ -1,0 +1,129 @@
+"""Drafters grown in the SLM's cache equal the same search run with full forwards,
+and accepting a path leaves the cache as if the text had been decoded plainly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from edge_node.drafters import DraftShape, get_drafter
+from edge_node.slm import EdgeLM
+from lm.sampling import SamplingParams
+from tests.tiny import tiny_model
+
+PROMPT = [1, 7, 3, 9, 4]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=11, vocab=48, sharpen=2.0)
+
+
+@torch.inference_mode()
+def logprobs(model, tokens: list[int]) -> torch.Tensor:
+    return torch.log_softmax(model(torch.tensor([tokens]))[0, -1].float(), -1)
+
+
+def reference_beams(model, prompt, width, depth):
+    beams = [((), 0.0)]
+    for _ in range(depth):
+        candidates = []
+        for seq, score in beams:
+            lp = logprobs(model, prompt + list(seq))
+            for token in range(lp.numel()):
+                candidates.append((seq + (token,), score + float(lp[token])))
+        beams = sorted(candidates, key=lambda c: -c[1])[:width]
+    return {seq for seq, _ in beams}
+
+
+def tree_paths(tree) -> set[tuple[int, ...]]:
+    return {tuple(tree.tokens[i] for i in tree.path(leaf)) for leaf in tree.leaves()}
+
+
+@pytest.mark.parametrize("width,depth", [(1, 5), (3, 4), (4, 3)])
+def test_beam_tree_holds_exactly_the_reference_beams(model, width, depth):
+    lm = EdgeLM(model)
+    lm.reset(PROMPT)
+    draft = get_drafter("beam").draft(lm, DraftShape(width, depth), SamplingParams(), None)
+    assert tree_paths(draft.tree) == reference_beams(model, PROMPT, width, depth)
+    assert draft.tree.size <= draft.undeduplicated == width * depth
+    main = tuple(draft.tree.tokens[i] for i in draft.main_path)
+    assert len(main) == depth and main in reference_beams(model, PROMPT, width, depth)
+
+
+def test_beam_dedup_example_shares_prefixes(model):
+    lm = EdgeLM(model)
+    lm.reset(PROMPT)
+    draft = get_drafter("beam").draft(lm, DraftShape(4, 6), SamplingParams(), None)
+    # Four beams of six tokens that share their first tokens need fewer than 24 nodes.
+    assert draft.tree.size < 24
+    assert len(draft.tree.leaves()) == 4
+
+
+def test_topk_tree_scores_match_full_forwards(model):
+    lm = EdgeLM(model)
+    lm.reset(PROMPT)
+    width, depth = 3, 3
+    draft = get_drafter("topk").draft(lm, DraftShape(width, depth), SamplingParams(), None)
+    tree = draft.tree
+    assert tree.size <= width * depth
+
+    def score(node: int) -> float:
+        path = tree.path(node)
+        tokens = [tree.tokens[i] for i in path]
+        return sum(
+            float(logprobs(model, PROMPT + tokens[:k])[tokens[k]]) for k in range(len(tokens))
+        )
+
+    scores = [score(i) for i in range(tree.size)]
+    # Every root child is among the SLM's top `width` tokens.
+    top = set(logprobs(model, PROMPT).topk(width).indices.tolist())
+    assert {tree.tokens[i] for i in tree.children(-1)} <= top
+    # Children never score above their parents, so the tree is closed under ancestors.
+    for i, parent in enumerate(tree.parents):
+        if parent >= 0:
+            assert scores[i] <= scores[parent] + 1e-5
+
+
+@pytest.mark.parametrize("kind,shape", [("beam", (3, 4)), ("topk", (3, 3)), ("chain", (1, 5))])
+def test_accepting_a_path_keeps_the_cache_exact(model, kind, shape):
+    lm = EdgeLM(model)
+    lm.reset(PROMPT)
+    for round_ in range(3):
+        draft = get_drafter(kind).draft(lm, DraftShape(*shape), SamplingParams(), None)
+        leaf = draft.tree.leaves()[round_ % len(draft.tree.leaves())]
+        path = draft.tree.path(leaf)[: 1 + round_]
+        accepted = [draft.tree.tokens[i] for i in path] + [5]
+        lm.accept(accepted, [draft.node_ids[i] for i in path])
+    expected = logprobs(model, lm.tokens)
+    got = torch.log_softmax(lm.next_logits().float(), -1)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sampled_chain_sends_the_q_it_drew_from(model):
+    lm = EdgeLM(model)
+    lm.reset(PROMPT)
+    params = SamplingParams(temperature=1.0)
+    gen = torch.Generator().manual_seed(0)
+    draft = get_drafter("chain").draft(lm, DraftShape(1, 4), params, gen)
+    assert sorted(draft.dists) == [-1, 0, 1, 2]
+    q_root = draft.dists[-1]
+    assert len(q_root.tokens) <= 16 and math.isclose(sum(q_root.probs), 1.0, abs_tol=1e-3)
+    assert draft.tree.tokens[0] in q_root.tokens
+
+
+def test_truncate_then_decode_matches_fresh(model):
+    lm = EdgeLM(model)
+    lm.reset(PROMPT)
+    draft = get_drafter("chain").draft(lm, DraftShape(1, 4), SamplingParams(), None)
+    lm.accept(list(draft.tree.tokens) + [2], list(draft.node_ids))
+    lm.truncate(len(PROMPT) + 2)
+    lm.append([6])
+    torch.testing.assert_close(
+        torch.log_softmax(lm.next_logits().float(), -1),
+        logprobs(model, lm.tokens),
+        atol=1e-4,
+        rtol=1e-4,
+    )

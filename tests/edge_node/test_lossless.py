@@ -1,0 +1,96 @@
+"""Lossless greedy output equals cloud-only greedy output, token for token, for every
+drafter; the statistics add up; adaptive and edge-only modes behave as documented."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edge_node.types import DraftOptions, GenerationRequest, Mode
+from lm.sampling import SamplingParams
+
+PROMPTS = [(1, 5, 9), (3,), (7, 7, 7, 2, 40, 11), (12, 30)]
+
+
+async def run(
+    runtime, prompt, mode, draft=DraftOptions(), max_tokens=30, sampling=SamplingParams()
+):
+    chunks = [
+        c
+        async for c in runtime.generate(
+            GenerationRequest(
+                prompt_tokens=prompt,
+                max_tokens=max_tokens,
+                sampling=sampling,
+                mode=mode,
+                draft=draft,
+            )
+        )
+    ]
+    tokens = [t for c in chunks for t in c.tokens]
+    return tokens, chunks[-1].stats, chunks
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        DraftOptions("beam", 4, 5),
+        DraftOptions("chain", 1, 4),
+        DraftOptions("topk", 3, 4),
+        DraftOptions("beam", 2, 8, adapt=False),
+    ],
+    ids=["beam", "chain", "topk", "beam-fixed"],
+)
+async def test_lossless_greedy_equals_cloud_only(runtime, options):
+    for prompt in PROMPTS:
+        expected, cloud_stats, _ = await run(runtime, prompt, Mode.CLOUD_ONLY)
+        got, stats, chunks = await run(runtime, prompt, Mode.LOSSLESS, options)
+        assert got == expected, prompt
+        assert all(c.verified for c in chunks)
+        assert cloud_stats.rounds == 30 and cloud_stats.tokens_per_round == 1.0
+        assert stats.rounds < cloud_stats.rounds
+        assert stats.generated_tokens == 30
+        assert stats.tokens_per_round == pytest.approx(
+            (stats.accepted_tokens + stats.rounds) / stats.rounds
+        )
+        assert sum(stats.accepted_per_position[:1]) <= stats.rounds
+        assert stats.bytes_to_cloud > 0 and stats.bytes_from_cloud > 0
+
+
+async def test_beam_dedup_saving_is_reported(runtime):
+    _, stats, _ = await run(
+        runtime, PROMPTS[0], Mode.LOSSLESS, DraftOptions("beam", 4, 6, adapt=False)
+    )
+    assert stats.dedup_saved_tokens > 0
+    assert stats.draft_tokens + stats.dedup_saved_tokens == 24 * stats.rounds
+
+
+async def test_edge_only_never_calls_the_cloud(runtime, verifier):
+    before = verifier.engine.forward_passes
+    tokens, stats, chunks = await run(runtime, PROMPTS[0], Mode.EDGE_ONLY, max_tokens=12)
+    assert len(tokens) == 12 and stats.rounds == 0
+    assert not any(c.verified for c in chunks[:-1])
+    assert verifier.engine.forward_passes == before
+
+
+async def test_adaptive_keeps_exactly_the_confident_tokens_unverified(runtime, draft):
+    prompt = PROMPTS[2]
+    tokens, stats, chunks = await run(runtime, prompt, Mode.ADAPTIVE, max_tokens=30)
+    assert len(tokens) == 30
+    history = list(prompt)
+    kept = 0
+    for chunk in chunks[:-1]:
+        if not chunk.verified:
+            with torch.inference_mode():
+                probs = torch.softmax(draft(torch.tensor([history]))[0, -1], -1)
+            assert chunk.tokens == (int(probs.argmax()),)
+            assert float(probs.max()) >= 0.9
+            kept += 1
+        history += chunk.tokens
+    assert 0 < kept < 30
+    assert stats.rounds > 0 and not stats.degraded
+
+
+async def test_max_tokens_and_eos_stop(runtime):
+    tokens, stats, chunks = await run(runtime, PROMPTS[1], Mode.LOSSLESS, max_tokens=7)
+    assert len(tokens) == 7 and chunks[-1].finish_reason == "length"

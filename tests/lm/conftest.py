@@ -1,0 +1,156 @@
+"""Fixtures for the model-core tests: tiny random Hugging Face models and the real stories260K.
+
+The HF models get random (not default) norm weights and a large init range, so that every
+weight visibly moves the logits: a test comparing logits at 1e-4 then fails on any wrong
+mapping, transpose or constant.
+"""
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm.config import ModelConfig
+from lm.model import Transformer
+
+REPO = Path(__file__).resolve().parents[2]
+
+# name -> (transformers config class name, its kwargs). Sizes are tiny; the fields that
+# change numerics (rope_theta, rms_norm_eps, activation, tying, GQA, bias) all differ from
+# the defaults somewhere.
+HF_MODELS: dict[str, tuple[str, dict]] = {
+    "llama_gqa_untied": (
+        "LlamaConfig",
+        dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=5000.0),
+    ),
+    "llama_gqa_tied": (
+        "LlamaConfig",
+        dict(num_key_value_heads=1, tie_word_embeddings=True, rms_norm_eps=1e-2),
+    ),
+    "llama_relu": (
+        "LlamaConfig",
+        dict(num_key_value_heads=4, hidden_act="relu", rope_theta=500.0),
+    ),
+    "qwen2_bias": (
+        "Qwen2Config",
+        dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(num_key_value_heads=2, sliding_window=4096, rms_norm_eps=1e-3),
+    ),
+}
+
+
+def make_hf_model(name: str, seed: int = 0):
+    """A random transformers model for HF_MODELS[name] (float32, eval mode)."""
+    import transformers
+
+    class_name, overrides = HF_MODELS[name]
+    kwargs = dict(
+        vocab_size=211,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        initializer_range=0.15,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    config = getattr(transformers, class_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "norm" in param_name:
+                param.copy_(1 + 0.3 * torch.randn_like(param))
+            elif param_name.endswith("bias"):
+                param.copy_(0.3 * torch.randn_like(param))
+    return model.eval()
+
+
+@pytest.fixture(scope="session", params=sorted(HF_MODELS))
+def hf_name(request) -> str:
+    """Each name of HF_MODELS in turn."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def make_hf() -> Callable:
+    """make_hf(name, seed=0): a fresh random transformers model for HF_MODELS[name]."""
+    return make_hf_model
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory) -> Callable[[str], Path]:
+    """hf_model_dir(name) -> a save_pretrained directory of HF_MODELS[name], made once."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            directory = tmp_path_factory.mktemp(name)
+            make_hf_model(name).save_pretrained(directory)
+            made[name] = directory
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def load_hf() -> Callable:
+    """load_hf(directory, dtype=float32): transformers' own loading, eager attention, eval."""
+    from transformers import AutoModelForCausalLM
+
+    def load(directory: Path, dtype: torch.dtype = torch.float32):
+        return AutoModelForCausalLM.from_pretrained(
+            directory, attn_implementation="eager", dtype=dtype
+        ).eval()
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def make_transformer() -> Callable[..., Transformer]:
+    """make_transformer(seed=0, **config_fields): our model with random weights, float32."""
+    return random_transformer
+
+
+def random_transformer(seed: int = 0, **overrides) -> Transformer:
+    """Our model with random weights (norms and biases too), float32 CPU, eval mode."""
+    fields = dict(
+        vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64
+    )
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**fields))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.3 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.3 * torch.randn_like(param))
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model() -> Transformer:
+    return random_transformer()
+
+
+@pytest.fixture(scope="session")
+def shared_models_dir() -> Path:
+    """EDGECLOUD_SHARED_MODELS, falling back to <repo>/../shared/models."""
+    return Path(os.environ.get("EDGECLOUD_SHARED_MODELS", REPO.parent / "shared" / "models"))
+
+
+@pytest.fixture(scope="session")
+def stories260k(shared_models_dir: Path) -> Path:
+    path = shared_models_dir / "stories260K.bin"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (set EDGECLOUD_SHARED_MODELS to the folder holding it)")
+    return path
