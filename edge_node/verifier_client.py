@@ -9,6 +9,7 @@ the full token history to re-send.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 
 from grpc import aio
@@ -67,7 +68,11 @@ class VerifierSession:
 
     async def _exchange(self, request: pb.VerifyRequest) -> pb.VerifyResponse:
         self.bytes_sent += request.ByteSize()
-        await self._call.write(request)
+        try:
+            await self._call.write(request)
+        except asyncio.InvalidStateError as error:  # the stream ended before this write
+            code, details = await self._call.code(), await self._call.details()
+            raise ConnectionError(f"verifier stream ended: {code.name}: {details}") from error
         response = await self._call.read()  # raises AioRpcError on an error status
         if response is aio.EOF:
             raise ConnectionError("verifier closed the stream without a reply")

@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from orchestrator.usage import UsageError
 
-COMMAND_MODULES = ("train", "cloud")
+COMMAND_MODULES = ("train", "cloud", "edge")
 
 
 def package_version() -> str:

@@ -1,0 +1,65 @@
+"""`EdgeNode`: the edge as an async Ray actor.
+
+Ray places it on a node labelled or resourced as edge and restarts it when it dies
+(`max_restarts` is set by whoever creates it, see `orchestrator`). `generate` is an
+async generator, so Ray streams each `Chunk` back as soon as it is yielded. The
+actor loads its own model from disk: nothing heavier than a path crosses Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_node.cloud_link import CloudLink, CloudLinkConfig
+from edge_node.picker import VerifierPicker
+from edge_node.runtime import EdgeConfig, EdgeRuntime
+from edge_node.types import Chunk, GenerationRequest
+
+
+@dataclass(frozen=True)
+class EdgeLoadReport:
+    node_id: str
+    active: int
+    completed: int
+    tokens_per_round: float
+    failovers: int
+
+
+class EdgeNode:
+    def __init__(
+        self,
+        node_id: str,
+        model_dir: str,
+        config: EdgeConfig,
+        picker_factory: Callable[[], VerifierPicker] | None,
+        link_config: CloudLinkConfig = CloudLinkConfig(),
+        device: str = "cpu",
+    ) -> None:
+        from lm.checkpoint import load_model
+        from lm.tokenizer import Tokenizer
+
+        path = Path(model_dir)
+        model = load_model(path, device=device)
+        tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        link = None if picker_factory is None else CloudLink(picker_factory(), link_config)
+        self.node_id = node_id
+        self.runtime = EdgeRuntime(model, config, tokenizer=tokenizer, link=link)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        async for chunk in self.runtime.generate(request):
+            yield chunk
+
+    async def load(self) -> EdgeLoadReport:
+        load = self.runtime.load
+        return EdgeLoadReport(
+            node_id=self.node_id,
+            active=load.active,
+            completed=load.completed,
+            tokens_per_round=load.tokens_per_round,
+            failovers=load.failovers,
+        )
+
+    async def ready(self) -> str:
+        return self.node_id

@@ -1,0 +1,98 @@
+"""`edgecloud edge serve`: an edge serving `Generation` directly, drafting with its SLM
+and verifying on the verifiers it is given (no Ray, no Redis)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from orchestrator.commands.flags import add_server_flags, dtype_flag, server_config, torch_dtype
+from orchestrator.usage import UsageError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    edge = subparsers.add_parser("edge", help="edge node commands")
+    sub = edge.add_subparsers(title="edge commands", metavar="COMMAND", required=True)
+    serve = sub.add_parser("serve", help="serve Generation with a local SLM and remote verifiers")
+    serve.add_argument("--model", required=True, type=Path, help="SLM checkpoint directory")
+    serve.add_argument(
+        "--name", help="model name clients and verifiers use (default: --verifier-model)"
+    )
+    serve.add_argument(
+        "--verifier",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a verifier to use; repeat for failover",
+    )
+    serve.add_argument("--verifier-model", help="model name the verifiers serve")
+    serve.add_argument("--verifier-token", help="credential for the verifiers (not the clients')")
+    serve.add_argument("--verifier-token-file")
+    serve.add_argument("--device", default="cpu", help="device for the SLM (default: cpu)")
+    dtype_flag(serve)
+    add_server_flags(serve, default_port=50051)
+    serve.add_argument("--max-concurrency", type=int, default=16)
+    serve.add_argument("--draft-tree", choices=["beam", "topk", "chain"], default="beam")
+    serve.add_argument("--draft-width", type=int, default=4)
+    serve.add_argument("--draft-depth", type=int, default=6)
+    serve.set_defaults(run=run_serve)
+
+
+def verifier_token(args: argparse.Namespace) -> str | None:
+    if args.verifier_token and args.verifier_token_file:
+        raise UsageError("--verifier-token and --verifier-token-file: give only one")
+    if args.verifier_token_file:
+        try:
+            return Path(args.verifier_token_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"--verifier-token-file: cannot read: {exc.strerror}") from exc
+    return args.verifier_token
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from edge_node.cloud_link import CloudLink, CloudLinkConfig
+    from edge_node.picker import FixedListPicker, VerifierEndpoint
+    from edge_node.runtime import EdgeConfig, EdgeRuntime
+    from edge_node.server import start_edge_server
+    from edge_node.types import DraftOptions
+    from lm.checkpoint import load_model
+    from lm.errors import CheckpointError
+    from lm.tokenizer import Tokenizer
+
+    if not args.model.exists():
+        raise UsageError(f"--model: {args.model} does not exist")
+    for address in args.verifier:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise UsageError(f"--verifier: expected HOST:PORT, got {address!r}")
+    if args.verifier and not args.verifier_model:
+        raise UsageError("--verifier-model: needed with --verifier")
+    try:
+        model = load_model(args.model, device=args.device, dtype=torch_dtype(args.dtype))
+        tokenizer = (
+            Tokenizer.from_dir(args.model) if (args.model / "tokenizer.json").exists() else None
+        )
+        config = EdgeConfig(
+            model_name=args.name or args.verifier_model or args.model.stem,
+            max_concurrency=args.max_concurrency,
+            draft=DraftOptions(args.draft_tree, args.draft_width, args.draft_depth),
+        )
+        server = server_config(args)
+    except (ValueError, CheckpointError) as exc:
+        raise UsageError(str(exc)) from exc
+    link = None
+    if args.verifier:
+        picker = FixedListPicker([VerifierEndpoint(a, args.verifier_model) for a in args.verifier])
+        link = CloudLink(picker, CloudLinkConfig(token=verifier_token(args)))
+
+    async def main() -> None:
+        runtime = EdgeRuntime(model, config, tokenizer=tokenizer, link=link)
+        edge = await start_edge_server(runtime, server)
+        edge.server.drain_on_signals()
+        print(f"edge {config.model_name!r} listening on {server.host}:{edge.port}", flush=True)
+        await edge.server.wait()
+        await runtime.close()
+
+    asyncio.run(main())
+    return 0
