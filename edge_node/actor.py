@@ -60,6 +60,3 @@ class EdgeNode:
             tokens_per_round=load.tokens_per_round,
             failovers=load.failovers,
         )
-
-    async def ready(self) -> str:
-        return self.node_id

@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from orchestrator.usage import UsageError
 
-COMMAND_MODULES = ("train", "cloud", "edge")
+COMMAND_MODULES = ("train", "cloud", "edge", "stack")
 
 
 def package_version() -> str:

@@ -316,6 +316,8 @@ class NodeState:
     load: int
     """Live leases on it, between 0 and info.capacity."""
     stats: NodeStats
+    heartbeat_ms: int = 0
+    """Redis server time of its last registration or heartbeat."""
 
 
 @dataclass(frozen=True)
@@ -446,7 +448,8 @@ class _RegistryBase:
                 continue  # expired between the two round trips
             info = NodeInfo.from_fields(node_id, fields)
             if (kind is None or info.kind == kind) and (model is None or model in info.models):
-                states.append(NodeState(info, int(load), NodeStats.from_fields(fields)))
+                beat = int(fields.get("heartbeat_ms", 0))
+                states.append(NodeState(info, int(load), NodeStats.from_fields(fields), beat))
         return states
 
     def _events_range(self, after: str, count: int) -> tuple[str, int]:

@@ -5,6 +5,7 @@ local id, ttl = ARGV[4], tonumber(ARGV[5])
 local now = now_ms()
 if redis.call('PEXPIRE', node_key(id), ttl) == 0 then return 0 end
 redis.call('ZADD', K_NODES, now + ttl, id)
+redis.call('HSET', node_key(id), 'heartbeat_ms', now)
 refresh_load(id, now)
 sweep(now)
 return 1

@@ -13,6 +13,7 @@ if joined and redis.call('HEXISTS', K_ROUTES, id) == 1 then remove_node(id, 'exp
 local fields = {}
 for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', node, unpack(fields))
+redis.call('HSET', node, 'heartbeat_ms', now)
 redis.call('PEXPIRE', node, ttl)
 redis.call('ZADD', K_NODES, now + ttl, id)
 local info = redis.call('HMGET', node, 'kind', 'address', 'capacity')

@@ -33,7 +33,11 @@ def test_register_writes_the_hash_with_ttl_and_one_join_event(registry, redis_cl
     assert registry.register(node, ttl_s=5) is False  # a refresh, not a second join
 
     key = registry.keyspace.node_key("cloud-0")
-    assert redis_client.hgetall(key) == {
+    fields = redis_client.hgetall(key)
+    seconds, micros = redis_client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    assert 0 <= now_ms - int(fields.pop("heartbeat_ms")) < 5000
+    assert fields == {
         "kind": "cloud",
         "address": "cloud-0.local:50051",
         "models": '["target"]',
@@ -44,6 +48,7 @@ def test_register_writes_the_hash_with_ttl_and_one_join_event(registry, redis_cl
     assert 0 < redis_client.pttl(key) <= 5000
     [state] = registry.list_nodes()
     assert state.info == node and state.load == 0 and state.stats == NodeStats()
+    assert state.heartbeat_ms > 0
     assert registry.get("cloud-0") == state
     assert registry.get("cloud-9") is None
     [event] = registry.events()

@@ -1,0 +1,148 @@
+"""The Ray actors `edgecloud up` starts, each registered in Redis by a heartbeat.
+
+- `VerifierActor` runs a verifier's gRPC server inside the actor (on a GPU when the
+  cluster has one) and registers it as a `cloud` node with its address.
+- `EdgeActor` is the `EdgeNode` actor plus registration as an `edge` node, with the
+  Redis-backed verifier picker.
+
+Both are async actors: their gRPC servers, heartbeats and generations share the
+actor's event loop. Each starts serving and registering from `__init__`, so when Ray
+restarts a dead actor (`max_restarts`), the new one is back in rotation by itself.
+Nothing heavier than paths and small dataclasses crosses Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from cloud_node.config import VerifierConfig
+from edge_node.actor import EdgeNode
+from edge_node.cloud_link import CloudLinkConfig
+from edge_node.runtime import EdgeConfig
+from edge_node.service import chunk_to_proto
+from edgecloud.v1 import generation_pb2 as gpb
+from orchestrator.heartbeat import HeartbeatTask
+from orchestrator.registry import AsyncRegistry, NodeInfo, connect_async
+from serving.server import ServerConfig
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str
+    redis_url: str
+    labels: dict[str, str] = field(default_factory=dict)
+    heartbeat_ttl_s: float = 10.0
+
+
+class VerifierActor:
+    def __init__(
+        self,
+        spec: NodeSpec,
+        model_dir: str,
+        config: VerifierConfig,
+        server: ServerConfig,
+        advertise_host: str | None,
+    ) -> None:
+        """`advertise_host`: the address edges dial; None means this Ray node's IP."""
+        self.spec, self.model_dir, self.config, self.server_config = spec, model_dir, config, server
+        self.advertise_host = advertise_host
+        self.verifier = None
+        self.heartbeat: HeartbeatTask | None = None
+        self._started = asyncio.get_running_loop().create_task(self._start())
+
+    async def ready(self) -> str:
+        """The address this verifier is reached at, once it serves and is registered."""
+        return await self._started
+
+    async def _start(self) -> str:
+        from cloud_node.server import start_verifier
+
+        self.verifier = await start_verifier(Path(self.model_dir), self.config, self.server_config)
+        host = self.advertise_host or ray.util.get_node_ip_address()
+        address = f"{host}:{self.verifier.port}"
+        node = NodeInfo(
+            node_id=self.spec.node_id,
+            kind="cloud",
+            address=address,
+            models=(self.config.model_name,),
+            capacity=self.config.max_sessions,
+            labels=self.spec.labels,
+        )
+        self.heartbeat = HeartbeatTask(
+            AsyncRegistry(connect_async(self.spec.redis_url)), node, ttl_s=self.spec.heartbeat_ttl_s
+        )
+        await self.heartbeat.start()
+        return address
+
+    async def forward_passes(self) -> int:
+        return self.verifier.engine.forward_passes
+
+    async def stop(self) -> None:
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
+        if self.verifier is not None:
+            await self.verifier.drain()
+
+
+def _registry_picker(redis_url: str, model: str):
+    from orchestrator.verifier_picker import RegistryPicker
+
+    return RegistryPicker(redis_url, model)
+
+
+class EdgeActor(EdgeNode):
+    def __init__(
+        self,
+        spec: NodeSpec,
+        model_dir: str,
+        config: EdgeConfig,
+        link_config: CloudLinkConfig,
+        verifier_model: str,
+    ) -> None:
+        super().__init__(
+            spec.node_id,
+            model_dir,
+            config,
+            lambda: _registry_picker(spec.redis_url, verifier_model),
+            link_config,
+        )
+        self.spec = spec
+        self.heartbeat: HeartbeatTask | None = None
+        self._started = asyncio.get_running_loop().create_task(self._start())
+
+    async def ready(self) -> str:
+        return await self._started
+
+    async def _start(self) -> str:
+        node = NodeInfo(
+            node_id=self.spec.node_id,
+            kind="edge",
+            address=f"ray:{self.spec.node_id}",
+            models=(self.runtime.config.model_name,),
+            capacity=self.runtime.config.max_concurrency,
+            labels=self.spec.labels,
+        )
+        self.heartbeat = HeartbeatTask(
+            AsyncRegistry(connect_async(self.spec.redis_url)), node, ttl_s=self.spec.heartbeat_ttl_s
+        )
+        await self.heartbeat.start()
+        return self.spec.node_id
+
+    async def serve(
+        self, request: gpb.GenerateRequest, timeout_s: float | None
+    ) -> AsyncIterator[gpb.GenerateChunk]:
+        """The gateway's entry: a proto request in, proto chunks out, checked here where
+        the model's vocabulary and tokenizer are."""
+        generation = self.runtime.request_from_proto(request, timeout_s)
+        async for chunk in self.runtime.generate(generation):
+            yield chunk_to_proto(chunk)
+
+    async def stop(self) -> None:
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
+        await self.runtime.close()

@@ -1,0 +1,216 @@
+"""`edgecloud up`, `edgecloud demo` and `edgecloud status`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.usage import UsageError
+
+STATE_FILE = Path(os.environ.get("EDGECLOUD_STATE", Path.home() / ".edgecloud" / "up.json"))
+DEFAULT_PROMPT = "def fibonacci(n):\n"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from orchestrator.demo_models import DRAFT_DIR, TARGET_DIR
+
+    def stack_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", type=Path, default=TARGET_DIR, help="target model directory")
+        p.add_argument("--draft", type=Path, default=DRAFT_DIR, help="edge SLM directory")
+        p.add_argument("--edges", type=int, default=2, help="EdgeNode actors (default 2)")
+        p.add_argument("--verifiers", type=int, default=1, help="verifier actors (default 1)")
+        p.add_argument("--redis-url", help="use this Redis instead of a private one")
+        p.add_argument(
+            "--ray-address", help="attach to this Ray cluster ('auto' for the local one)"
+        )
+
+    up = subparsers.add_parser("up", help="start Redis, Ray actors and the gateway; serve")
+    stack_flags(up)
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50051)
+    up.add_argument("--auth-token-file", help="clients' bearer token (default: generated)")
+    up.add_argument("--insecure-no-auth", action="store_true", help="no client token (demo only)")
+    up.set_defaults(run=run_up)
+
+    demo = subparsers.add_parser("demo", help="run the whole system on this machine, once")
+    stack_flags(demo)
+    demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to complete")
+    demo.add_argument("--max-tokens", type=int, default=96)
+    demo.set_defaults(run=run_demo)
+
+    status = subparsers.add_parser("status", help="every registered node, from Redis")
+    status.add_argument(
+        "--redis-url", help=f"default: the one `edgecloud up` wrote to {STATE_FILE}"
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(run=run_status)
+
+
+def stack_config(args: argparse.Namespace, **extra):
+    from orchestrator.stack import StackConfig
+
+    for flag in ("target", "draft"):
+        if not (getattr(args, flag) / "config.json").exists():
+            raise UsageError(f"--{flag}: {getattr(args, flag)} holds no model (config.json)")
+    try:
+        return StackConfig(
+            target_dir=args.target,
+            draft_dir=args.draft,
+            edges=args.edges,
+            verifiers=args.verifiers,
+            redis_url=args.redis_url,
+            ray_address=args.ray_address,
+            **extra,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def progress(message: str) -> None:
+    print(f"[edgecloud] {message}...", file=sys.stderr, flush=True)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from orchestrator.stack import Stack
+
+    token = None
+    if args.auth_token_file:
+        try:
+            token = Path(args.auth_token_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"--auth-token-file: cannot read: {exc.strerror}") from exc
+    config = stack_config(
+        args,
+        gateway_host=args.host,
+        gateway_port=args.port,
+        client_token=token,
+        insecure_no_auth=args.insecure_no_auth,
+    )
+
+    async def main() -> None:
+        stack = Stack(config, progress)
+        try:
+            await stack.start()
+            STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+            STATE_FILE.write_text(
+                json.dumps({"redis_url": stack.redis_url, "gateway": stack.gateway_address})
+            )
+            STATE_FILE.chmod(0o600)
+            print(f"gateway listening on {stack.gateway_address}", flush=True)
+            if token is None and stack.client_token:
+                print(f"client token: {stack.client_token}", flush=True)
+            await stack.gateway.wait()
+        finally:
+            await stack.stop()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        progress("stopped")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from orchestrator.stack import Stack
+
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens: must be >= 1, got {args.max_tokens}")
+    config = stack_config(args, gateway_port=0)
+
+    async def main() -> bool:
+        import edgecloud
+
+        stack = Stack(config, progress)
+        try:
+            await stack.start()
+            async with edgecloud.AsyncClient(
+                stack.gateway_address, token=stack.client_token, timeout=600
+            ) as client:
+                progress("generating (lossless: the edge drafts, the cloud verifies)")
+                print(args.prompt, end="", flush=True)
+                start = time.perf_counter()
+                async with client.stream(args.prompt, max_tokens=args.max_tokens) as stream:
+                    async for chunk in stream:
+                        print(chunk.text, end="", flush=True)
+                lossless_s = time.perf_counter() - start
+                print(flush=True)
+                progress("generating the same prompt cloud-only, for comparison")
+                start = time.perf_counter()
+                cloud = await client.generate(
+                    args.prompt, max_tokens=args.max_tokens, mode="cloud_only"
+                )
+                cloud_s = time.perf_counter() - start
+            stats, tokens = stream.stats, len(stream.tokens)
+            identical = list(stream.tokens) == list(cloud.tokens)
+            print()
+            print(f"tokens generated            {tokens}")
+            print(f"tau (tokens per cloud round) {stats.tau:.2f}")
+            print(
+                "cloud passes per token      "
+                f"{stats.cloud_forward_passes / max(tokens, 1):.3f} lossless, "
+                f"{cloud.stats.cloud_forward_passes / max(len(cloud.tokens), 1):.3f} cloud-only"
+            )
+            print(
+                f"speedup over cloud-only     {cloud_s / lossless_s:.2f}x "
+                "(loopback: no network delay)"
+            )
+            print(f"identical to cloud-only     {'yes' if identical else 'NO'}")
+            return identical
+        finally:
+            progress("cleaning up")
+            await stack.stop()
+
+    try:
+        return 0 if asyncio.run(main()) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from orchestrator.registry import Registry, connect
+
+    url = args.redis_url
+    if url is None:
+        try:
+            url = json.loads(STATE_FILE.read_text())["redis_url"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise UsageError(f"--redis-url: not given and {STATE_FILE} is unreadable") from exc
+    registry = Registry(connect(url))
+    try:
+        nodes = registry.list_nodes()
+    except Exception as exc:
+        raise UsageError(f"--redis-url: cannot read the registry: {type(exc).__name__}") from exc
+    now_ms = time.time() * 1000
+    rows = [
+        {
+            "node_id": n.info.node_id,
+            "kind": n.info.kind,
+            "address": n.info.address,
+            "models": list(n.info.models),
+            "load": n.load,
+            "capacity": n.info.capacity,
+            "labels": dict(n.info.labels),
+            "heartbeat_age_s": round(max(0.0, now_ms - n.heartbeat_ms) / 1000, 1),
+            "acceptance_rate": n.stats.acceptance_rate,
+        }
+        for n in nodes
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(
+        f"{'node':<14}{'kind':<7}{'address':<24}{'model':<18}"
+        f"{'load':>6}{'cap':>6}{'beat s':>8}{'accept':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['node_id']:<14}{r['kind']:<7}{r['address']:<24}{','.join(r['models']):<18}"
+            f"{r['load']:>6}{r['capacity']:>6}{r['heartbeat_age_s']:>8.1f}"
+            f"{r['acceptance_rate']:>8.2f}"
+        )
+    return 0

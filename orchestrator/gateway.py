@@ -1,0 +1,99 @@
+"""The client-facing gateway: `Generation` over gRPC, routed to EdgeNode Ray actors.
+
+Each request takes a slot on an edge serving its model (power of two choices on
+load, from Redis), streams that edge's chunks back, and releases the slot. The
+remaining deadline goes on to the edge, which passes it to its verifier calls. An
+edge that dies before the first chunk is retried on another one; after that the
+client gets UNAVAILABLE (its SDK retries only before the first token, too).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import ray
+from grpc import aio
+from ray.exceptions import RayActorError
+
+from edgecloud.v1 import generation_pb2 as gpb
+from edgecloud.v1 import generation_pb2_grpc as gpb_grpc
+from orchestrator.placement import AsyncPlacement
+from orchestrator.registry import AsyncRegistry
+from serving.errors import Internal, ResourceExhausted, ServingError, Unavailable, abort_with
+
+log = logging.getLogger(__name__)
+
+EDGE_ATTEMPTS = 3
+
+
+def edge_actor_name(node_id: str) -> str:
+    return f"edgecloud-edge-{node_id}"
+
+
+class Gateway(gpb_grpc.GenerationServicer):
+    def __init__(
+        self,
+        placement: AsyncPlacement,
+        registry: AsyncRegistry,
+        default_model: str,
+        namespace: str,
+    ) -> None:
+        self.placement = placement
+        self.registry = registry
+        self.default_model = default_model
+        self.namespace = namespace
+
+    async def Generate(
+        self, request: gpb.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[gpb.GenerateChunk]:
+        model = request.model or self.default_model
+        tried: list[str] = []
+        try:
+            for _ in range(EDGE_ATTEMPTS):
+                lease = await self.placement.pick("edge", model, exclude=tried)
+                if lease is None:
+                    raise await self._no_edge(model, tried)
+                streamed, stream = False, None
+                try:
+                    actor = ray.get_actor(edge_actor_name(lease.node_id), self.namespace)
+                    stream = actor.serve.remote(request, context.time_remaining())
+                    async for ref in stream:
+                        yield await ref
+                        streamed = True
+                    stream = None
+                    return
+                except (RayActorError, ValueError) as error:  # dead or unknown actor
+                    if streamed:
+                        raise Unavailable(f"edge {lease.node_id} failed mid-stream") from error
+                    log.warning("edge unavailable; trying another", extra={"edge": lease.node_id})
+                    tried.append(lease.node_id)
+                finally:
+                    if stream is not None:  # the client went away: stop the edge's work
+                        ray.cancel(stream)
+                    await self.placement.release(lease)
+            raise Unavailable(f"edges {', '.join(tried)} failed")
+        except ServingError as error:
+            await abort_with(context, error)
+        except Exception:
+            log.exception("gateway failed")
+            await abort_with(context, Internal("internal error"))
+
+    async def _no_edge(self, model: str, tried: list[str]) -> ServingError:
+        edges = await self.registry.list_nodes(kind="edge", model=model)
+        if not edges:
+            return Unavailable(f"model: no edge node serves {model!r}")
+        if tried:
+            return Unavailable(f"edges {', '.join(tried)} failed and no other is free")
+        return ResourceExhausted(f"every edge serving {model!r} is at capacity")
+
+    async def ListModels(
+        self, request: gpb.ListModelsRequest, context: aio.ServicerContext
+    ) -> gpb.ListModelsResponse:
+        roles: dict[str, set[str]] = {}
+        for node in await self.registry.list_nodes():
+            for model in node.info.models:
+                roles.setdefault(model, set()).add(node.info.kind)
+        return gpb.ListModelsResponse(
+            models=[gpb.ModelInfo(name=m, roles=sorted(r)) for m, r in sorted(roles.items())]
+        )

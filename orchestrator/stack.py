@@ -1,0 +1,204 @@
+"""Bringing the whole system up: Redis, Ray, verifiers, edges and the gateway.
+
+`Stack.start()` is what `edgecloud up` and `edgecloud demo` run. On one machine it
+starts a private Redis and a local Ray whose node offers both `edge` and `cloud`
+resources; with `ray_address` it attaches to a cluster whose nodes advertise those
+resources (see deploy/cluster.yaml). Two credentials are in play, never logged: the
+clients' token for the gateway, and a separate one for edge-to-verifier calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from cloud_node.config import VerifierConfig
+from edge_node.cloud_link import CloudLinkConfig
+from edge_node.runtime import EdgeConfig
+from edge_node.types import DraftOptions
+from edgecloud.v1 import generation_pb2 as gpb
+from edgecloud.v1 import generation_pb2_grpc as gpb_grpc
+from orchestrator.actors import EdgeActor, NodeSpec, VerifierActor
+from orchestrator.gateway import Gateway, edge_actor_name
+from orchestrator.placement import AsyncPlacement
+from orchestrator.redis_server import RedisServer
+from orchestrator.registry import AsyncRegistry, connect_async
+from serving.auth import AuthConfig
+from serving.server import RunningServer, ServerConfig, start_server
+
+log = logging.getLogger(__name__)
+
+GATEWAY_SERVICE = gpb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    target_dir: Path
+    draft_dir: Path
+    # Name clients and verifiers use for the target (default: its directory name).
+    model_name: str = ""
+    edges: int = 2
+    verifiers: int = 1
+    # None: start a private Redis. Otherwise redis://[user:password@]host:port/db.
+    redis_url: str | None = None
+    # None: a local Ray. "auto" or an address: attach to that cluster.
+    ray_address: str | None = None
+    namespace: str = "edgecloud"
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 50051
+    # The clients' bearer token; None with insecure_no_auth False generates one.
+    client_token: str | None = None
+    insecure_no_auth: bool = False
+    max_sessions: int = 32
+    max_tree_nodes: int = 64
+    edge_concurrency: int = 16
+    draft: DraftOptions = DraftOptions()
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("edges", "verifiers"):
+            if not 1 <= getattr(self, name) <= 256:
+                raise ValueError(f"{name}: must be in [1, 256], got {getattr(self, name)}")
+        for name in ("target_dir", "draft_dir"):
+            if not Path(getattr(self, name)).exists():
+                raise ValueError(f"{name}: {getattr(self, name)} does not exist")
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or Path(self.target_dir).name
+
+
+class Stack:
+    def __init__(self, config: StackConfig, progress: Callable[[str], None] = lambda _: None):
+        self.config = config
+        self.progress = progress
+        self.redis: RedisServer | None = None
+        self.redis_url = config.redis_url
+        self.gateway: RunningServer | None = None
+        self.client_token = config.client_token
+        if self.client_token is None and not config.insecure_no_auth:
+            self.client_token = secrets.token_urlsafe(24)
+        self.internal_token = secrets.token_urlsafe(24)
+        self.verifier_actors: list = []
+        self.edge_actors: list = []
+        self._started_ray = False
+
+    @property
+    def gateway_address(self) -> str:
+        return f"{self.config.gateway_host}:{self.gateway.port}"
+
+    async def start(self) -> Stack:
+        config = self.config
+        if self.redis_url is None:
+            self.progress("starting a private Redis")
+            self.redis = RedisServer().start()
+            self.redis_url = self.redis.url
+        self.progress("starting Ray" if config.ray_address is None else "attaching to Ray")
+        self._start_ray()
+        local = config.ray_address is None
+        bind = "127.0.0.1" if local else "0.0.0.0"
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        self.progress(f"starting {config.verifiers} verifier(s) for {config.served_name!r}")
+        verifier = ray.remote(VerifierActor).options(
+            resources={"cloud": 1}, num_cpus=0, num_gpus=1 if gpus else 0, max_restarts=3
+        )
+        internal = ServerConfig(host=bind, port=0, auth=AuthConfig(token=self.internal_token))
+        for i in range(config.verifiers):
+            spec = NodeSpec(f"verifier-{i}", self.redis_url, config.labels)
+            vconfig = VerifierConfig(
+                model_name=config.served_name,
+                max_sessions=config.max_sessions,
+                max_tree_nodes=config.max_tree_nodes,
+            )
+            advertise = "127.0.0.1" if local else None
+            self.verifier_actors.append(
+                verifier.remote(spec, str(config.target_dir), vconfig, internal, advertise)
+            )
+        self.progress(f"starting {config.edges} edge actor(s)")
+        for i in range(config.edges):
+            spec = NodeSpec(f"edge-{i}", self.redis_url, config.labels)
+            edge = ray.remote(EdgeActor).options(
+                name=edge_actor_name(spec.node_id),
+                namespace=config.namespace,
+                resources={"edge": 1},
+                num_cpus=0,
+                max_restarts=3,
+                max_task_retries=0,
+            )
+            self.edge_actors.append(
+                edge.remote(
+                    spec,
+                    str(config.draft_dir),
+                    EdgeConfig(
+                        model_name=config.served_name,
+                        max_concurrency=config.edge_concurrency,
+                        draft=config.draft,
+                        max_tree_nodes=config.max_tree_nodes,
+                    ),
+                    CloudLinkConfig(token=self.internal_token),
+                    config.served_name,
+                )
+            )
+        await asyncio.gather(*(a.ready.remote() for a in self.verifier_actors + self.edge_actors))
+        self.progress("starting the gateway")
+        await self._start_gateway()
+        return self
+
+    def _start_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        kwargs = {"namespace": self.config.namespace, "logging_level": "ERROR"}
+        if self.config.ray_address is None:
+            kwargs |= {
+                "include_dashboard": False,
+                "resources": {"edge": 1024, "cloud": 1024},
+                "log_to_driver": False,
+            }
+        else:
+            kwargs["address"] = self.config.ray_address
+        ray.init(**kwargs)
+        self._started_ray = True
+
+    async def _start_gateway(self) -> None:
+        client = connect_async(self.redis_url)
+        gateway = Gateway(
+            AsyncPlacement(client),
+            AsyncRegistry(client),
+            self.config.served_name,
+            self.config.namespace,
+        )
+
+        def add(server) -> list[str]:
+            gpb_grpc.add_GenerationServicer_to_server(gateway, server)
+            return [GATEWAY_SERVICE]
+
+        auth = AuthConfig(token=self.client_token, insecure_no_auth=self.client_token is None)
+        self.gateway = await start_server(
+            ServerConfig(host=self.config.gateway_host, port=self.config.gateway_port, auth=auth),
+            add,
+        )
+
+    async def stop(self) -> None:
+        """Stops everything this stack started; safe to call more than once."""
+        if self.gateway is not None:
+            await self.gateway.drain()
+            self.gateway = None
+        for actor in self.edge_actors + self.verifier_actors:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(actor.stop.remote(), 10)
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        self.edge_actors, self.verifier_actors = [], []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None

@@ -1,0 +1,78 @@
+"""The whole system on one machine: a private Redis, local Ray with verifier and edge
+actors, and the gateway; driven through the SDK."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+import ray
+
+import edgecloud
+from lm.checkpoint import save_model
+from orchestrator.registry import AsyncRegistry, connect_async
+from orchestrator.stack import Stack, StackConfig
+from tests.edge_node.conftest import noisy_copy
+from tests.tiny import MODEL_NAME, tiny_model
+
+PROMPT = [1, 5, 9, 22]
+# One stack for the module (starting Ray and its actors takes seconds); the test that
+# kills a verifier runs last.
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    target = tiny_model(seed=21, vocab=64, sharpen=3.0)
+    save_model(target, root / MODEL_NAME)
+    save_model(noisy_copy(target, 0.01, seed=5), root / "draft")
+    return root / MODEL_NAME, root / "draft"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(model_dirs):
+    target, draft = model_dirs
+    s = Stack(StackConfig(target_dir=target, draft_dir=draft, edges=2, verifiers=2, gateway_port=0))
+    await s.start()
+    yield s
+    await s.stop()
+    assert not ray.is_initialized()
+
+
+async def test_stack_serves_lossless_equal_to_cloud_only_and_spreads_load(stack):
+    async with edgecloud.AsyncClient(stack.gateway_address, token=stack.client_token) as client:
+        results = await asyncio.gather(
+            *(client.generate(PROMPT, max_tokens=24) for _ in range(6)),
+            client.generate(PROMPT, max_tokens=24, mode="cloud_only"),
+        )
+        models = await client.list_models()
+    *lossless, cloud = results
+    assert all(list(r.tokens) == list(cloud.tokens) for r in lossless)
+    assert all(r.stats.rounds < cloud.stats.rounds for r in lossless)
+    assert [(m.name, list(m.roles)) for m in models] == [(MODEL_NAME, ["cloud", "edge"])]
+    registry = AsyncRegistry(connect_async(stack.redis_url))
+    nodes = await registry.list_nodes()
+    assert sorted(n.info.node_id for n in nodes) == ["edge-0", "edge-1", "verifier-0", "verifier-1"]
+    completed = [await a.load.remote() for a in stack.edge_actors]
+    assert all(report.completed > 0 for report in completed), completed
+    passes = [await a.forward_passes.remote() for a in stack.verifier_actors]
+    assert all(p > 0 for p in passes), passes
+
+
+async def test_gateway_rejects_clients_without_the_token(stack):
+    async with edgecloud.AsyncClient(stack.gateway_address) as client:
+        with pytest.raises(edgecloud.Unauthenticated):
+            await client.generate(PROMPT, max_tokens=3)
+    async with edgecloud.AsyncClient(stack.gateway_address, token=stack.client_token) as client:
+        with pytest.raises(edgecloud.InvalidRequest, match="top_k"):
+            await client.generate(PROMPT, max_tokens=3, top_k=10_000)
+
+
+async def test_killed_verifier_leaves_rotation_and_sessions_fail_over(stack):
+    async with edgecloud.AsyncClient(stack.gateway_address, token=stack.client_token) as client:
+        reference = await client.generate(PROMPT, max_tokens=40, mode="cloud_only")
+        ray.kill(stack.verifier_actors[0], no_restart=True)
+        results = await asyncio.gather(*(client.generate(PROMPT, max_tokens=40) for _ in range(4)))
+    assert all(list(r.tokens) == list(reference.tokens) for r in results)
