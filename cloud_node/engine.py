@@ -17,6 +17,7 @@ One asyncio task owns the model. Its loop is `schedule -> execute -> update`:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
@@ -290,6 +291,9 @@ class VerifierEngine:
         for b, work in enumerate(batch):
             session, tree = work.session, work.request.tree
             n_pending = len(session.pending)
+            if session.sampling.seed is not None:
+                position = self.cache.lengths[session.row] + n_pending
+                session.generator.manual_seed(round_seed(session.sampling.seed, position))
             target = probs_from_logits(
                 logits[b, n_pending - 1 : n_pending + tree.size].float(), session.sampling
             )
@@ -307,6 +311,18 @@ class VerifierEngine:
             RoundOutcome(a, w.request.tree.size, server_ms, len(batch))
             for a, w in zip(outcomes, batch, strict=True)
         ]
+
+
+def round_seed(seed: int, position: int) -> int:
+    """The generator seed of the round deciding the token at `position`.
+
+    Seeding each round from (seed, position) rather than drawing from one running
+    stream makes a seeded session's output a function of its tokens alone: a session
+    reopened on another verifier after a failover draws exactly what the first one
+    would have.
+    """
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _depth(request: RoundRequest) -> int:

@@ -19,7 +19,7 @@ shape tracks a session as its text changes; before any observation the request's
 own shape is used.
 
 Example: a = (0.9, 0.8, 0.7, 0.5), round trip 50 ms, 1 ms per level, no node cost:
-tau = 1.9, 2.62, 3.12, 3.37 for L = 1..4; tau/cost = .037, .050, .059, .062, so L = 4.
+tau = 1.9, 2.62, 3.12, 3.38 for L = 1..4; tau/cost = .037, .050, .059, .062, so L = 4.
 With a 2 ms round trip instead: .63, .66, .62, .56, so L = 2.
 """
 

@@ -29,7 +29,7 @@ class ChainDrafter:
     ) -> Draft:
         q_params = SamplingParams(
             temperature=sampling.temperature,
-            top_k=min(sampling.top_k or Q_SUPPORT, Q_SUPPORT),
+            top_k=min(sampling.top_k or Q_SUPPORT, Q_SUPPORT, lm.vocab_size),
             top_p=sampling.top_p,
         )
         logits = lm.next_logits()
