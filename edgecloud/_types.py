@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import ClassVar, Literal
 
 from edgecloud._errors import InvalidRequest, ServerError
@@ -20,7 +20,7 @@ ModeName = Literal["lossless", "adaptive", "edge_only", "cloud_only"]
 DraftTree = Literal["", "beam", "topk", "chain"]
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     """Who decides each token. Methods accept the enum or its string value."""
 
     # The cloud verifies every token: output identical to cloud-only decoding.
@@ -37,7 +37,7 @@ class Mode(str, Enum):
         return pb.Mode.Value(f"MODE_{self.name}")
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     LENGTH = "length"  # max_tokens reached
     STOP = "stop"  # a stop string or the end-of-sequence token
 
@@ -49,7 +49,7 @@ class FinishReason(str, Enum):
         return cls.__members__.get(name.removeprefix("FINISH_REASON_"))
 
 
-class HealthStatus(str, Enum):
+class HealthStatus(StrEnum):
     """grpc.health.v1 serving status. A draining server answers NOT_SERVING."""
 
     UNKNOWN = "unknown"

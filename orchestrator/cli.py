@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
+from orchestrator.config_file import expand_config
 from orchestrator.usage import UsageError
 
 COMMAND_MODULES = ("train", "cloud", "edge", "stack")
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        argv = expand_config(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"edgecloud: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"

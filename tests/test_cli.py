@@ -45,3 +45,27 @@ def test_serving_without_auth_choice_is_refused(tmp_path):
     assert result.returncode == 2
     assert "--insecure-no-auth" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_config_file_keys_are_the_flags(tmp_path):
+    config = tmp_path / "verifier.toml"
+    config.write_text(f'model = "{tmp_path}"\ninsecure-no-auth = true\nmax_sessions = 0\n')
+    result = run_cli("cloud", "serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "max_sessions" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_file_unknown_key_is_named(tmp_path):
+    config = tmp_path / "verifier.toml"
+    config.write_text('model = "x"\nmax-sesions = 4\n')
+    result = run_cli("cloud", "serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "--max-sesions" in result.stderr
+
+
+def test_config_file_that_is_not_toml_is_one_line(tmp_path):
+    config = tmp_path / "verifier.toml"
+    config.write_text("model = \n")
+    result = run_cli("cloud", "serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "--config" in result.stderr and result.stderr.strip().count("\n") == 0

@@ -31,7 +31,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--batch-window-ms", type=float, default=3.0)
     serve.add_argument("--max-batch", type=int, default=16)
+    serve.add_argument(
+        "--redis-url", help="register in this registry (a verifier outside Ray joining a fleet)"
+    )
+    serve.add_argument("--advertise", help="HOST:PORT edges dial (default: --host:--port)")
+    serve.add_argument("--node-id", help="registry id (default: verifier-HOST-PORT)")
     serve.set_defaults(run=run_serve)
+
+
+async def register_verifier(args: argparse.Namespace, config, bound: str):
+    """Keeps this verifier registered as a `cloud` node while it serves."""
+    from orchestrator.heartbeat import HeartbeatTask
+    from orchestrator.registry import AsyncRegistry, NodeInfo, connect_async
+
+    address = args.advertise or bound
+    try:
+        node = NodeInfo(
+            node_id=args.node_id or f"verifier-{address.replace(':', '-')}",
+            kind="cloud",
+            address=address,
+            models=(config.model_name,),
+            capacity=config.max_sessions,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    heartbeat = HeartbeatTask(AsyncRegistry(connect_async(args.redis_url)), node)
+    await heartbeat.start()
+    return heartbeat
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -59,11 +85,16 @@ def run_serve(args: argparse.Namespace) -> int:
             args.model, config, server, device=args.device, dtype=torch_dtype(args.dtype)
         )
         verifier.server.drain_on_signals()
+        heartbeat = None
+        if args.redis_url:
+            heartbeat = await register_verifier(args, config, f"{server.host}:{verifier.port}")
         print(
             f"verifier for {config.model_name!r} listening on {server.host}:{verifier.port}",
             flush=True,
         )
         await verifier.server.wait()
+        if heartbeat is not None:
+            await heartbeat.stop()
         await verifier.engine.stop()
 
     asyncio.run(main())

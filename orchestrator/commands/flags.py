@@ -23,7 +23,16 @@ def torch_dtype(name: str | None):
     return None if name is None else getattr(torch, name)
 
 
+def config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of flag = value (same names as the flags); later flags override it",
+    )
+
+
 def add_server_flags(parser: argparse.ArgumentParser, *, default_port: int) -> None:
+    config_flag(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--auth-token", help="bearer token clients must send")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from orchestrator.commands.flags import config_flag
 from orchestrator.usage import UsageError
 
 STATE_FILE = Path(os.environ.get("EDGECLOUD_STATE", Path.home() / ".edgecloud" / "up.json"))
@@ -30,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
 
     up = subparsers.add_parser("up", help="start Redis, Ray actors and the gateway; serve")
+    config_flag(up)
     stack_flags(up)
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051)
