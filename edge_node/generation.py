@@ -52,6 +52,19 @@ DEADLINE_MARGIN_S = 0.25
 RECONNECT_EVERY_TOKENS = 8
 
 
+@dataclass(frozen=True)
+class _Speculation:
+    """The next round drafted ahead, valid if the verifier accepts `path` then `bonus`."""
+
+    path: tuple[int, ...]
+    bonus: int
+    draft: Draft
+    previous: EdgeLM  # the view it was forked from: the next spare if adopted
+
+    def matches(self, result: pb.RoundResult) -> bool:
+        return tuple(result.accepted_nodes) == self.path and result.bonus_token == self.bonus
+
+
 @dataclass
 class _Counters:
     rounds: int = 0
@@ -65,6 +78,7 @@ class _Counters:
     rollbacks: int = 0
     degraded: bool = False
     draft_ms: float = 0.0
+    pipelined: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
 
     def count_round(self, draft: Draft | None, result: pb.RoundResult) -> None:
@@ -163,15 +177,43 @@ class Generation:
             rollbacks=c.rollbacks,
             dedup_saved_tokens=c.dedup_saved,
             draft_ms=c.draft_ms,
+            pipelined_rounds=c.pipelined,
         )
 
     # ---- modes -------------------------------------------------------------------
 
     async def _lossless(self) -> AsyncIterator[Chunk]:
+        pipeline = self.generator is None and self.request.draft.pipeline
+        spare = self.lm.spare() if pipeline else None
+        draft = await self._draft()
         while not self.out.done:
-            draft = await self._draft()
-            result = await self._verify(draft)
+            verify = asyncio.ensure_future(self._verify(draft))
+            speculation = None
+            if spare is not None and self._last_draft_ms < self._last_round_ms:
+                # The thread owns the SLM until it returns, so wait for it before `verify`.
+                speculation = await self._in_thread(self._speculate, draft, spare)
+            result = await verify
+            if speculation is not None and speculation.matches(result):
+                yield self._accept(draft, result, adopt=spare)
+                spare = speculation.previous
+                draft = speculation.draft
+                self.counters.pipelined += 1
+                continue
             yield self._accept(draft, result)
+            if not self.out.done:
+                draft = await self._draft()
+
+    def _speculate(self, draft: Draft, spare: EdgeLM) -> _Speculation:
+        """Drafts the round after `draft` in `spare`, assuming its main path is accepted
+        and followed by the SLM's own next token."""
+        path = draft.main_path
+        self.lm.fork(spare, [draft.tree.tokens[i] for i in path], [draft.node_ids[i] for i in path])
+        bonus = int(spare.next_logits().argmax())
+        spare.append([bonus])
+        start = time.perf_counter()
+        following = self.drafter.draft(spare, self.policy.shape(), self.request.sampling, None)
+        self.counters.draft_ms += (time.perf_counter() - start) * 1000
+        return _Speculation(tuple(path), bonus, following, previous=self.lm)
 
     async def _cloud_only(self) -> AsyncIterator[Chunk]:
         while not self.out.done:
@@ -269,9 +311,13 @@ class Generation:
         confidence = float(torch.softmax(logits.float(), -1)[token])
         return token, confidence
 
-    def _accept(self, draft: Draft, result: pb.RoundResult) -> Chunk:
+    def _accept(self, draft: Draft, result: pb.RoundResult, adopt: EdgeLM | None = None) -> Chunk:
+        """Applies a round's result; `adopt` is a view that already holds it (pipelining)."""
         tokens = [*result.accepted_tokens, result.bonus_token]
-        self.lm.accept(tokens, [draft.node_ids[i] for i in result.accepted_nodes])
+        if adopt is None:
+            self.lm.accept(tokens, [draft.node_ids[i] for i in result.accepted_nodes])
+        else:
+            self.lm = adopt
         self.counters.count_round(draft, result)
         main = draft.main_path[: len(result.accepted_nodes)]
         self.policy.observe(

@@ -24,14 +24,29 @@ from lm.model import Transformer
 
 
 class EdgeLM:
-    """One generation's view of the SLM. Not thread-safe: one generation at a time."""
+    """One generation's view of the SLM. Not thread-safe: one generation at a time.
 
-    def __init__(self, model: Transformer, max_len: int | None = None) -> None:
+    `spare()` gives a second view on another row of the same cache, into which `fork`
+    copies this one's state plus an assumed continuation: the edge drafts the next
+    round there while the current round is being verified.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        max_len: int | None = None,
+        *,
+        cache: KVCache | None = None,
+        row: int = 0,
+    ) -> None:
         self.model = model
         param = next(model.parameters())
         self.device = param.device
         self.max_len = max_len or model.config.max_seq_len
-        self.cache = KVCache(model.config, 1, self.max_len, device=param.device, dtype=param.dtype)
+        self.cache = cache or KVCache(
+            model.config, 2, self.max_len, device=param.device, dtype=param.dtype
+        )
+        self.row = row
         self.tokens: list[int] = []
         # Cache entries [0, base) hold tokens[:base]; draft entries follow.
         self._base = 0
@@ -42,12 +57,29 @@ class EdgeLM:
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
+    def spare(self) -> EdgeLM:
+        """A view on the other cache row, for `fork`."""
+        return EdgeLM(self.model, self.max_len, cache=self.cache, row=1 - self.row)
+
+    def fork(self, into: EdgeLM, tokens: Sequence[int], nodes: Sequence[int]) -> None:
+        """Makes `into` this history plus `tokens`, as if `accept(tokens, nodes)` had
+        happened here, without changing this view."""
+        kept = []
+        for node in nodes:
+            if node not in self._draft_positions:
+                break
+            kept.append(self._draft_positions[node])
+        self.cache.copy_row(self.row, into.row, [*range(self._base), *kept])
+        into.tokens = [*self.tokens, *tokens]
+        into._base = self._base + len(kept)
+        into._draft_positions = {}
+
     def reset(self, tokens: Sequence[int]) -> None:
         if not tokens:
             raise ValueError("tokens: must hold at least one token")
         if len(tokens) >= self.max_len:
             raise ValueError(f"tokens: at most {self.max_len - 1} tokens, got {len(tokens)}")
-        self.cache.reset(0)
+        self.cache.reset(self.row)
         self.tokens = list(tokens)
         self._draft_positions = {}
         self._base = 0
@@ -61,12 +93,12 @@ class EdgeLM:
         self._drop_drafts()
         if self._base == len(self.tokens):  # all cached: recompute the last token's logits
             self._base -= 1
-            self.cache.rollback(0, self._base)
+            self.cache.rollback(self.row, self._base)
         pending = self.tokens[self._base :]
         ids = torch.tensor([pending], device=self.device)
-        logits = self.model(ids, cache=self.cache, rows=[0])
-        self.cache.commit(0, range(len(pending)))
-        self._base = self.cache.lengths[0]
+        logits = self.model(ids, cache=self.cache, rows=[self.row])
+        self.cache.commit(self.row, range(len(pending)))
+        self._base = self.cache.lengths[self.row]
         return logits[0, -1]
 
     @torch.inference_mode()
@@ -81,7 +113,7 @@ class EdgeLM:
         """
         if self._base != len(self.tokens):
             raise RuntimeError("forward_nodes: call next_logits() first")
-        start = self.cache.lengths[0]
+        start = self.cache.lengths[self.row]
         n = len(nodes)
         if start + n > self.max_len:
             raise ValueError(f"nodes: {n} more draft nodes exceed the cache ({self.max_len})")
@@ -94,11 +126,11 @@ class EdgeLM:
         logits = self.model(
             torch.tensor([list(tokens)], device=self.device),
             cache=self.cache,
-            rows=[0],
+            rows=[self.row],
             positions=positions.to(self.device),
             cache_mask=mask.to(self.device),
         )
-        self.cache.commit(0, range(n))
+        self.cache.commit(self.row, range(n))
         for i, node in enumerate(nodes):
             self._draft_positions[node] = start + i
         return logits[0]
@@ -111,7 +143,7 @@ class EdgeLM:
             if node not in self._draft_positions:
                 break
             kept.append(self._draft_positions[node])
-        self.cache.keep(0, self._base, kept)
+        self.cache.keep(self.row, self._base, kept)
         self._base += len(kept)
         self._draft_positions = {}
         self.tokens.extend(tokens)
@@ -127,10 +159,10 @@ class EdgeLM:
             raise ValueError(f"length: must be in [1, {len(self.tokens)}], got {length}")
         self._drop_drafts()
         self.tokens = self.tokens[:length]
-        self.cache.rollback(0, min(self.cache.lengths[0], length))
-        self._base = self.cache.lengths[0]
+        self.cache.rollback(self.row, min(self.cache.lengths[self.row], length))
+        self._base = self.cache.lengths[self.row]
 
     def _drop_drafts(self) -> None:
         if self._draft_positions:
-            self.cache.rollback(0, self._base)
+            self.cache.rollback(self.row, self._base)
             self._draft_positions = {}

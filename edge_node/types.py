@@ -30,6 +30,9 @@ class DraftOptions:
     depth: int = 6
     # Let the shape policy change width and depth per session (edge_node/policy.py).
     adapt: bool = True
+    # Draft the next round while this one is verified, assuming it is accepted whole
+    # (greedy only: a sampled bonus token cannot be predicted).
+    pipeline: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class GenerationStats:
     # Tree nodes the prefix deduplication saved against sending every beam whole.
     dedup_saved_tokens: int = 0
     draft_ms: float = 0.0
+    # Rounds whose draft was made while the previous round was verified, and used.
+    pipelined_rounds: int = 0
 
 
 @dataclass(frozen=True)

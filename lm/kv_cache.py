@@ -126,6 +126,24 @@ class KVCache(nn.Module):
         self.lengths[row] = start + len(positions)
         self.pending[row] = 0
 
+    def copy_row(self, src: int, dst: int, positions: Sequence[int]) -> None:
+        """Make row `dst` hold the committed entries of row `src` at `positions`, in order.
+
+        Lets a caller try a continuation in a spare row without touching the original
+        one (the edge drafts the next round there while the current one is verified).
+        Example: copy_row(0, 1, [0, 1, 2, 5]) gives row 1 four entries: 0, 1, 2 and 5.
+        """
+        self._check_row(src)
+        self._check_row(dst)
+        positions = list(positions)
+        if any(not 0 <= p < self.lengths[src] for p in positions):
+            raise ValueError(f"positions: must be in [0, {self.lengths[src]}), got {positions}")
+        index = host_to_device(positions, self.k.device)
+        for buf in (self.k, self.v):
+            buf[:, dst, :, : len(positions)] = buf[:, src].index_select(2, index)
+        self.lengths[dst] = len(positions)
+        self.pending[dst] = 0
+
     def prepare(self, rows: Sequence[int], time: int) -> CacheStep:
         """Plan a forward of `time` new tokens on each of `rows` (one per batch row)."""
         rows = list(rows)

@@ -127,3 +127,28 @@ def test_truncate_then_decode_matches_fresh(model):
         atol=1e-4,
         rtol=1e-4,
     )
+
+
+def test_fork_into_the_spare_row_matches_a_fresh_decode_and_leaves_the_original(model):
+    lm = EdgeLM(model)
+    lm.reset(PROMPT)
+    draft = get_drafter("beam").draft(lm, DraftShape(3, 4), SamplingParams(), None)
+    before = lm.tokens[:]
+    spare = lm.spare()
+    path = draft.main_path
+    lm.fork(spare, [draft.tree.tokens[i] for i in path], [draft.node_ids[i] for i in path])
+    spare.append([int(spare.next_logits().argmax())])
+    torch.testing.assert_close(
+        torch.log_softmax(spare.next_logits().float(), -1),
+        logprobs(model, spare.tokens),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    assert lm.tokens == before
+    lm.accept([draft.tree.tokens[0], 3], [draft.node_ids[0]])
+    torch.testing.assert_close(
+        torch.log_softmax(lm.next_logits().float(), -1),
+        logprobs(model, lm.tokens),
+        atol=1e-4,
+        rtol=1e-4,
+    )

@@ -94,3 +94,38 @@ async def test_adaptive_keeps_exactly_the_confident_tokens_unverified(runtime, d
 async def test_max_tokens_and_eos_stop(runtime):
     tokens, stats, chunks = await run(runtime, PROMPTS[1], Mode.LOSSLESS, max_tokens=7)
     assert len(tokens) == 7 and chunks[-1].finish_reason == "length"
+
+
+async def test_pipelined_drafting_is_used_and_changes_nothing(draft, target):
+    """With a slow round (here: the verifier's batching window, held open by a second,
+    idle session) the edge drafts the next round during verification; when the round
+    is accepted whole the pre-made draft is used, and the output stays exact."""
+    from cloud_node.config import VerifierConfig
+    from cloud_node.server import start_verifier
+    from edge_node.verifier_client import VerifierSession
+    from serving.auth import AuthConfig
+    from serving.server import ServerConfig
+    from tests.edge_node.conftest import make_runtime
+    from tests.tiny import METADATA, MODEL_NAME, TOKEN
+
+    server = await start_verifier(
+        target,
+        VerifierConfig(model_name=MODEL_NAME, max_context=256, batch_window_ms=15.0),
+        ServerConfig(port=0, auth=AuthConfig(token=TOKEN)),
+    )
+    runtime = make_runtime(draft, [f"127.0.0.1:{server.port}"])
+    channel = runtime.link.channel(f"127.0.0.1:{server.port}")
+    async with VerifierSession(channel, metadata=METADATA) as idle:
+        await idle.open(MODEL_NAME, [1], SamplingParams())
+        options = DraftOptions("beam", 2, 3, adapt=False)
+        on, stats_on, _ = await run(runtime, PROMPTS[0], Mode.LOSSLESS, options, max_tokens=48)
+        off_options = DraftOptions("beam", 2, 3, adapt=False, pipeline=False)
+        off, stats_off, _ = await run(
+            runtime, PROMPTS[0], Mode.LOSSLESS, off_options, max_tokens=48
+        )
+        cloud, _, _ = await run(runtime, PROMPTS[0], Mode.CLOUD_ONLY, max_tokens=48)
+    await runtime.close()
+    await server.drain()
+    assert on == off == cloud
+    assert stats_on.pipelined_rounds > 0
+    assert stats_off.pipelined_rounds == 0
