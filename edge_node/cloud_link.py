@@ -54,6 +54,9 @@ class CloudLinkConfig:
     round_timeout_s: float = 10.0
     # Lossless requests without a deadline wait this long for a verifier to appear.
     wait_for_verifier_s: float = 30.0
+    # Added to every verifier round trip, to show a WAN link on one machine (demo and
+    # benchmarks only; 0 in production).
+    simulated_rtt_ms: float = 0.0
 
     def __repr__(self) -> str:
         return f"CloudLinkConfig(token={'<set>' if self.token else None}, tls={self.tls})"
@@ -84,7 +87,9 @@ class CloudLink:
             if endpoint is None:
                 raise NoVerifier(f"no verifier reachable (tried {', '.join(tried) or 'none'})")
             session = VerifierSession(
-                self.channel(endpoint.address), metadata=bearer_metadata(self.config.token)
+                self.channel(endpoint.address),
+                metadata=bearer_metadata(self.config.token),
+                simulated_rtt_ms=self.config.simulated_rtt_ms,
             )
             try:
                 await asyncio.wait_for(

@@ -54,8 +54,10 @@ class VerifierSession:
         *,
         metadata: Sequence[tuple[str, str]] = (),
         timeout: float | None = None,
+        simulated_rtt_ms: float = 0.0,
     ) -> None:
         self._call = pb_grpc.VerifierStub(channel).Verify(metadata=tuple(metadata), timeout=timeout)
+        self._delay_s = simulated_rtt_ms / 1000
         self.bytes_sent = 0
         self.bytes_received = 0
         self.opened: pb.SessionOpened | None = None
@@ -73,6 +75,8 @@ class VerifierSession:
         except asyncio.InvalidStateError as error:  # the stream ended before this write
             code, details = await self._call.code(), await self._call.details()
             raise ConnectionError(f"verifier stream ended: {code.name}: {details}") from error
+        if self._delay_s:
+            await asyncio.sleep(self._delay_s)
         response = await self._call.read()  # raises AioRpcError on an error status
         if response is aio.EOF:
             raise ConnectionError("verifier closed the stream without a reply")

@@ -61,6 +61,8 @@ class StackConfig:
     edge_concurrency: int = 16
     draft: DraftOptions = DraftOptions()
     labels: dict[str, str] = field(default_factory=dict)
+    # Extra delay on every edge-to-verifier round trip, to show a WAN on one machine.
+    simulated_rtt_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("edges", "verifiers"):
@@ -142,7 +144,9 @@ class Stack:
                         draft=config.draft,
                         max_tree_nodes=config.max_tree_nodes,
                     ),
-                    CloudLinkConfig(token=self.internal_token),
+                    CloudLinkConfig(
+                        token=self.internal_token, simulated_rtt_ms=config.simulated_rtt_ms
+                    ),
                     config.served_name,
                 )
             )
