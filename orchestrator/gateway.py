@@ -47,37 +47,47 @@ class Gateway(gpb_grpc.GenerationServicer):
     async def Generate(
         self, request: gpb.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[gpb.GenerateChunk]:
-        model = request.model or self.default_model
-        tried: list[str] = []
         try:
-            for _ in range(EDGE_ATTEMPTS):
-                lease = await self.placement.pick("edge", model, exclude=tried)
-                if lease is None:
-                    raise await self._no_edge(model, tried)
-                streamed, stream = False, None
-                try:
-                    actor = ray.get_actor(edge_actor_name(lease.node_id), self.namespace)
-                    stream = actor.serve.remote(request, context.time_remaining())
-                    async for ref in stream:
-                        yield await ref
-                        streamed = True
-                    stream = None
-                    return
-                except (RayActorError, ValueError) as error:  # dead or unknown actor
-                    if streamed:
-                        raise Unavailable(f"edge {lease.node_id} failed mid-stream") from error
-                    log.warning("edge unavailable; trying another", extra={"edge": lease.node_id})
-                    tried.append(lease.node_id)
-                finally:
-                    if stream is not None:  # the client went away: stop the edge's work
-                        ray.cancel(stream)
-                    await self.placement.release(lease)
-            raise Unavailable(f"edges {', '.join(tried)} failed")
+            async for chunk in self.route(request, context.time_remaining()):
+                yield chunk
         except ServingError as error:
             await abort_with(context, error)
         except Exception:
             log.exception("gateway failed")
             await abort_with(context, Internal("internal error"))
+
+    async def route(
+        self, request: gpb.GenerateRequest, timeout_s: float | None
+    ) -> AsyncIterator[gpb.GenerateChunk]:
+        """Streams the chunks of one request from an edge actor; raises ServingError.
+
+        Shared by the gRPC service and the OpenAI-compatible HTTP front.
+        """
+        model = request.model or self.default_model
+        tried: list[str] = []
+        for _ in range(EDGE_ATTEMPTS):
+            lease = await self.placement.pick("edge", model, exclude=tried)
+            if lease is None:
+                raise await self._no_edge(model, tried)
+            streamed, stream = False, None
+            try:
+                actor = ray.get_actor(edge_actor_name(lease.node_id), self.namespace)
+                stream = actor.serve.remote(request, timeout_s)
+                async for ref in stream:
+                    yield await ref
+                    streamed = True
+                stream = None
+                return
+            except (RayActorError, ValueError) as error:  # dead or unknown actor
+                if streamed:
+                    raise Unavailable(f"edge {lease.node_id} failed mid-stream") from error
+                log.warning("edge unavailable; trying another", extra={"edge": lease.node_id})
+                tried.append(lease.node_id)
+            finally:
+                if stream is not None:  # the client went away: stop the edge's work
+                    ray.cancel(stream)
+                await self.placement.release(lease)
+        raise Unavailable(f"edges {', '.join(tried)} failed")
 
     async def _no_edge(self, model: str, tried: list[str]) -> ServingError:
         edges = await self.registry.list_nodes(kind="edge", model=model)
@@ -90,10 +100,12 @@ class Gateway(gpb_grpc.GenerationServicer):
     async def ListModels(
         self, request: gpb.ListModelsRequest, context: aio.ServicerContext
     ) -> gpb.ListModelsResponse:
+        return gpb.ListModelsResponse(models=await self.models())
+
+    async def models(self) -> list[gpb.ModelInfo]:
+        """Every model some live node serves, with the roles serving it."""
         roles: dict[str, set[str]] = {}
         for node in await self.registry.list_nodes():
             for model in node.info.models:
                 roles.setdefault(model, set()).add(node.info.kind)
-        return gpb.ListModelsResponse(
-            models=[gpb.ModelInfo(name=m, roles=sorted(r)) for m, r in sorted(roles.items())]
-        )
+        return [gpb.ModelInfo(name=m, roles=sorted(r)) for m, r in sorted(roles.items())]
