@@ -43,6 +43,7 @@ from edgecloud import (
 )
 from edgecloud.v1 import generation_pb2 as pb
 from edgecloud.v1 import generation_pb2_grpc as pb_grpc
+from tests.certs import make_certificates
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "sdk-test-token"
@@ -356,23 +357,6 @@ async def test_unreachable_server_is_unavailable():
     async with AsyncClient(target, token=TOKEN, retry=FAST_RETRY, timeout=10) as aclient:
         with pytest.raises(Unavailable):
             await aclient.generate("hi")
-
-
-def make_certificates(directory: Path) -> dict[str, Path]:
-    """A CA, and a server ("localhost") and a client certificate it signed."""
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *new_key, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=ca")
-    (directory / "san.ext").write_text("subjectAltName=DNS:localhost\n")
-    for name in ("server", "client"):
-        openssl("req", *new_key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=x")
-        sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.ext"]
-        openssl("x509", "-req", "-in", f"{name}.csr", *sign, "-out", f"{name}.pem")
-    names = ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
-    return {name: directory / name for name in names}
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
