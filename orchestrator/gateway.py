@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import ray
 from grpc import aio
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from edgecloud.v1 import generation_pb2 as gpb
 from edgecloud.v1 import generation_pb2_grpc as gpb_grpc
@@ -78,6 +78,10 @@ class Gateway(gpb_grpc.GenerationServicer):
                     streamed = True
                 stream = None
                 return
+            except RayTaskError as error:  # the edge raised: pass its own error on
+                if isinstance(error.cause, ServingError):
+                    raise error.cause from None
+                raise
             except (RayActorError, ValueError) as error:  # dead or unknown actor
                 if streamed:
                     raise Unavailable(f"edge {lease.node_id} failed mid-stream") from error

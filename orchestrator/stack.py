@@ -27,6 +27,7 @@ from edgecloud.v1 import generation_pb2 as gpb
 from edgecloud.v1 import generation_pb2_grpc as gpb_grpc
 from orchestrator.actors import EdgeActor, NodeSpec, VerifierActor
 from orchestrator.gateway import Gateway, edge_actor_name
+from orchestrator.openai_http import HttpConfig, HttpServer, create_app, start_http_server
 from orchestrator.placement import AsyncPlacement
 from orchestrator.redis_server import RedisServer
 from orchestrator.registry import AsyncRegistry, connect_async
@@ -53,6 +54,9 @@ class StackConfig:
     namespace: str = "edgecloud"
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 50051
+    # Also serve the OpenAI-compatible HTTP API (orchestrator/openai_http.py) on
+    # gateway_host at this port, with the same client token; 0 picks a free port.
+    http_port: int | None = None
     # The clients' bearer token; None with insecure_no_auth False generates one.
     client_token: str | None = None
     insecure_no_auth: bool = False
@@ -68,6 +72,8 @@ class StackConfig:
         for name in ("edges", "verifiers"):
             if not 1 <= getattr(self, name) <= 256:
                 raise ValueError(f"{name}: must be in [1, 256], got {getattr(self, name)}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port: must be in [0, 65535], got {self.http_port}")
         for name in ("target_dir", "draft_dir"):
             if not Path(getattr(self, name)).exists():
                 raise ValueError(f"{name}: {getattr(self, name)} does not exist")
@@ -84,6 +90,7 @@ class Stack:
         self.redis: RedisServer | None = None
         self.redis_url = config.redis_url
         self.gateway: RunningServer | None = None
+        self.http: HttpServer | None = None
         self.client_token = config.client_token
         if self.client_token is None and not config.insecure_no_auth:
             self.client_token = secrets.token_urlsafe(24)
@@ -95,6 +102,10 @@ class Stack:
     @property
     def gateway_address(self) -> str:
         return f"{self.config.gateway_host}:{self.gateway.port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.config.gateway_host}:{self.http.port}"
 
     async def start(self) -> Stack:
         config = self.config
@@ -188,9 +199,19 @@ class Stack:
             ServerConfig(host=self.config.gateway_host, port=self.config.gateway_port, auth=auth),
             add,
         )
+        if self.config.http_port is not None:
+            http = HttpConfig(auth=auth, default_model=self.config.served_name)
+            self.http = await start_http_server(
+                create_app(gateway.route, gateway.models, http),
+                self.config.gateway_host,
+                self.config.http_port,
+            )
 
     async def stop(self) -> None:
         """Stops everything this stack started; safe to call more than once."""
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self.gateway is not None:
             await self.gateway.drain()
             self.gateway = None

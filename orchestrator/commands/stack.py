@@ -35,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stack_flags(up)
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051)
+    up.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve the OpenAI-compatible HTTP API (/v1/completions, ...) on this port",
+    )
     up.add_argument("--auth-token-file", help="clients' bearer token (default: generated)")
     up.add_argument("--insecure-no-auth", action="store_true", help="no client token (demo only)")
     up.set_defaults(run=run_up)
@@ -96,6 +101,7 @@ def run_up(args: argparse.Namespace) -> int:
         args,
         gateway_host=args.host,
         gateway_port=args.port,
+        http_port=args.http_port,
         client_token=token,
         insecure_no_auth=args.insecure_no_auth,
     )
@@ -110,6 +116,8 @@ def run_up(args: argparse.Namespace) -> int:
             )
             STATE_FILE.chmod(0o600)
             print(f"gateway listening on {stack.gateway_address}", flush=True)
+            if stack.http is not None:
+                print(f"OpenAI-compatible HTTP on {stack.http.url}/v1", flush=True)
             if token is None and stack.client_token:
                 print(f"client token: {stack.client_token}", flush=True)
             await stack.gateway.wait()

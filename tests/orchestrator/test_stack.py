@@ -34,7 +34,11 @@ def model_dirs(tmp_path_factory):
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(model_dirs):
     target, draft = model_dirs
-    s = Stack(StackConfig(target_dir=target, draft_dir=draft, edges=2, verifiers=2, gateway_port=0))
+    s = Stack(
+        StackConfig(
+            target_dir=target, draft_dir=draft, edges=2, verifiers=2, gateway_port=0, http_port=0
+        )
+    )
     await s.start()
     yield s
     await s.stop()
@@ -68,6 +72,35 @@ async def test_gateway_rejects_clients_without_the_token(stack):
     async with edgecloud.AsyncClient(stack.gateway_address, token=stack.client_token) as client:
         with pytest.raises(edgecloud.InvalidRequest, match="top_k"):
             await client.generate(PROMPT, max_tokens=3, top_k=10_000)
+
+
+async def test_an_edge_error_reaches_the_client_clean(stack):
+    """The edge rejects a token outside the vocabulary; the client gets that message,
+    not a Ray traceback."""
+    async with edgecloud.AsyncClient(stack.gateway_address, token=stack.client_token) as client:
+        with pytest.raises(edgecloud.InvalidRequest) as caught:
+            await client.generate([1, 64], max_tokens=3)
+    assert "prompt_tokens" in str(caught.value)
+    assert "Traceback" not in str(caught.value) and "ray" not in str(caught.value).lower()
+
+
+async def test_openai_http_through_the_gateway(stack):
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{stack.http.url}/v1", api_key=stack.client_token)
+    lossless = await client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=16, temperature=0
+    )
+    cloud = await client.completions.create(
+        model=MODEL_NAME,
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"mode": "cloud_only"},
+    )
+    await client.close()
+    assert lossless.choices[0].token_ids == cloud.choices[0].token_ids
+    assert len(lossless.choices[0].token_ids) == 16
 
 
 async def test_killed_verifier_leaves_rotation_and_sessions_fail_over(stack):

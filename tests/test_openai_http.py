@@ -1,0 +1,304 @@
+"""The OpenAI-compatible HTTP API, driven by the real `openai` client over uvicorn on
+loopback. Behind it: a real edge runtime and verifier (tiny models, a tiny BPE
+tokenizer), also served over gRPC so that both paths can be compared token for token;
+and, for rollbacks (which only an outage makes), a scripted chunk stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+import edgecloud
+from edge_node.server import start_edge_server
+from edgecloud.v1 import generation_pb2 as gpb
+from lm.bpe import train_bpe
+from lm.tokenizer import Tokenizer
+from orchestrator.openai_http import (
+    HttpConfig,
+    chat_prompt,
+    create_app,
+    start_edge_http,
+    start_http_server,
+)
+from serving.auth import AuthConfig
+from serving.errors import Unavailable
+from serving.server import ServerConfig
+from tests.edge_node.conftest import draft, make_runtime, verifier  # noqa: F401 (fixtures)
+from tests.tiny import MODEL_NAME, tiny_model
+
+CLIENT_TOKEN = "client-token-openai-5"
+PROMPT = [1, 5, 9, 22]
+CODE_LINES = [
+    "def read_lines(path):\n    with open(path) as f:\n        return f.readlines()\n",
+    "def add(a, b):\n    return a + b\n",
+    "for item in items:\n    print(item)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer(train_bpe(CODE_LINES, vocab_size=300))
+
+
+@pytest.fixture(scope="module")
+def target(tokenizer):
+    """Overrides the edge conftest's target: a vocabulary the tokenizer covers."""
+    return tiny_model(seed=21, vocab=tokenizer.vocab_size, sharpen=3.0)
+
+
+@pytest.fixture
+async def servers(draft, verifier, tokenizer):  # noqa: F811
+    """The same edge runtime behind gRPC (for the SDK) and HTTP (for openai)."""
+    runtime = make_runtime(draft, [f"127.0.0.1:{verifier.port}"])
+    runtime.tokenizer = tokenizer
+    server = ServerConfig(port=0, auth=AuthConfig(token=CLIENT_TOKEN))
+    edge = await start_edge_server(runtime, server)
+    http = await start_edge_http(runtime, server, 0)
+    assert http.url == f"http://127.0.0.1:{http.port}"
+    yield edge, http
+    await http.stop()
+    await edge.drain()
+
+
+def openai_client(http, api_key: str = CLIENT_TOKEN) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{http.url}/v1", api_key=api_key, max_retries=0)
+
+
+def sdk_client(edge) -> edgecloud.AsyncClient:
+    return edgecloud.AsyncClient(f"127.0.0.1:{edge.port}", token=CLIENT_TOKEN)
+
+
+async def collect(stream) -> tuple[str, list[int], list]:
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    tokens = [t for c in chunks if c.choices for t in c.choices[0].token_ids]
+    return text, tokens, chunks
+
+
+async def test_completions_equal_the_grpc_path_and_cloud_only(servers):
+    edge, http = servers
+    async with openai_client(http) as client:
+        whole = await client.completions.create(
+            model=MODEL_NAME, prompt=PROMPT, max_tokens=24, temperature=0
+        )
+        stream = await client.completions.create(
+            model=MODEL_NAME,
+            prompt=PROMPT,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, tokens, chunks = await collect(stream)
+        cloud = await client.completions.create(
+            model=MODEL_NAME,
+            prompt=PROMPT,
+            max_tokens=24,
+            temperature=0,
+            extra_body={"mode": "cloud_only"},
+        )
+    async with sdk_client(edge) as sdk:
+        grpc_result = await sdk.generate(PROMPT, max_tokens=24)
+
+    choice = whole.choices[0]
+    assert choice.token_ids == tokens == cloud.choices[0].token_ids == list(grpc_result.tokens)
+    assert len(tokens) == 24 and choice.finish_reason == "length"
+    assert choice.text == text == grpc_result.text and text
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (4, 24)
+    assert whole.usage.total_tokens == 28
+    stats, cloud_stats = whole.edgecloud, cloud.edgecloud
+    assert stats["rounds"] < cloud_stats["rounds"] == 24
+    assert stats["tau"] == stats["tokens_per_round"] > 1.5
+    assert stats["cloud_forward_passes"] == stats["rounds"] and not stats["degraded"]
+    assert stats["failovers"] == 0 and stats["generated_tokens"] == 24
+    # Streaming: the chunk with finish_reason carries the stats, then a usage-only chunk.
+    *_, last, usage = chunks
+    assert last.choices[0].finish_reason == "length" and last.edgecloud["rounds"] >= 1
+    assert usage.choices == [] and usage.usage.completion_tokens == 24
+    assert {c.object for c in chunks} == {"text_completion"} and whole.model == MODEL_NAME
+
+
+async def test_text_prompt_and_chat(servers):
+    edge, http = servers
+    messages = [
+        {"role": "system", "content": "Write Python."},
+        {"role": "user", "content": [{"type": "text", "text": "def add(a, b):"}]},
+    ]
+    prompt = chat_prompt(messages)
+    assert prompt == "System: Write Python.\n\nUser: def add(a, b):\n\nAssistant:"
+    async with openai_client(http) as client:
+        completion = await client.completions.create(
+            model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0
+        )
+        chat = await client.chat.completions.create(
+            model=MODEL_NAME, messages=messages, max_tokens=12, temperature=0
+        )
+        stream = await client.chat.completions.create(
+            model=MODEL_NAME, messages=messages, max_tokens=12, temperature=0, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    async with sdk_client(edge) as sdk:
+        grpc_result = await sdk.generate(prompt, max_tokens=12)
+
+    assert completion.choices[0].text == grpc_result.text
+    assert chat.choices[0].message.content == grpc_result.text
+    assert chat.choices[0].message.role == "assistant" and chat.object == "chat.completion"
+    assert chat.choices[0].token_ids == list(grpc_result.tokens)
+    assert chat.usage.prompt_tokens == grpc_result.stats.prompt_tokens
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == grpc_result.text
+    assert chunks[-1].choices[0].finish_reason == "length" and "tau" in chunks[-1].edgecloud
+
+
+async def test_models_are_listed(servers):
+    _, http = servers
+    async with openai_client(http) as client:
+        listed = [m async for m in client.models.list()]
+        one = await client.models.retrieve(MODEL_NAME)
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("other-model")
+    assert [m.id for m in listed] == [MODEL_NAME] and one.id == MODEL_NAME
+    assert one.edgecloud == {"roles": ["edge", "cloud"], "vocab_size": 300, "max_context": 512}
+
+
+async def test_wrong_or_missing_key_is_an_authentication_error(servers):
+    _, http = servers
+    async with openai_client(http, api_key="wrong") as client:
+        with pytest.raises(openai.AuthenticationError, match="wrong bearer token"):
+            await client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            await client.models.list()
+        with pytest.raises(openai.AuthenticationError, match="missing bearer token"):
+            await client.models.list(extra_headers={"Authorization": openai.omit})
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("top_p", 2.0),
+        ("temperature", -1.0),
+        ("top_k", 10_000),  # beyond this model's vocabulary: the edge's own check
+        ("max_tokens", 0),
+        ("seed", -1),
+        ("mode", "fast"),
+        ("stop", ["x"] * 9),
+        ("prompt", [300]),  # a token id beyond the vocabulary: the edge's own check
+    ],
+)
+async def test_bad_parameter_is_a_bad_request_with_the_grpc_message(servers, field, value):
+    edge, http = servers
+    prompt = value if field == "prompt" else PROMPT
+    options = {"max_tokens": 3, "temperature": 0} | ({} if field == "prompt" else {field: value})
+    async with openai_client(http) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.completions.create(model=MODEL_NAME, prompt=prompt, extra_body=options)
+    async with sdk_client(edge) as sdk:
+        with pytest.raises(edgecloud.InvalidRequest) as via_grpc:
+            await sdk.generate(prompt, **options)
+    error = caught.value.body
+    assert error["message"] == via_grpc.value.message
+    assert error["param"] == ("prompt_tokens[0]" if field == "prompt" else field)
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_argument"
+
+
+async def test_unsupported_openai_options_and_bad_bodies(servers):
+    _, http = servers
+    async with openai_client(http) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.completions.create(model=MODEL_NAME, prompt=PROMPT, n=2)
+        assert caught.value.body["param"] == "n"
+        assert caught.value.body["message"] == "n: this server supports only null or 1, got 2"
+        with pytest.raises(openai.BadRequestError, match=r"messages\[0\].role"):
+            await client.chat.completions.create(
+                model=MODEL_NAME, messages=[{"role": "tool", "content": "x"}]
+            )
+        with pytest.raises(openai.BadRequestError, match="draft: allowed fields"):
+            await client.completions.create(
+                model=MODEL_NAME, prompt=PROMPT, extra_body={"draft": {"breadth": 2}}
+            )
+
+
+async def test_deadline_is_a_504(servers):
+    _, http = servers
+    async with openai_client(http) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.completions.create(
+                model=MODEL_NAME, prompt=PROMPT, max_tokens=200, extra_body={"timeout": 0.001}
+            )
+    assert caught.value.status_code == 504
+    assert caught.value.body["code"] == "deadline_exceeded"
+
+
+def scripted(chunks: list[gpb.GenerateChunk], fail_after: int | None = None):
+    """A stream callable replaying `chunks` (adaptive-mode rollbacks need an outage to
+    happen for real); with `fail_after`, raises UNAVAILABLE after that many."""
+
+    async def stream(request: gpb.GenerateRequest, timeout_s: float | None):
+        for i, chunk in enumerate(chunks):
+            if i == fail_after:
+                raise Unavailable("edges edge-0 failed mid-stream")
+            await asyncio.sleep(0)
+            yield chunk
+
+    async def models() -> list[gpb.ModelInfo]:
+        return [gpb.ModelInfo(name=MODEL_NAME)]
+
+    return stream, models
+
+
+ROLLBACK_CHUNKS = [
+    gpb.GenerateChunk(text="Hi", tokens=[1], verified=True),
+    gpb.GenerateChunk(text=" wrld", tokens=[2], verified=False),
+    gpb.GenerateChunk(
+        text=" world",
+        tokens=[3],
+        verified=True,
+        rollback=gpb.Rollback(keep_tokens=1, keep_chars=2),
+    ),
+    gpb.GenerateChunk(
+        verified=True,
+        finish_reason=gpb.FINISH_REASON_STOP,
+        stats=gpb.GenerationStats(rounds=1, generated_tokens=2, prompt_tokens=4, rollbacks=1),
+    ),
+]
+
+
+async def scripted_server(chunks, fail_after=None):
+    stream, models = scripted(chunks, fail_after)
+    app = create_app(stream, models, HttpConfig(auth=AuthConfig(insecure_no_auth=True)))
+    return await start_http_server(app, "127.0.0.1", 0)
+
+
+async def test_adaptive_stream_sends_only_text_that_stays():
+    """The worked example of `_Output`: " wrld" is held back and never sent."""
+    http = await scripted_server(ROLLBACK_CHUNKS)
+    try:
+        async with openai_client(http, api_key="unused") as client:
+            request = dict(model=MODEL_NAME, prompt=PROMPT, extra_body={"mode": "adaptive"})
+            stream = await client.completions.create(**request, stream=True)
+            text, tokens, chunks = await collect(stream)
+            whole = await client.completions.create(**request)
+    finally:
+        await http.stop()
+    assert [c.choices[0].text for c in chunks] == ["Hi", " world", ""]
+    assert (text, tokens) == ("Hi world", [1, 3])
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].edgecloud["rollbacks"] == 1
+    assert (whole.choices[0].text, whole.choices[0].token_ids) == ("Hi world", [1, 3])
+
+
+async def test_error_after_the_first_chunk_ends_the_stream_with_an_error_event():
+    http = await scripted_server(ROLLBACK_CHUNKS, fail_after=1)
+    try:
+        async with openai_client(http, api_key="unused") as client:
+            stream = await client.completions.create(model=MODEL_NAME, prompt=PROMPT, stream=True)
+            texts = []
+            with pytest.raises(openai.APIError, match="failed mid-stream"):
+                async for chunk in stream:
+                    texts.append(chunk.choices[0].text)
+    finally:
+        await http.stop()
+    assert texts == ["Hi"]
