@@ -1,0 +1,23 @@
+"""`edgecloud loadtest`: load a `Generation` server through the SDK and measure it the way
+`vllm bench serve` does (TTFT, TPOT, ITL, E2EL, throughput, goodput), plus the speculative
+decoding figures only this system has (rounds, acceptance, cloud passes per token).
+
+records: per-request records and metric definitions; runner: closed and open loops on
+`edgecloud.AsyncClient`; prompts: prompt files and the held-out corpus; report: tables,
+JSON, plots and the progress bar. The CLI wiring is `orchestrator.commands.loadtest`.
+"""
+
+from orchestrator.loadtest.records import RequestRecord, Slo, Summary, percentile, summarize
+from orchestrator.loadtest.runner import LoadPlan, LoadResult, arrival_offsets, run_load
+
+__all__ = [
+    "LoadPlan",
+    "LoadResult",
+    "RequestRecord",
+    "Slo",
+    "Summary",
+    "arrival_offsets",
+    "percentile",
+    "run_load",
+    "summarize",
+]
