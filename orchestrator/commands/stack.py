@@ -14,7 +14,7 @@ from orchestrator.commands.flags import config_flag
 from orchestrator.usage import UsageError
 
 STATE_FILE = Path(os.environ.get("EDGECLOUD_STATE", Path.home() / ".edgecloud" / "up.json"))
-DEFAULT_PROMPT = "def read_lines(path):\n    with open(path) as f:\n"
+DEFAULT_PROMPT = "def read_lines(path):\n    with open(path) as f:"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
