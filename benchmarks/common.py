@@ -1,0 +1,120 @@
+"""What every benchmark shares: the machine it ran on, a timer that syncs CUDA, percentiles,
+and the one JSON object that ends each benchmark's output.
+
+The benchmarks are scripts run as `python benchmarks/<name>.py`: Python puts this directory
+on `sys.path`, so they import this module as `common`, before any project package, and
+importing it puts the repository root on `sys.path` too, so the project's packages import
+from this checkout whether or not (or however stale) an editable install is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(1, str(REPO_ROOT))
+
+
+def cpu_model() -> str:
+    """platform.processor() is often empty on Linux; /proc/cpuinfo names the CPU."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def machine(device: torch.device) -> dict[str, object]:
+    """The facts a reader needs to compare two runs' figures."""
+    info: dict[str, object] = {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def sync(device: torch.device | None) -> None:
+    """Waits for queued CUDA work, so a timer measures the work and not its launch."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    ms: float = 0.0
+
+
+@contextmanager
+def timed(device: torch.device | None = None) -> Iterator[Timing]:
+    """Times the block in milliseconds, syncing CUDA on entry and exit.
+
+    Works around `await` too: `with timed(device) as t: await work()`; read `t.ms` after.
+    """
+    timing = Timing()
+    sync(device)
+    start = time.perf_counter()
+    try:
+        yield timing
+    finally:
+        sync(device)
+        timing.ms = (time.perf_counter() - start) * 1000
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile, q in [0, 100]."""
+    ordered = sorted(samples)
+    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered)) - 1))]
+
+
+def summarize_ms(samples: Sequence[float]) -> dict[str, float]:
+    """Median and p90 of millisecond samples, and how many there were."""
+    return {
+        "median_ms": statistics.median(samples),
+        "p90_ms": percentile(samples, 90),
+        "samples": len(samples),
+    }
+
+
+def model_summary(model: torch.nn.Module, source: str) -> dict[str, object]:
+    """Where a model came from, its shape and its size, for the JSON line."""
+    config = model.config
+    return {
+        "source": source,
+        "params": sum(p.numel() for p in model.parameters()),
+        "dim": config.dim,
+        "layers": config.n_layers,
+        "heads": config.n_heads,
+        "kv_heads": config.n_kv_heads,
+        "hidden": config.hidden_dim,
+        "activation": config.activation,
+        "vocab": config.vocab_size,
+        "max_seq_len": config.max_seq_len,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def print_json(summary: dict[str, object]) -> None:
+    """The benchmark's last line: one JSON object, for scripts that collect results."""
+    print(json.dumps(summary), flush=True)
