@@ -118,3 +118,33 @@ def model_summary(model: torch.nn.Module, source: str) -> dict[str, object]:
 def print_json(summary: dict[str, object]) -> None:
     """The benchmark's last line: one JSON object, for scripts that collect results."""
     print(json.dumps(summary), flush=True)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    file: str  # relative to the corpus root
+    tokens: tuple[int, ...]
+
+
+def heldout_prompts(tokenizer, count: int, length: int) -> list[Prompt]:
+    """The first `length` tokens (BOS first, as in training) of the first `count` held-out
+    files that are at least that long, in the split's sorted order. `tokenizer`: an
+    `lm.tokenizer.Tokenizer`."""
+    from lm import corpus
+
+    split = corpus.discover()
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    prompts = []
+    for rel, path in zip(split.heldout, split.paths("heldout"), strict=True):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        ids = bos + tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) >= length:
+            prompts.append(Prompt(rel, tuple(ids[:length])))
+        if len(prompts) == count:
+            return prompts
+    raise SystemExit(
+        f"--prompts: only {len(prompts)} held-out files have {length} tokens, asked for {count}"
+    )

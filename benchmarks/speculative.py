@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import REPO_ROOT, machine, model_summary, print_json, timed
+from common import REPO_ROOT, Prompt, heldout_prompts, machine, model_summary, print_json, timed
 
 from cloud_node.config import VerifierConfig
 from cloud_node.server import VerifierServer, start_verifier
@@ -175,33 +175,6 @@ class DelayProxy:
             await sender
         finally:
             sender.cancel()
-
-
-@dataclass(frozen=True)
-class Prompt:
-    file: str  # relative to the corpus root
-    tokens: tuple[int, ...]
-
-
-def heldout_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[Prompt]:
-    """The first `length` tokens (BOS first, as in training) of the first `count` held-out
-    files that are at least that long, in the split's sorted order."""
-    split = corpus.discover()
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    prompts = []
-    for rel, path in zip(split.heldout, split.paths("heldout"), strict=True):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            continue
-        ids = bos + tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) >= length:
-            prompts.append(Prompt(rel, tuple(ids[:length])))
-        if len(prompts) == count:
-            return prompts
-    raise SystemExit(
-        f"--prompts: only {len(prompts)} held-out files have {length} tokens, asked for {count}"
-    )
 
 
 @dataclass(frozen=True)
