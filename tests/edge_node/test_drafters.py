@@ -27,15 +27,21 @@ def logprobs(model, tokens: list[int]) -> torch.Tensor:
 
 
 def reference_beams(model, prompt, width, depth):
-    beams = [((), 0.0)]
+    """Beam search with full forwards, the greedy chain protected (it replaces the
+    worst beam whenever plain beam search would drop it)."""
+    beams, greedy, rescued = [((), 0.0)], (), 0
     for _ in range(depth):
         candidates = []
         for seq, score in beams:
             lp = logprobs(model, prompt + list(seq))
             for token in range(lp.numel()):
                 candidates.append((seq + (token,), score + float(lp[token])))
+        greedy = greedy + (int(logprobs(model, prompt + list(greedy)).argmax()),)
         beams = sorted(candidates, key=lambda c: -c[1])[:width]
-    return {seq for seq, _ in beams}
+        if greedy not in {seq for seq, _ in beams}:
+            beams[-1] = next(c for c in candidates if c[0] == greedy)
+            rescued += 1
+    return {seq for seq, _ in beams}, greedy, rescued
 
 
 def tree_paths(tree) -> set[tuple[int, ...]]:
@@ -47,10 +53,24 @@ def test_beam_tree_holds_exactly_the_reference_beams(model, width, depth):
     lm = EdgeLM(model)
     lm.reset(PROMPT)
     draft = get_drafter("beam").draft(lm, DraftShape(width, depth), SamplingParams(), None)
-    assert tree_paths(draft.tree) == reference_beams(model, PROMPT, width, depth)
+    beams, greedy, _ = reference_beams(model, PROMPT, width, depth)
+    assert tree_paths(draft.tree) == beams
     assert draft.tree.size <= draft.undeduplicated == width * depth
-    main = tuple(draft.tree.tokens[i] for i in draft.main_path)
-    assert len(main) == depth and main in reference_beams(model, PROMPT, width, depth)
+    assert tuple(draft.tree.tokens[i] for i in draft.main_path) == greedy
+
+
+def test_beam_tree_keeps_the_greedy_chain_where_beam_search_drops_it(model):
+    rescued = 0
+    for seed in range(6):
+        prompt = torch.randint(0, 48, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
+        lm = EdgeLM(model)
+        lm.reset(prompt)
+        draft = get_drafter("beam").draft(lm, DraftShape(2, 5), SamplingParams(), None)
+        beams, greedy, count = reference_beams(model, prompt, 2, 5)
+        assert tree_paths(draft.tree) == beams
+        assert tuple(draft.tree.tokens[i] for i in draft.main_path) == greedy
+        rescued += count
+    assert rescued > 0, "no case exercised the protection; pick other prompts"
 
 
 def test_beam_dedup_example_shares_prefixes(model):
