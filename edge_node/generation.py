@@ -121,7 +121,9 @@ class Generation:
             tokenizer,
         )
         self.policy = ShapePolicy(
-            DraftShape(request.draft.width, request.draft.depth), adapt=request.draft.adapt
+            DraftShape(request.draft.width, request.draft.depth),
+            adapt=request.draft.adapt,
+            max_nodes=max_tree_nodes,
         )
         self.drafter = get_drafter(request.draft.tree)
         self.generator = (

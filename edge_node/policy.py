@@ -55,6 +55,8 @@ class ShapePolicy:
     initial: DraftShape
     max_depth: int = 12
     max_width: int = 8
+    # The verifiers' --max-tree-nodes: width * depth never exceeds it.
+    max_nodes: int = 64
     adapt: bool = True
     smoothing: float = 0.2
     widen_above: float = 0.15
@@ -71,12 +73,12 @@ class ShapePolicy:
         self.acceptance = [0.7] * max(self.max_depth, self.initial.depth)
 
     def shape(self) -> DraftShape:
-        if not self.adapt or self.round_trip_ms is None:
-            return DraftShape(self.width, self.initial.depth)
-        depth = best_depth(
-            self.acceptance, self.round_trip_ms, self.draft_ms_per_level, self.max_depth
-        )
-        return DraftShape(self.width, depth)
+        depth = self.initial.depth
+        if self.adapt and self.round_trip_ms is not None:
+            depth = best_depth(
+                self.acceptance, self.round_trip_ms, self.draft_ms_per_level, self.max_depth
+            )
+        return DraftShape(self.width, max(1, min(depth, self.max_nodes // self.width)))
 
     def observe(
         self,

@@ -59,3 +59,11 @@ def test_fixed_shape_when_adapt_is_off():
 def test_shape_bounds(depth):
     with pytest.raises(ValueError, match="depth"):
         DraftShape(1, depth)
+
+
+def test_shape_never_exceeds_the_verifiers_tree_limit():
+    policy = ShapePolicy(DraftShape(8, 12), max_nodes=64)
+    assert policy.shape().width * policy.shape().depth <= 64
+    observe(policy, 40, lambda depth: depth, rtt_ms=200, off_main=True)
+    shape = policy.shape()
+    assert shape.width * shape.depth <= 64 and shape.depth >= 1
