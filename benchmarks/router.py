@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 
 import redis
+from common import cpu_model
 
 from orchestrator.placement import Placement, PlacementConfig
 from orchestrator.redis_server import RedisServer
@@ -40,18 +41,6 @@ from orchestrator.registry import Keyspace, NodeInfo, Registry, connect
 REGIONS = ("eu", "us", "ap", "sa")
 TIERS = ("gpu", "cpu")
 MODEL = "target"
-
-
-def cpu_model() -> str:
-    """platform.processor() is often empty on Linux; /proc/cpuinfo names the CPU."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
