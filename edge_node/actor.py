@@ -36,12 +36,18 @@ class EdgeNode:
         picker_factory: Callable[[], VerifierPicker] | None,
         link_config: CloudLinkConfig = CloudLinkConfig(),
         device: str = "cpu",
+        flash_budget_mb: float | None = None,
     ) -> None:
         from lm.checkpoint import load_model
         from lm.tokenizer import Tokenizer
 
         path = Path(model_dir)
-        model = load_model(path, device=device)
+        if flash_budget_mb is None:
+            model = load_model(path, device=device)
+        else:  # model_dir is a flash pack: FFN weights stay on flash
+            from edge_node.flash.ffn import load_flash_model
+
+            model = load_flash_model(path, int(flash_budget_mb * 2**20), device=device)
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         link = None if picker_factory is None else CloudLink(picker_factory(), link_config)
         self.node_id = node_id

@@ -30,8 +30,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--verifier-token", help="credential for the verifiers (not the clients')")
     serve.add_argument("--verifier-token-file")
     serve.add_argument("--device", default="cpu", help="device for the SLM (default: cpu)")
+    serve.add_argument(
+        "--flash-budget-mb",
+        type=float,
+        help="--model is a flash pack (edgecloud flash pack): keep its weights within this "
+        "much DRAM, reading FFN neurons from flash as needed",
+    )
     dtype_flag(serve)
     add_server_flags(serve, default_port=50051)
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve the OpenAI-compatible HTTP API on this port (same host, token, TLS)",
+    )
     serve.add_argument("--max-concurrency", type=int, default=16)
     serve.add_argument("--draft-tree", choices=["beam", "topk", "chain"], default="beam")
     serve.add_argument("--draft-width", type=int, default=4)
@@ -50,13 +61,29 @@ def verifier_token(args: argparse.Namespace) -> str | None:
     return args.verifier_token
 
 
+def load_slm(args: argparse.Namespace):
+    """The SLM: a checkpoint in DRAM, or a flash pack within --flash-budget-mb."""
+    from lm.checkpoint import load_model
+
+    dtype = torch_dtype(args.dtype)
+    if args.flash_budget_mb is None:
+        return load_model(args.model, device=args.device, dtype=dtype)
+    from edge_node.flash.ffn import load_flash_model
+    from edge_node.flash.store import BudgetError
+
+    try:
+        budget = int(args.flash_budget_mb * 2**20)
+        return load_flash_model(args.model, budget, device=args.device, dtype=dtype)
+    except BudgetError as exc:
+        raise UsageError(f"--flash-budget-mb: {exc}") from exc
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from edge_node.cloud_link import CloudLink, CloudLinkConfig
     from edge_node.picker import FixedListPicker, VerifierEndpoint
     from edge_node.runtime import EdgeConfig, EdgeRuntime
     from edge_node.server import start_edge_server
     from edge_node.types import DraftOptions
-    from lm.checkpoint import load_model
     from lm.errors import CheckpointError
     from lm.tokenizer import Tokenizer
 
@@ -68,8 +95,12 @@ def run_serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--verifier: expected HOST:PORT, got {address!r}")
     if args.verifier and not args.verifier_model:
         raise UsageError("--verifier-model: needed with --verifier")
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise UsageError(f"--http-port: must be in [0, 65535], got {args.http_port}")
+    if args.flash_budget_mb is not None and args.flash_budget_mb <= 0:
+        raise UsageError(f"--flash-budget-mb: must be > 0, got {args.flash_budget_mb}")
     try:
-        model = load_model(args.model, device=args.device, dtype=torch_dtype(args.dtype))
+        model = load_slm(args)
         tokenizer = (
             Tokenizer.from_dir(args.model) if (args.model / "tokenizer.json").exists() else None
         )
@@ -91,7 +122,15 @@ def run_serve(args: argparse.Namespace) -> int:
         edge = await start_edge_server(runtime, server)
         edge.server.drain_on_signals()
         print(f"edge {config.model_name!r} listening on {server.host}:{edge.port}", flush=True)
+        http = None
+        if args.http_port is not None:
+            from orchestrator.openai_http import start_edge_http
+
+            http = await start_edge_http(runtime, server, args.http_port)
+            print(f"OpenAI-compatible HTTP on {http.url}/v1", flush=True)
         await edge.server.wait()
+        if http is not None:
+            await http.stop()
         await runtime.close()
 
     asyncio.run(main())

@@ -1,0 +1,95 @@
+"""One layer's neuron cache: preallocated bundle rows and the bookkeeping of who is where.
+
+Rows 0..count-1 hold the resident neurons' bundles. Insertion appends; deletion moves
+the last live rows into the freed slots; the tensors never change size ("LLM in a Flash",
+section 3.3). The cache also keeps each neuron's last step of use, which windowing
+(`end_step`) and eviction (`evict`) read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class NeuronCache:
+    """One layer's preallocated bundle rows (capacity, payload) uint8, and who is where.
+
+    Insertion appends at `count`; deletion fills each freed slot with one of the last
+    rows, so rows 0..count-1 are always the resident ones and nothing is reallocated.
+
+    Example: slots hold neurons [7, 3, 9, 5]; delete {3} -> [7, 5, 9] (neuron 5's row is
+    copied into slot 1); insert [2, 4] -> [7, 5, 9, 2, 4].
+    """
+
+    def __init__(self, hidden: int, capacity: int, payload: int) -> None:
+        self.rows = torch.zeros(capacity, payload, dtype=torch.uint8)
+        self.neuron_at = torch.full((capacity,), -1, dtype=torch.long)
+        self.slot_of = torch.full((hidden,), -1, dtype=torch.long)
+        self.last_used = torch.full((hidden,), -1, dtype=torch.long)  # step of last use
+        self.count = 0
+        self.step = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.rows.shape[0]
+
+    def resident(self) -> torch.Tensor:
+        """Neuron ids in slot order, (count,)."""
+        return self.neuron_at[: self.count]
+
+    def insert(self, neurons: torch.Tensor) -> torch.Tensor:
+        """Slots (len(neurons),) appended for `neurons` (not resident); rows to be filled."""
+        n = len(neurons)
+        if self.count + n > self.capacity:
+            raise RuntimeError(f"neuron cache: {self.count} + {n} rows exceed {self.capacity}")
+        slots = torch.arange(self.count, self.count + n)
+        self.neuron_at[slots] = neurons
+        self.slot_of[neurons] = slots
+        self.count += n
+        return slots
+
+    def delete(self, neurons: torch.Tensor) -> None:
+        """Frees the slots of resident `neurons`, moving the last live rows into them."""
+        if not len(neurons):
+            return
+        keep = self.count - len(neurons)
+        dead = torch.zeros(self.count, dtype=torch.bool)
+        dead[self.slot_of[neurons]] = True
+        holes = dead[:keep].nonzero().squeeze(1)
+        movers = (~dead[keep:]).nonzero().squeeze(1) + keep
+        self.rows[holes] = self.rows[movers]
+        moved = self.neuron_at[movers]
+        self.neuron_at[holes] = moved
+        self.slot_of[moved] = holes
+        self.slot_of[neurons] = -1
+        self.neuron_at[keep : self.count] = -1
+        self.count = keep
+
+    def evict(self, n: int, chunk: torch.Tensor, needed: torch.Tensor) -> None:
+        """Deletes n resident neurons outside `chunk` to make room for it.
+
+        needed: every neuron of this step, ascending; `chunk` is the piece of it being
+        loaded. Neurons this step does not need go first, least recently used first.
+        Then Belady's rule, supposing the next step needs the same neurons: the neuron
+        whose next use is farthest goes first. At needed-position p, with the chunk
+        starting at position c, that is p - c steps away if p >= c, else len(needed) - c + p.
+        """
+        resident = self.resident()
+        candidates = resident[~torch.isin(resident, chunk)]
+        position = torch.searchsorted(needed, candidates).clamp(max=len(needed) - 1)
+        wanted = (
+            needed[position] == candidates
+            if len(needed)
+            else torch.zeros_like(candidates, dtype=torch.bool)
+        )
+        start = int(torch.searchsorted(needed, chunk[:1])) if len(chunk) else 0
+        distance = torch.where(position >= start, position - start, len(needed) - start + position)
+        unwanted_key = self.step - self.last_used[candidates] + 2 * len(needed) + 1
+        key = torch.where(wanted, distance, unwanted_key)
+        self.delete(candidates[torch.argsort(key, descending=True, stable=True)[:n]])
+
+    def end_step(self, window: int) -> None:
+        """Deletes the neurons no step of the last `window` used; starts the next step."""
+        resident = self.resident()
+        self.delete(resident[self.last_used[resident] <= self.step - window])
+        self.step += 1

@@ -1,0 +1,153 @@
+"""A Transformer whose FFN weights live on flash: `load_flash_model(pack_dir, budget_bytes)`.
+
+The transform is a module swap after loading: each `layers[i].feed_forward` becomes a
+`FlashFeedForward` with the same forward(x) -> y, backed by one shared `FlashStore`.
+Attention, norms, embeddings and the KV cache are the ordinary ones, so anything that
+runs a Transformer (EdgeLM, the drafters) runs the flash model unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_node.flash.pack import FFN_PREFIX, load_dram_state, read_manifest, verify_pack
+from edge_node.flash.predictors import has_predictors, load_predictors
+from edge_node.flash.store import FlashStore, StoreOptions, plan_memory
+from lm.device import default_device, default_dtype
+from lm.errors import CheckpointError
+from lm.model import Transformer
+from lm.sparsity import LowRankPredictor
+
+logger = logging.getLogger(__name__)
+
+
+class FlashFeedForward(nn.Module):
+    """down(act(gate(x)) * up(x)) over the neurons the predictor picks (all without one).
+
+    x: (batch, time, dim). Each position uses exactly the neurons predicted for it, so
+    results do not depend on how tokens are batched (prefill, tree drafts); the store
+    loads the union over positions. For a ReLU model and a predictor of perfect recall
+    this is the dense result, as inactive neurons contribute exactly zero.
+    """
+
+    def __init__(
+        self,
+        layer: int,
+        store: FlashStore,
+        activation: str,
+        predictor: LowRankPredictor | None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.store = store
+        self.act = getattr(F, activation)
+        self.predictor = predictor
+        self.register_buffer(
+            "all_neurons", torch.arange(store.manifest.config.hidden_dim), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        store = self.store
+        with store.lock:
+            start = time.perf_counter()
+            mask = None
+            if self.predictor is None:
+                needed = self.all_neurons.cpu()
+            else:
+                mask = self.predictor.predict(flat)  # (positions, hidden)
+                needed = mask.any(0).nonzero().squeeze(1).cpu()
+            predicted = time.perf_counter()
+            y = torch.zeros_like(flat)
+            for chunk in store.begin(self.layer, needed):
+                gate, up, down = store.load(self.layer, chunk).to(flat.device).unbind(1)
+                h = self.act(flat @ gate.t()) * (flat @ up.t())
+                if mask is not None and len(flat) > 1:
+                    h = h * mask[:, chunk.to(flat.device)]
+                y += h @ down
+            store.finish(
+                self.layer,
+                tokens=len(flat),
+                predictor_s=predicted - start,
+                ffn_s=time.perf_counter() - predicted,
+            )
+        return y.view(x.shape)
+
+
+def load_flash_model(
+    pack_dir: str | Path,
+    budget_bytes: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    options: StoreOptions | None = None,
+    use_predictor: bool = True,
+    verify: bool = True,
+) -> Transformer:
+    """The packed model with its FFN weights served from flash within `budget_bytes`.
+
+    budget_bytes: DRAM for all model weights: the resident part (dram.safetensors and the
+        predictors) plus the store's neuron caches, read buffers and scratch. Too small a
+        budget raises BudgetError giving the minimum. KV cache and activations are extra.
+    options: how the store reads and keeps neurons; default StoreOptions().
+    use_predictor: pick neurons with the pack's predictors (`edgecloud flash calibrate`);
+        False, or a pack without them, uses every neuron (dense results, any budget).
+    verify: check the sha256 of every pack file first (reads them once).
+    """
+    manifest = read_manifest(pack_dir)
+    if verify:
+        verify_pack(pack_dir, manifest)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    config = manifest.config
+    state = load_dram_state(pack_dir, manifest, device, dtype)
+    with torch.device("meta"):
+        model = Transformer(config)
+    missing, _ = model.load_state_dict(state, strict=False, assign=True)
+    if any(FFN_PREFIX not in name for name in missing):
+        raise CheckpointError(f"{pack_dir}: dram tensors missing: {missing}")
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    predictors = None
+    if use_predictor and has_predictors(pack_dir):
+        predictors = load_predictors(pack_dir, manifest, device, dtype).predictors
+    elif use_predictor:
+        logger.info("%s: no predictor (edgecloud flash calibrate): using every neuron", pack_dir)
+    unique = {t.data_ptr(): t for t in state.values()}
+    resident = sum(t.numel() * t.element_size() for t in unique.values())
+    if predictors is not None:
+        resident += sum(
+            p.numel() * p.element_size() for m in predictors for p in m.state_dict().values()
+        )
+    in_place = manifest.bundle.quant is None and manifest.bundle.dtype == dtype
+    decoded_row = 0 if in_place else 3 * config.dim * dtype.itemsize
+    options = options or StoreOptions()
+    plan = plan_memory(manifest, budget_bytes, resident, options, decoded_row)
+    store = FlashStore(pack_dir, manifest, plan, options, dtype)
+    weakref.finalize(store, store.reader.close)
+    for i, block in enumerate(model.layers):
+        predictor = None if predictors is None else predictors[i]
+        block.feed_forward = FlashFeedForward(i, store, config.activation, predictor).to(device)
+    logger.info(
+        "flash model %s: %d of %d neurons per layer in DRAM, %s reads",
+        pack_dir,
+        plan.rows,
+        config.hidden_dim,
+        store.io_mode,
+    )
+    return model.eval()
+
+
+def flash_store(model: Transformer) -> FlashStore:
+    """The store behind a model from `load_flash_model`."""
+    ffn = model.layers[0].feed_forward
+    if not isinstance(ffn, FlashFeedForward):
+        raise TypeError("model: not a flash model (use load_flash_model)")
+    return ffn.store

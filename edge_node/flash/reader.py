@@ -1,0 +1,186 @@
+"""Cold reads of scattered pieces of one file: page-aligned, merged, several in flight.
+
+Reads bypass the page cache so that what the store reports is what the device did:
+O_DIRECT where the filesystem takes it (the device copies straight into our
+page-aligned buffers), else an explicit cold-cache mode that turns readahead off
+(POSIX_FADV_RANDOM) and drops each range from the page cache (POSIX_FADV_DONTNEED)
+just before reading it. `ColdReader.mode` says which one is in use.
+
+O_DIRECT reads must start and end on page boundaries, so a piece costs the pages it
+touches; `plan_reads` turns pieces into such extents and, with merging on, joins
+extents that touch into one larger read (up to the size of a read buffer).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import queue
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+O_DIRECT = "o_direct"
+COLD_CACHE = "fadvise_cold_cache"
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One read of `length` bytes at `offset` (both page multiples) that delivers the
+    pieces first..last-1 of the plan's piece list."""
+
+    offset: int
+    length: int
+    first: int
+    last: int
+
+
+# Copies what a read brought in out of its buffer: deliver(extent, view of the bytes read).
+Deliver = Callable[[Extent, memoryview], None]
+
+
+def plan_reads(
+    offsets: np.ndarray, nbytes: int, *, page: int, max_bytes: int, merge: bool, gap: int = 0
+) -> list[Extent]:
+    """Reads that fetch pieces of `nbytes` at `offsets` ((n,) int64, ascending).
+
+    Each piece needs the pages it touches. Without `merge` every piece is its own read;
+    with it, a piece joins the current read when at most `gap` bytes lie between them
+    (0: its pages touch or overlap the read), as long as the read stays within
+    `max_bytes`. A gap is read and thrown away: on devices where a read's latency costs
+    more than its bytes, fewer larger reads win.
+
+    Example (page 4096, nbytes 3072): offsets [0, 4096, 12288] -> merged:
+    Extent(0, 8192, 0, 2), Extent(12288, 4096, 2, 3); unmerged: three 4096-byte reads;
+    merged with gap 4096: Extent(0, 16384, 0, 3).
+    """
+    lows = offsets // page * page
+    highs = -(-(offsets + nbytes) // page) * page
+    if np.any(highs - lows > max_bytes):
+        raise ValueError(f"max_bytes: {max_bytes} cannot hold a {nbytes}-byte piece")
+    if not merge:
+        return [
+            Extent(int(lo), int(hi - lo), i, i + 1)
+            for i, (lo, hi) in enumerate(zip(lows.tolist(), highs.tolist(), strict=True))
+        ]
+    extents = []
+    start = 0
+    lo, hi = 0, 0
+    for i, (piece_lo, piece_hi) in enumerate(zip(lows.tolist(), highs.tolist(), strict=True)):
+        if i and piece_lo <= hi + gap and piece_hi - lo <= max_bytes:
+            hi = max(hi, piece_hi)
+            continue
+        if i:
+            extents.append(Extent(lo, hi - lo, start, i))
+        start, lo, hi = i, piece_lo, piece_hi
+    if len(offsets):
+        extents.append(Extent(lo, hi - lo, start, len(offsets)))
+    return extents
+
+
+class ColdReader:
+    """Reads extents of `path` into page-aligned buffers from `threads` threads at once.
+
+    Each thread owns one buffer of `buffer_bytes` (the largest single read); each job's
+    `deliver` copies out of it before the buffer is reused, on the reading thread.
+
+    direct: True needs O_DIRECT, False uses the cold-cache mode, None tries O_DIRECT first.
+    """
+
+    def __init__(
+        self, path: str | Path, *, threads: int, buffer_bytes: int, direct: bool | None = None
+    ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads: must be >= 1, got {threads}")
+        if buffer_bytes < 1 or buffer_bytes % mmap.PAGESIZE:
+            raise ValueError(
+                f"buffer_bytes: must be a positive multiple of {mmap.PAGESIZE}, got {buffer_bytes}"
+            )
+        self.path = Path(path)
+        self.fd, self.mode = _open_cold(self.path, direct)
+        # Anonymous mappings are page-aligned, as O_DIRECT needs.
+        self._buffers = [mmap.mmap(-1, buffer_bytes) for _ in range(threads)]
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        for buffer in self._buffers:
+            self._free.put(buffer)
+        self._pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="flash-read") if threads > 1 else None
+        )
+        self.memory_bytes = buffer_bytes * threads  # all read buffers together
+
+    def read(self, jobs: Sequence[tuple[Extent, Deliver]]) -> None:
+        """Performs every read, `threads` at a time; returns once each is delivered."""
+        if self._pool is None or len(jobs) == 1:
+            for extent, deliver in jobs:
+                self._read_one(extent, deliver)
+            return
+        futures = [self._pool.submit(self._read_one, e, d) for e, d in jobs]
+        for future in futures:
+            future.result()
+
+    def _read_one(self, extent: Extent, deliver: Deliver) -> None:
+        buffer = self._free.get()
+        try:
+            with memoryview(buffer) as whole:
+                view = whole[: extent.length]
+                if self.mode == COLD_CACHE:
+                    os.posix_fadvise(self.fd, extent.offset, extent.length, os.POSIX_FADV_DONTNEED)
+                got = os.preadv(self.fd, [view], extent.offset)
+                if got != extent.length:
+                    raise OSError(
+                        f"{self.path}: short read at {extent.offset}: {got} of {extent.length} "
+                        "bytes (truncated pack?)"
+                    )
+                deliver(extent, view)
+                view.release()
+        finally:
+            self._free.put(buffer)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for buffer in self._buffers:
+            buffer.close()
+
+
+def _open_cold(path: Path, direct: bool | None) -> tuple[int, str]:
+    if direct is not False and hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as error:
+            if direct:
+                raise OSError(f"{path}: O_DIRECT not supported here: {error}") from error
+            logger.info("%s: O_DIRECT refused (%s); using the fadvise cold-cache mode", path, error)
+        else:
+            if _direct_read_works(fd):
+                return fd, O_DIRECT
+            os.close(fd)
+            if direct:
+                raise OSError(f"{path}: O_DIRECT reads fail on this filesystem")
+    elif direct:
+        raise OSError(f"{path}: this platform has no O_DIRECT")
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    return fd, COLD_CACHE
+
+
+def _direct_read_works(fd: int) -> bool:
+    """Some filesystems (tmpfs, some FUSE) accept O_DIRECT at open and fail the reads."""
+    probe = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        with memoryview(probe) as view:
+            os.preadv(fd, [view], 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

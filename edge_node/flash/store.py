@@ -1,0 +1,345 @@
+"""The flash neuron store: FFN bundles in a fixed DRAM budget, read from flash on demand.
+
+Per layer a preallocated `NeuronCache` holds the bundles of the neurons in use. A step
+(one forward pass of the model, one token when decoding) asks each layer for the
+neurons it needs; those not resident are read from ffn.bin (`ColdReader`: page-aligned,
+adjacent neurons merged into one read, several reads in flight) and appended to the
+cache. After the step, windowing deletes the neurons no step of the last `window` used
+("LLM in a Flash", section 3.1): only newly needed neurons are ever read, and windowing
+decides only where a neuron's weights come from, never which neurons are used.
+
+Worked example (window 2, one layer): step 0 needs {1, 2, 3}: reads all three. Step 1
+needs {2, 4}: reads only 4; afterwards 1 and 3 stay (used at step 0, within the window).
+Step 2 needs {4, 5}: reads 5; afterwards 1 and 3 (last used at step 0) are deleted and
+{2, 4, 5} stay resident.
+
+Budget: the store sizes everything it allocates (caches, read buffers, the scratch of one
+compute chunk) when it is built, from `budget_bytes` minus the model's resident weights,
+and never allocates more. When a step needs more neurons than a layer's cache holds, the
+layer is computed in chunks that fit (`begin`), streaming through the cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_node.flash.cache import NeuronCache
+from edge_node.flash.pack import PAGE, FlashManifest
+from edge_node.flash.reader import ColdReader, Extent, plan_reads
+
+MiB = 1 << 20
+
+
+class BudgetError(ValueError):
+    """The DRAM budget cannot hold the model; the message gives the minimum that works."""
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How the store reads and keeps neurons (the defaults are the full method)."""
+
+    window: int = 4  # steps a used neuron stays resident after its last use (k); 0: none
+    merge_reads: bool = True  # join reads of neighbouring neurons into one larger read
+    merge_gap: int = 0  # ... also across up to this many unneeded bytes (read, then dropped)
+    bundled_reads: bool = True  # one read per bundle; False reads gate, up, down apart
+    io_threads: int = 4  # reads in flight at once; each thread owns one read buffer
+    read_bytes: int = 128 * 1024  # size of each read buffer: the largest single read
+    chunk_rows: int = 1024  # most neurons decoded and multiplied at once (scratch size)
+    direct_io: bool | None = None  # O_DIRECT; None: when available, else fadvise cold cache
+
+    def __post_init__(self) -> None:
+        if self.window < 0:
+            raise ValueError(f"window: must be >= 0, got {self.window}")
+        if not 1 <= self.io_threads <= 64:
+            raise ValueError(f"io_threads: must be in [1, 64], got {self.io_threads}")
+        if self.read_bytes < PAGE or self.read_bytes % PAGE:
+            raise ValueError(f"read_bytes: must be a multiple of {PAGE}, got {self.read_bytes}")
+        if self.merge_gap < 0:
+            raise ValueError(f"merge_gap: must be >= 0, got {self.merge_gap}")
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows: must be >= 1, got {self.chunk_rows}")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where the budget goes, in bytes. total <= budget."""
+
+    budget: int
+    resident: int  # model weights outside the store: dram.safetensors tensors, predictors
+    rows: int  # neuron cache rows per layer
+    chunk_rows: int  # neurons per compute chunk: chunk_rows option, at most rows // 2
+    cache: int  # all layers' neuron caches
+    buffers: int  # read buffers
+    scratch: int  # one chunk's gathered bundles and decoded weights
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.cache + self.buffers + self.scratch
+
+
+def plan_memory(
+    manifest: FlashManifest, budget: int, resident: int, options: StoreOptions, decoded_row: int
+) -> MemoryPlan:
+    """The largest per-layer cache that fits `budget`; BudgetError names the minimum.
+
+    decoded_row: bytes one neuron's weights take once decoded into the compute dtype
+    (0 when bundles are used in place).
+    """
+    layers, payload = manifest.config.n_layers, manifest.payload
+    need = -(-payload // PAGE) * PAGE + PAGE
+    if options.read_bytes < need:
+        raise ValueError(
+            f"read_bytes: must be >= {need} to hold one bundle, got {options.read_bytes}"
+        )
+    minimum = minimum_budget(manifest, resident, options, decoded_row)
+    if budget < minimum:
+        raise BudgetError(
+            f"budget: {budget:,} bytes ({budget / MiB:.2f} MiB) is below the minimum "
+            f"{minimum:,} bytes ({minimum / MiB:.2f} MiB): resident weights {resident:,}, "
+            f"read buffers {options.io_threads * options.read_bytes:,}, and one "
+            f"{payload}-byte neuron per layer"
+        )
+    buffers = options.io_threads * options.read_bytes
+    scratch_row = payload + decoded_row
+    free = budget - resident - buffers
+
+    def chunk_for(rows: int) -> int:  # at most half the cache, so a stream can keep half
+        return min(options.chunk_rows, max(1, rows // 2))
+
+    rows = (free - options.chunk_rows * scratch_row) // (layers * payload)
+    if chunk_for(rows) < options.chunk_rows:
+        rows = int(free // (layers * payload + scratch_row / 2))
+    rows = min(rows, manifest.config.hidden_dim)
+    while rows > 1 and rows * layers * payload + chunk_for(rows) * scratch_row > free:
+        rows -= 1
+    chunk = chunk_for(rows)
+    return MemoryPlan(
+        budget=budget,
+        resident=resident,
+        rows=rows,
+        chunk_rows=chunk,
+        cache=layers * rows * payload,
+        buffers=buffers,
+        scratch=chunk * scratch_row,
+    )
+
+
+def minimum_budget(
+    manifest: FlashManifest, resident: int, options: StoreOptions, decoded_row: int
+) -> int:
+    """The smallest budget `plan_memory` accepts: one cached neuron per layer."""
+    layers, payload = manifest.config.n_layers, manifest.payload
+    buffers = options.io_threads * options.read_bytes
+    return resident + buffers + layers * payload + payload + decoded_row
+
+
+@dataclass
+class StepMetrics:
+    """One step (model forward pass) summed over layers."""
+
+    tokens: int = 0  # positions in the forward pass (batch * time)
+    needed: int = 0  # neuron uses asked for
+    hits: int = 0  # of which already resident
+    neurons_read: int = 0
+    bytes_read: int = 0
+    reads: int = 0
+    io_s: float = 0.0
+    predictor_s: float = 0.0
+    compute_s: float = 0.0  # FFN decode and matmuls
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.needed if self.needed else 1.0
+
+    @property
+    def mean_read_bytes(self) -> float:
+        return self.bytes_read / self.reads if self.reads else 0.0
+
+
+@dataclass
+class StoreTotals:
+    steps: int = 0
+    metrics: StepMetrics = field(default_factory=StepMetrics)
+
+
+class FlashStore:
+    """Neuron caches for every layer of one pack, filled from its ffn.bin.
+
+    Not re-entrant: a layer's `begin`/`load`/`finish` sequence runs under `lock` (the
+    flash FFN takes it), so concurrent generations share the store safely.
+    """
+
+    def __init__(
+        self,
+        pack_dir: str | Path,
+        manifest: FlashManifest,
+        plan: MemoryPlan,
+        options: StoreOptions,
+        compute_dtype: torch.dtype,
+        *,
+        history: int = 4096,
+    ) -> None:
+        self.manifest = manifest
+        self.plan = plan
+        self.options = options
+        self.compute_dtype = compute_dtype
+        config = manifest.config
+        self.reader = ColdReader(
+            Path(pack_dir) / manifest.ffn.name,
+            threads=options.io_threads,
+            buffer_bytes=options.read_bytes,
+            direct=options.direct_io,
+        )
+        self.caches = [
+            NeuronCache(config.hidden_dim, plan.rows, manifest.payload)
+            for _ in range(config.n_layers)
+        ]
+        self._gathered = torch.empty(plan.chunk_rows, manifest.payload, dtype=torch.uint8)
+        decodes = plan.scratch > plan.chunk_rows * manifest.payload
+        self._decoded = (
+            torch.empty(plan.chunk_rows, 3, config.dim, dtype=compute_dtype) if decodes else None
+        )
+        self.lock = threading.Lock()
+        self.history: deque[StepMetrics] = deque(maxlen=history)
+        self.totals = StoreTotals()
+        self._step = StepMetrics()
+        self._layer_io_s = 0.0
+        self._needed = torch.empty(0, dtype=torch.long)
+
+    @property
+    def io_mode(self) -> str:
+        return self.reader.mode
+
+    def allocated_bytes(self) -> int:
+        """Bytes the store holds now, counted from its own tensors and buffers."""
+        caches = sum(c.rows.numel() for c in self.caches)
+        scratch = self._gathered.numel()
+        if self._decoded is not None:
+            scratch += self._decoded.numel() * self._decoded.element_size()
+        return caches + scratch + self.reader.memory_bytes
+
+    def resident(self, layer: int) -> set[int]:
+        return set(self.caches[layer].resident().tolist())
+
+    def begin(self, layer: int, needed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Starts `layer`'s part of a step that uses `needed` ((n,) ascending ids).
+
+        Returns consecutive pieces of `needed`, chunk_rows at most (half the cache or
+        less), to `load` and multiply one after another. When a step needs more than
+        the cache holds, its pieces stream through one half of the cache while the
+        other half keeps what the next step will want first (`NeuronCache.evict`).
+        """
+        self._needed = needed
+        return needed.split(self.plan.chunk_rows)
+
+    def load(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
+        """Weights (k, 3, dim) [gate, up, down] of `neurons` (a piece from `begin`) in the
+        compute dtype, reading the ones that are not resident.
+
+        The result lives in the store's scratch: use it before the next `load`.
+        """
+        cache = self.caches[layer]
+        slots = cache.slot_of[neurons]
+        missing = neurons[slots < 0]
+        self._step.needed += len(neurons)
+        self._step.hits += len(neurons) - len(missing)
+        if len(missing):
+            overflow = cache.count + len(missing) - cache.capacity
+            if overflow > 0:
+                cache.evict(overflow, neurons, self._needed)
+            self._read(layer, cache, missing, cache.insert(missing))
+            slots = cache.slot_of[neurons]
+        cache.last_used[neurons] = cache.step
+        k = len(neurons)
+        rows = torch.index_select(cache.rows, 0, slots, out=self._gathered[:k])
+        out = None if self._decoded is None else self._decoded[:k]
+        return self.manifest.bundle.decode(rows, self.compute_dtype, out)
+
+    def finish(
+        self, layer: int, *, tokens: int = 0, predictor_s: float = 0.0, ffn_s: float = 0.0
+    ) -> None:
+        """Ends `layer`'s part of a step: windowing, and metrics (a step ends at the last
+        layer). ffn_s: the layer's time in `load` and its matmuls; reads are taken out."""
+        self.caches[layer].end_step(self.options.window)
+        step = self._step
+        step.tokens = max(step.tokens, tokens)
+        step.predictor_s += predictor_s
+        step.compute_s += max(0.0, ffn_s - self._layer_io_s)
+        self._layer_io_s = 0.0
+        if layer == len(self.caches) - 1:
+            self.history.append(step)
+            self._add_to_totals(step)
+            self._step = StepMetrics()
+
+    def _add_to_totals(self, step: StepMetrics) -> None:
+        totals = self.totals.metrics
+        self.totals.steps += 1
+        for name in StepMetrics.__dataclass_fields__:
+            setattr(totals, name, getattr(totals, name) + getattr(step, name))
+
+    def _read(
+        self, layer: int, cache: NeuronCache, neurons: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        """Reads `neurons`' bundles into cache rows `slots` (both ascending)."""
+        manifest = self.manifest
+        bases = manifest.layer_offsets[layer] + neurons.numpy() * manifest.stride
+        slots_np = slots.numpy()
+        if self.options.bundled_reads:
+            groups = [(bases, 0, manifest.payload)]
+        else:
+            groups = [(bases + s.offset, s.offset, s.nbytes) for s in manifest.bundle.segments]
+        jobs = []
+        for offsets, dst, nbytes in groups:
+            deliver = _copier(cache.rows, offsets, slots_np, dst, nbytes, manifest.stride)
+            extents = plan_reads(
+                offsets,
+                nbytes,
+                page=PAGE,
+                max_bytes=self.options.read_bytes,
+                merge=self.options.merge_reads,
+                gap=self.options.merge_gap,
+            )
+            jobs.extend((extent, deliver) for extent in extents)
+        start = time.perf_counter()
+        self.reader.read(jobs)
+        elapsed = time.perf_counter() - start
+        self._layer_io_s += elapsed
+        step = self._step
+        step.io_s += elapsed
+        step.reads += len(jobs)
+        step.bytes_read += sum(extent.length for extent, _ in jobs)
+        step.neurons_read += len(neurons)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _copier(
+    rows: torch.Tensor, offsets: np.ndarray, slots: np.ndarray, dst: int, nbytes: int, stride: int
+):
+    """A deliver callback copying each piece of an extent into its cache row.
+
+    Runs of neighbouring neurons that went to neighbouring slots are copied at once.
+    """
+
+    def deliver(extent: Extent, view: memoryview) -> None:
+        buf = torch.frombuffer(view, dtype=torch.uint8)
+        starts = offsets[extent.first : extent.last] - extent.offset
+        run_slots = slots[extent.first : extent.last]
+        breaks = np.flatnonzero((np.diff(starts) != stride) | (np.diff(run_slots) != 1)) + 1
+        bounds = [0, *breaks.tolist(), len(starts)]
+        for lo, hi in pairwise(bounds):
+            src = buf.as_strided((hi - lo, nbytes), (stride, 1), int(starts[lo]))
+            first = int(run_slots[lo])
+            rows[first : first + hi - lo, dst : dst + nbytes].copy_(src)
+        del buf
+
+    return deliver

@@ -1,0 +1,232 @@
+"""`edgecloud flash pack|calibrate|info`: lay a model out for flash and train its predictors.
+
+pack: MODEL_DIR (a Hugging Face directory) -> OUT_DIR with dram.safetensors (embeddings,
+attention, norms), ffn.bin (row-column bundles, optionally int8/int4) and manifest.json.
+calibrate: trains the per-layer sparsity predictors of a pack on a corpus (default: the
+Python standard library, as `edgecloud train`) and prints held-out recall and
+false-positive rate per layer. info: what a pack holds and the smallest budget it runs in.
+The edge runs a pack with `edgecloud edge serve --model OUT_DIR --flash-budget-mb N`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from orchestrator.usage import UsageError
+
+QUANTIZE = {"int8": 8, "int4": 4}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    flash = subparsers.add_parser("flash", help="flash-offloaded FFN weights for edge models")
+    sub = flash.add_subparsers(title="flash commands", metavar="COMMAND", required=True)
+
+    pack = sub.add_parser("pack", help="write a model's flash layout")
+    pack.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    pack.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    pack.add_argument("--quantize", choices=sorted(QUANTIZE), help="FFN codes (default: floats)")
+    pack.add_argument("--group-size", type=int, default=64, help="values per scale (64)")
+    pack.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="float storage (default: the checkpoint's torch_dtype)",
+    )
+    pack.add_argument("--align", type=int, default=4096, help="bundle/layer alignment (4096)")
+    pack.set_defaults(run=run_pack)
+
+    calibrate = sub.add_parser("calibrate", help="train a pack's sparsity predictors")
+    calibrate.add_argument("pack_dir", type=Path, metavar="OUT_DIR")
+    calibrate.add_argument(
+        "--corpus", type=Path, help="directory of source files (default: the Python stdlib)"
+    )
+    calibrate.add_argument("--pattern", default="*.py", help="file glob in --corpus (*.py)")
+    calibrate.add_argument("--include-tests", action="store_true", help="keep tests/ packages")
+    calibrate.add_argument(
+        "--heldout-fraction", type=float, default=0.05, help="files held out by path hash (0.05)"
+    )
+    calibrate.add_argument("--tokens", type=int, default=32768, help="training tokens (32768)")
+    calibrate.add_argument("--heldout-tokens", type=int, default=8192, help="(8192)")
+    calibrate.add_argument("--context", type=int, default=256, help="tokens per window (256)")
+    calibrate.add_argument("--rank", type=int, default=64, help="predictor rank (64)")
+    calibrate.add_argument("--steps", type=int, default=400, help="steps per layer (400)")
+    calibrate.add_argument("--batch", type=int, default=1024, help="tokens per step (1024)")
+    calibrate.add_argument("--lr", type=float, default=3e-3)
+    calibrate.add_argument(
+        "--recall", type=float, default=0.99, help="target recall on training tokens (0.99)"
+    )
+    calibrate.add_argument(
+        "--gate-sparsity",
+        type=float,
+        help="SwiGLU only: share of gate activations treated as zero (default 0.5)",
+    )
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--threads", type=int, help="CPU threads for torch")
+    calibrate.add_argument("--json", action="store_true", help="print one JSON object")
+    calibrate.set_defaults(run=run_calibrate)
+
+    info = sub.add_parser("info", help="a pack's layout and smallest DRAM budget")
+    info.add_argument("pack_dir", type=Path, metavar="OUT_DIR")
+    info.set_defaults(run=run_info)
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    import torch
+
+    from edge_node.flash.pack import pack_model
+    from lm.quantize import QuantSpec
+
+    if not args.model_dir.exists():
+        raise UsageError(f"MODEL_DIR: {args.model_dir} does not exist")
+    try:
+        quant = None
+        if args.quantize:
+            quant = QuantSpec(bits=QUANTIZE[args.quantize], group_size=args.group_size)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        manifest = pack_model(
+            args.model_dir, args.out_dir, quant=quant, dtype=dtype, align=args.align
+        )
+    except ValueError as exc:  # CheckpointError names the file; others the field
+        raise UsageError(_flag_message(str(exc))) from exc
+    config = manifest.config
+    print(
+        f"packed {args.model_dir} -> {args.out_dir}: {config.n_layers} layers x "
+        f"{config.hidden_dim} neurons, {manifest.payload}-byte bundles at stride "
+        f"{manifest.stride} ({args.quantize or _dtype_name(manifest)}), "
+        f"ffn.bin {manifest.ffn.nbytes / 2**20:.1f} MiB, "
+        f"dram.safetensors {manifest.dram.nbytes / 2**20:.1f} MiB"
+    )
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from edge_node.flash.calibrate import calibrate, text_windows
+    from lm import corpus
+    from lm.errors import CheckpointError
+    from lm.sparsity import PredictorTraining
+    from lm.tokenizer import Tokenizer
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    for flag in ("tokens", "heldout_tokens", "context"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')}: must be >= 1")
+    if args.context > min(args.tokens, args.heldout_tokens):
+        raise UsageError(f"--context: {args.context} exceeds --tokens/--heldout-tokens")
+    if not (args.pack_dir / "tokenizer.json").is_file():
+        raise UsageError(
+            f"OUT_DIR: {args.pack_dir / 'tokenizer.json'} missing; calibration reads text "
+            "with the model's tokenizer (pack a model directory that has one)"
+        )
+    try:
+        training = PredictorTraining(
+            rank=args.rank,
+            steps=args.steps,
+            batch_size=args.batch,
+            lr=args.lr,
+            recall=args.recall,
+            seed=args.seed,
+        )
+        tokenizer = Tokenizer.from_dir(args.pack_dir)
+        split = corpus.discover(
+            args.corpus,
+            pattern=args.pattern,
+            include_tests=args.include_tests,
+            heldout_fraction=args.heldout_fraction,
+        )
+        if not split.heldout:
+            raise UsageError(f"--corpus: no held-out files under {split.root}")
+        train = text_windows(tokenizer, split.paths("train"), args.tokens, args.context, args.seed)
+        heldout = text_windows(tokenizer, split.paths("heldout"), args.heldout_tokens, args.context)
+        report = calibrate(
+            args.pack_dir,
+            train,
+            heldout,
+            training,
+            gate_sparsity=args.gate_sparsity,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except (ValueError, CheckpointError) as exc:
+        raise UsageError(_flag_message(str(exc))) from exc
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"held-out recall / false-positive rate per layer ({report['heldout_tokens']} tokens):")
+    for i, layer in enumerate(report["layers"]):
+        print(
+            f"  layer {i}: recall {layer['recall']:.4f}  FPR {layer['false_positive_rate']:.4f}"
+            f"  active {layer['active']:.3f}  predicted {layer['predicted']:.3f}"
+        )
+    for name in ("threshold_cost", "predicted_cost"):
+        if name in report:
+            cost = report[name]
+            print(
+                f"{name.replace('_', ' ')}: top-1 agreement {cost['top1_agreement']:.4f}, "
+                f"perplexity {cost['dense_perplexity']:.3f} -> {cost['sparse_perplexity']:.3f}"
+            )
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from edge_node.flash.pack import read_manifest
+    from edge_node.flash.store import StoreOptions, minimum_budget
+    from lm.errors import CheckpointError
+
+    try:
+        manifest = read_manifest(args.pack_dir)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from exc
+    config = manifest.config
+    # Resident weights as the CPU runs them (float32), predictors left out; default options.
+    resident = sum(torch.Size(shape).numel() * 4 for shape in manifest.tensors.values())
+    minimum = minimum_budget(manifest, resident, StoreOptions(), 3 * config.dim * 4)
+    print(
+        json.dumps(
+            {
+                "layers": config.n_layers,
+                "dim": config.dim,
+                "hidden": config.hidden_dim,
+                "activation": config.activation,
+                "storage": _dtype_name(manifest),
+                "bundle_bytes": manifest.payload,
+                "stride": manifest.stride,
+                "ffn_bytes": manifest.ffn.nbytes,
+                "dram_bytes": manifest.dram.nbytes,
+                "resident_float32_bytes": resident,
+                "minimum_budget_bytes": minimum,
+                "predictor": (args.pack_dir / "predictor.json").is_file(),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _dtype_name(manifest) -> str:
+    quant = manifest.bundle.quant
+    return quant.name if quant else str(manifest.bundle.dtype).removeprefix("torch.")
+
+
+def _flag_message(message: str) -> str:
+    """Library errors name fields (group_size: ...); the CLI names the flag."""
+    field, _, rest = message.partition(":")
+    flags = {
+        "group_size": "--group-size",
+        "align": "--align",
+        "gate_sparsity": "--gate-sparsity",
+        "sparsity": "--gate-sparsity",
+        "rank": "--rank",
+        "steps": "--steps",
+        "batch_size": "--batch",
+        "lr": "--lr",
+        "recall": "--recall",
+    }
+    return f"{flags[field]}:{rest}" if field in flags else message
