@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -106,28 +105,31 @@ class ColdReader:
         self.fd, self.mode = _open_cold(self.path, direct)
         # Anonymous mappings are page-aligned, as O_DIRECT needs.
         self._buffers = [mmap.mmap(-1, buffer_bytes) for _ in range(threads)]
-        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
-        for buffer in self._buffers:
-            self._free.put(buffer)
         self._pool = (
             ThreadPoolExecutor(threads, thread_name_prefix="flash-read") if threads > 1 else None
         )
         self.memory_bytes = buffer_bytes * threads  # all read buffers together
 
     def read(self, jobs: Sequence[tuple[Extent, Deliver]]) -> None:
-        """Performs every read, `threads` at a time; returns once each is delivered."""
-        if self._pool is None or len(jobs) == 1:
-            for extent, deliver in jobs:
-                self._read_one(extent, deliver)
+        """Performs every read, `threads` at a time; returns once each is delivered.
+
+        Thread t takes jobs t, t + threads, ... in turn, with its own buffer, so that one
+        task per thread (not per read) crosses the pool.
+        """
+        lanes = min(len(jobs), len(self._buffers))
+        if self._pool is None or lanes <= 1:
+            self._read_lane(jobs, self._buffers[0])
             return
-        futures = [self._pool.submit(self._read_one, e, d) for e, d in jobs]
+        futures = [
+            self._pool.submit(self._read_lane, jobs[lane::lanes], self._buffers[lane])
+            for lane in range(lanes)
+        ]
         for future in futures:
             future.result()
 
-    def _read_one(self, extent: Extent, deliver: Deliver) -> None:
-        buffer = self._free.get()
-        try:
-            with memoryview(buffer) as whole:
+    def _read_lane(self, jobs: Sequence[tuple[Extent, Deliver]], buffer: mmap.mmap) -> None:
+        with memoryview(buffer) as whole:
+            for extent, deliver in jobs:
                 view = whole[: extent.length]
                 if self.mode == COLD_CACHE:
                     os.posix_fadvise(self.fd, extent.offset, extent.length, os.POSIX_FADV_DONTNEED)
@@ -139,8 +141,6 @@ class ColdReader:
                     )
                 deliver(extent, view)
                 view.release()
-        finally:
-            self._free.put(buffer)
 
     def close(self) -> None:
         if self._pool is not None:

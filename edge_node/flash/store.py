@@ -25,7 +25,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -298,7 +297,6 @@ class FlashStore:
             groups = [(bases + s.offset, s.offset, s.nbytes) for s in manifest.bundle.segments]
         jobs = []
         for offsets, dst, nbytes in groups:
-            deliver = _copier(cache.rows, offsets, slots_np, dst, nbytes, manifest.stride)
             extents = plan_reads(
                 offsets,
                 nbytes,
@@ -307,7 +305,10 @@ class FlashStore:
                 merge=self.options.merge_reads,
                 gap=self.options.merge_gap,
             )
-            jobs.extend((extent, deliver) for extent in extents)
+            copier = _Copier(
+                cache.rows.numpy(), offsets, slots_np, extents, dst, nbytes, manifest.stride
+            )
+            jobs.extend((extent, copier) for extent in extents)
         start = time.perf_counter()
         self.reader.read(jobs)
         elapsed = time.perf_counter() - start
@@ -322,24 +323,50 @@ class FlashStore:
         self.reader.close()
 
 
-def _copier(
-    rows: torch.Tensor, offsets: np.ndarray, slots: np.ndarray, dst: int, nbytes: int, stride: int
-):
-    """A deliver callback copying each piece of an extent into its cache row.
+class _Copier:
+    """Copies the pieces an extent brought in into their cache rows (a `Deliver`).
 
-    Runs of neighbouring neurons that went to neighbouring slots are copied at once.
+    Pieces go in runs: neighbouring neurons bound for neighbouring slots, found once for
+    all extents, are one strided copy each.
     """
 
-    def deliver(extent: Extent, view: memoryview) -> None:
-        buf = torch.frombuffer(view, dtype=torch.uint8)
-        starts = offsets[extent.first : extent.last] - extent.offset
-        run_slots = slots[extent.first : extent.last]
-        breaks = np.flatnonzero((np.diff(starts) != stride) | (np.diff(run_slots) != 1)) + 1
-        bounds = [0, *breaks.tolist(), len(starts)]
-        for lo, hi in pairwise(bounds):
-            src = buf.as_strided((hi - lo, nbytes), (stride, 1), int(starts[lo]))
-            first = int(run_slots[lo])
-            rows[first : first + hi - lo, dst : dst + nbytes].copy_(src)
-        del buf
+    def __init__(
+        self,
+        rows: np.ndarray,
+        offsets: np.ndarray,
+        slots: np.ndarray,
+        extents: list[Extent],
+        dst: int,
+        nbytes: int,
+        stride: int,
+    ) -> None:
+        self.rows, self.dst, self.nbytes, self.stride = rows, dst, nbytes, stride
+        starts = np.zeros(len(offsets), dtype=bool)
+        starts[0] = True
+        starts[1:] = (np.diff(offsets) != stride) | (np.diff(slots) != 1)
+        starts[[e.first for e in extents]] = True
+        firsts = np.flatnonzero(starts)
+        counts = np.diff(np.append(firsts, len(offsets)))
+        runs = zip(
+            firsts.tolist(),
+            offsets[firsts].tolist(),
+            slots[firsts].tolist(),
+            counts.tolist(),
+            strict=True,
+        )
+        self.runs: dict[int, list[tuple[int, int, int]]] = {e.first: [] for e in extents}
+        owner = 0
+        for first, offset, slot, count in runs:
+            owner = first if first in self.runs else owner
+            self.runs[owner].append((offset, slot, count))
 
-    return deliver
+    def __call__(self, extent: Extent, view: memoryview) -> None:
+        for offset, slot, count in self.runs[extent.first]:
+            source = np.ndarray(
+                (count, self.nbytes),
+                dtype=np.uint8,
+                buffer=view,
+                offset=offset - extent.offset,
+                strides=(self.stride, 1),
+            )
+            self.rows[slot : slot + count, self.dst : self.dst + self.nbytes] = source
