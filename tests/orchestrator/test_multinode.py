@@ -1,0 +1,131 @@
+"""The stack over a multi-node Ray cluster (`ray.cluster_utils.Cluster`): two edge
+nodes and two cloud nodes, each a separate raylet with its own worker processes.
+
+Every node advertises 127.0.0.1. Ray turns a loopback bootstrap address into the
+machine's interface address before connecting (`resolve_ip_for_localhost`), and the
+sandboxes this project runs in refuse connections to that address; with Ray's
+`ENABLE_RAY_CLUSTER` constant off, Ray keeps loopback. That is the only thing patched
+here: the raylets, actors, Redis and gRPC hops are all real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import pytest_asyncio
+import ray
+import ray._private.ray_constants as ray_constants
+from ray.cluster_utils import Cluster
+
+import edgecloud
+from lm.checkpoint import save_model
+from orchestrator.registry import AsyncRegistry, connect_async
+from orchestrator.stack import Stack, StackConfig
+from tests.edge_node.conftest import noisy_copy
+from tests.tiny import MODEL_NAME, tiny_model
+
+PROMPT = [1, 5, 9, 22]
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    local = {"node_ip_address": "127.0.0.1", "num_cpus": 1}
+    c = Cluster(initialize_head=True, head_node_args={**local, "include_dashboard": False})
+    nodes = {
+        name: c.add_node(**local, resources={kind: 1})
+        for name, kind in (("edge-a", "edge"), ("edge-b", "edge"))
+        + (("cloud-a", "cloud"), ("cloud-b", "cloud"))
+    }
+    c.wait_for_nodes()
+    yield c, nodes
+    c.shutdown()
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    target = tiny_model(seed=21, vocab=64, sharpen=3.0)
+    save_model(target, root / MODEL_NAME)
+    save_model(noisy_copy(target, 0.01, seed=5), root / "draft")
+    return root / MODEL_NAME, root / "draft"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(cluster, model_dirs):
+    c, _ = cluster
+    target, draft = model_dirs
+    s = Stack(
+        StackConfig(
+            target_dir=target,
+            draft_dir=draft,
+            edges=2,
+            verifiers=2,
+            gateway_port=0,
+            ray_address=c.address,
+            # Slow rounds keep generations in flight while a node is killed.
+            simulated_rtt_ms=40.0,
+        )
+    )
+    await s.start()
+    yield s
+    await s.stop()
+
+
+def _nodes_of(actors) -> set[str]:
+    """The Ray nodes the actors run on (each node offers one edge or cloud slot, so
+    two actors of a kind on two distinct nodes is what the scheduler must do)."""
+    table = ray._private.state.actors()
+    ids = {a._actor_id.hex() for a in actors}
+    return {entry["Address"]["NodeID"] for key, entry in table.items() if key in ids}
+
+
+async def test_actors_land_on_their_kind_of_node_and_load_spreads(cluster, stack):
+    _, nodes = cluster
+    edge_nodes = {nodes["edge-a"].node_id, nodes["edge-b"].node_id}
+    cloud_nodes = {nodes["cloud-a"].node_id, nodes["cloud-b"].node_id}
+    assert _nodes_of(stack.edge_actors) == edge_nodes
+    assert _nodes_of(stack.verifier_actors) == cloud_nodes
+
+    async with edgecloud.AsyncClient(stack.gateway_address, token=stack.client_token) as client:
+        reference = await client.generate(PROMPT, max_tokens=24, mode="cloud_only")
+        results = await asyncio.gather(*(client.generate(PROMPT, max_tokens=24) for _ in range(8)))
+    assert all(list(r.tokens) == list(reference.tokens) for r in results)
+    completed = [(await a.load.remote()).completed for a in stack.edge_actors]
+    assert all(n > 0 for n in completed), completed
+    passes = [await a.forward_passes.remote() for a in stack.verifier_actors]
+    assert all(p > 0 for p in passes), passes
+
+
+async def test_a_dead_cloud_node_leaves_routing_and_its_sessions_fail_over(cluster, stack):
+    """The raylet hosting verifier-0 is killed while generations are in flight: they
+    finish on verifier-1 with the cloud-only output, and verifier-0's registration
+    expires within one heartbeat TTL."""
+    c, nodes = cluster
+    victim = next(
+        name
+        for name in ("cloud-a", "cloud-b")
+        if _nodes_of(stack.verifier_actors[:1]) == {nodes[name].node_id}
+    )
+    async with edgecloud.AsyncClient(stack.gateway_address, token=stack.client_token) as client:
+        reference = await client.generate(PROMPT, max_tokens=48, mode="cloud_only")
+        running = [asyncio.ensure_future(client.generate(PROMPT, max_tokens=48)) for _ in range(4)]
+        await asyncio.sleep(0.3)
+        c.remove_node(nodes[victim], allow_graceful=False)
+        killed_at = time.monotonic()
+        results = await asyncio.gather(*running)
+        assert all(list(r.tokens) == list(reference.tokens) for r in results)
+        assert sum(r.stats.failovers for r in results) > 0
+
+        registry = AsyncRegistry(connect_async(stack.redis_url))
+        ttl = 10.0
+        while "verifier-0" in {n.info.node_id for n in await registry.list_nodes(kind="cloud")}:
+            assert time.monotonic() - killed_at < ttl + 2, "verifier-0 still registered"
+            await asyncio.sleep(0.2)
+        after = await asyncio.gather(*(client.generate(PROMPT, max_tokens=24) for _ in range(3)))
+    assert all(list(r.tokens) == list(reference.tokens)[:24] for r in after)
