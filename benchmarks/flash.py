@@ -21,9 +21,15 @@ of every model file has been dropped (POSIX_FADV_DONTNEED):
     +gap        ... and reads merged across up to 32 KiB of unneeded bytes (read, dropped):
                 fewer, larger reads for devices where latency costs more than bytes
 
-All flash methods get the same DRAM budget: the resident weights (embeddings, attention,
-norms, predictors, in float32 as the CPU computes) plus --store-fraction of the float16
-FFN size for the neuron caches, read buffers and scratch.
+All flash methods (and mmap) keep the resident weights (embeddings, attention, norms,
+predictors) in --dtype (float16) and run the FFN matmuls in float32 (load_flash_model's
+CPU default); dense, the reference for speed and top-1 agreement, runs in float32. They
+get the same DRAM budget, which covers every weight the process holds: resident weights,
+neuron caches, read buffers and scratch. It is --budget-fraction (0.5) of the float16
+FFN size, so the FFN is at least twice the budget. A model whose resident weights alone
+exceed half of that (the demo models: their embeddings outweigh their small FFNs) gets
+instead its resident weights plus --store-fraction (0.4) of the FFN for the store: its
+FFN is 2.5x the part of the budget it can be read into. Both ratios are reported.
 
 Reported per method: tokens/s (decode steps), FFN bytes read per token (and as % of the
 float16 FFN), reads per token and mean read size, cache hit rate, I/O / predictor /
@@ -90,7 +96,21 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--store-fraction", type=float, default=0.4)
+    parser.add_argument(
+        "--budget-fraction", type=float, default=0.5, help="budget / FFN bytes (0.5)"
+    )
+    parser.add_argument(
+        "--store-fraction",
+        type=float,
+        default=0.4,
+        help="store budget / FFN bytes where the resident part is too big for the above (0.4)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float16",
+        help="resident weights of the flash and mmap runs (float16)",
+    )
     parser.add_argument("--window", type=int, default=5)
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
@@ -126,7 +146,9 @@ def main() -> None:
                     "prompts",
                     "prompt_tokens",
                     "new_tokens",
+                    "budget_fraction",
                     "store_fraction",
+                    "dtype",
                     "window",
                     "threads",
                 )
@@ -161,14 +183,21 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
         "new_tokens": args.new_tokens,
         "window": args.window,
         "threads": args.threads,
+        "dtype": args.dtype,
         "files": files,
     }
     dense = worker(spec, "dense")
     spec["sequences"] = dense["sequences"]
     spec["dense_argmax"] = dense["argmax"]
-    resident = dense["resident_bytes_float32"] + dense["predictor_bytes"]
-    store_budget = int(args.store_fraction * ffn_bytes)
-    spec["budget"] = resident + store_budget
+    itemsize = getattr(torch, args.dtype).itemsize
+    resident = (dense["resident_elements"] + dense["predictor_elements"]) * itemsize
+    covers_all = resident <= args.budget_fraction * ffn_bytes / 2
+    if covers_all:
+        spec["budget"] = int(args.budget_fraction * ffn_bytes)
+        store_budget = spec["budget"] - resident
+    else:
+        store_budget = int(args.store_fraction * ffn_bytes)
+        spec["budget"] = resident + store_budget
     spec["read_bytes"] = 128 * 1024 if store_budget > 8 * 2**20 else 16 * 1024
     methods = {"dense": dense} | {m: worker(spec, m) for m in METHODS[1:]}
     for result in methods.values():
@@ -176,14 +205,18 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
             result.pop(key, None)
         if "bytes_read_per_token" in result:
             result["pct_of_ffn_bytes"] = 100 * result["bytes_read_per_token"] / ffn_bytes
-    model_bytes = dense["resident_bytes_float16"] + ffn_bytes
+    model_bytes = dense["resident_elements"] * 2 + ffn_bytes
     summary = {
         "model": {**model_summary(meta_model(config), str(model_dir)), "dtype": "float16"},
         "ffn_bytes_float16": ffn_bytes,
         "model_bytes_float16": model_bytes,
         "budget_bytes": spec["budget"],
+        "budget_covers": "all weights" if covers_all else "store only",
+        "resident_bytes": resident,
         "store_budget_bytes": store_budget,
         "read_bytes": spec["read_bytes"],
+        "ffn_to_budget": ffn_bytes / spec["budget"],
+        "ffn_to_store_budget": ffn_bytes / store_budget,
         "model_to_budget": model_bytes / spec["budget"],
         "activation_sparsity": dense["sparsity"],
         "predictor": dense["predictor"],
@@ -259,18 +292,18 @@ def load_method(spec: dict, method: str, result: dict) -> tuple[nn.Module, Calla
         model = load_model(spec["model_dir"], device="cpu", dtype=torch.float32)
         state = {n: t for n, t in model.state_dict().items() if "feed_forward" not in n}
         unique = {t.data_ptr(): t for t in state.values()}
-        result["resident_bytes_float32"] = sum(t.nbytes for t in unique.values())
-        result["resident_bytes_float16"] = result["resident_bytes_float32"] // 2
+        result["resident_elements"] = sum(t.numel() for t in unique.values())
         manifest = read_manifest(spec["packs"]["float16"])
         predictors = load_predictors(
             spec["packs"]["float16"], manifest, torch.device("cpu"), torch.float32
         )
-        result["predictor_bytes"] = sum(
-            t.nbytes for p in predictors.predictors for t in p.state_dict().values()
+        result["predictor_elements"] = sum(
+            t.numel() for p in predictors.predictors for t in p.state_dict().values()
         )
         return model, None
+    dtype = getattr(torch, spec["dtype"])
     if method == "mmap":
-        model = load_model(spec["model_dir"], device="cpu", dtype=torch.float32)
+        model = load_model(spec["model_dir"], device="cpu", dtype=dtype)
         return model, attach_mmap(model, Path(spec["unbundled"]))
     window = spec["window"]
     # Read buffers come out of the budget: small ones for the small models.
@@ -288,7 +321,7 @@ def load_method(spec: dict, method: str, result: dict) -> tuple[nn.Module, Calla
         pack,
         spec["budget"],
         device="cpu",
-        dtype=torch.float32,
+        dtype=dtype,
         options=options,
         use_predictor=method != "naive",
         verify=False,  # hashing would read (and cache) every byte before the run
@@ -305,7 +338,8 @@ def load_method(spec: dict, method: str, result: dict) -> tuple[nn.Module, Calla
 @torch.inference_mode()
 def decode(model, prompt, new_tokens, forced, recorder, after_token):
     """Prefill `prompt`, then `new_tokens` single-token steps feeding `forced` (or greedy)."""
-    cache = KVCache(model.config, 1, len(prompt) + new_tokens + 1)
+    dtype = model.tok_embeddings.weight.dtype
+    cache = KVCache(model.config, 1, len(prompt) + new_tokens + 1, dtype=dtype)
     logits = model(torch.tensor([prompt]), cache=cache)[0, -1]
     cache.commit(0, range(len(prompt)))
     tokens, argmax, times = [], [int(logits.argmax())], []
@@ -391,15 +425,18 @@ def store_metrics(store, new_tokens: int) -> dict:
 
 
 class MmapFeedForward(nn.Module):
-    """A dense FFN whose float16 matrices are views of one memory-mapped file."""
+    """A dense FFN whose float16 matrices are views of one memory-mapped file; it
+    multiplies in float32, as the flash FFN does on CPU."""
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act) -> None:
         super().__init__()
         self.gate, self.up, self.down, self.act = gate, up, down, act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = F.linear(x, self.gate.to(x.dtype))
-        return F.linear(self.act(gate) * F.linear(x, self.up.to(x.dtype)), self.down.to(x.dtype))
+        h = x.float()
+        gate = F.linear(h, self.gate.float())
+        y = F.linear(self.act(gate) * F.linear(h, self.up.float()), self.down.float())
+        return y.to(x.dtype)
 
 
 def attach_mmap(model: Transformer, path: Path) -> Callable[[], None]:
@@ -539,9 +576,10 @@ def proc_read_bytes() -> int:
 def print_table(name: str, summary: dict) -> None:
     print(
         f"\n{name}: FFN {summary['ffn_bytes_float16'] / 2**20:.1f} MiB (float16), budget "
-        f"{summary['budget_bytes'] / 2**20:.1f} MiB (store "
-        f"{summary['store_budget_bytes'] / 2**20:.1f} MiB), model/budget "
-        f"{summary['model_to_budget']:.2f}, sparsity "
+        f"{summary['budget_bytes'] / 2**20:.1f} MiB ({summary['budget_covers']}; store "
+        f"{summary['store_budget_bytes'] / 2**20:.1f} MiB), FFN/budget "
+        f"{summary['ffn_to_budget']:.2f}, FFN/store {summary['ffn_to_store_budget']:.2f}, "
+        f"model/budget {summary['model_to_budget']:.2f}, sparsity "
         f"{summary['activation_sparsity']['mean']:.3f}, predictor recall "
         f"{summary['predictor']['mean_recall']:.4f}, reads: {summary['io_mode']}"
     )

@@ -9,6 +9,12 @@ configuration, one after another (so a neighbour's load on a shared machine hits
     beam            lossless, beam tree of --width x --depth, fixed shape
     beam_adaptive   lossless, the same beam with the adaptive shape policy on
     chain           lossless, a chain of --depth tokens, fixed shape
+    head            lossless, ReDrafter's recurrent head (--head) drafts a beam tree of
+                    --width x --depth from the verifier's float16 hidden state, fixed shape
+    head_adaptive   the same head with the adaptive shape policy on
+    head_int8       `head` with the hidden state sent as int8 (half the bytes)
+    auto            lossless, per session the SLM or the head (edge_node/drafter_choice.py),
+                    beam tree with the adaptive shape policy
 
 Topology: the verifier (a real gRPC server), a delay proxy and the edge runtime live in this
 one process on loopback. The edge reaches the verifier only through `DelayProxy`, a TCP relay
@@ -20,12 +26,14 @@ counters give the protobuf message bytes.
 Reported per (RTT, configuration): tokens/s and the speedup over cloud_only at the same RTT;
 tau, the mean tokens a cloud round yields including the bonus token; cloud forward passes
 per generated token (rounds, and the verifier's own count with the prefill); bytes per
-generated token each way; the edge's draft time per round; the prefix-deduplication saving;
-acceptance by draft position; and whether every lossless output equals cloud_only's.
+generated token and per round each way; the edge's draft time per round; the share of
+rounds the head drafted; the prefix-deduplication saving; acceptance by draft position;
+and whether every lossless output equals cloud_only's.
 
     python benchmarks/speculative.py                         # the bundled demo pair
     python benchmarks/speculative.py --target DIR --draft DIR
     python benchmarks/speculative.py --quick                 # a short smoke run
+    python benchmarks/speculative.py --configs beam,head,auto --head DIR
 """
 
 from __future__ import annotations
@@ -51,9 +59,12 @@ from edge_node.types import DraftOptions, GenerationRequest, GenerationStats, Mo
 from lm import corpus
 from lm.checkpoint import load_model
 from lm.device import default_device, default_dtype
+from lm.draft_head import DraftHead, load_head
 from lm.evaluate import check_pair
 from lm.model import Transformer
 from lm.tokenizer import Tokenizer
+from orchestrator.demo_models import HEAD_DIR
+from serving.delay_proxy import DelayProxy
 from serving.server import ServerConfig
 
 DEMO_DIR = REPO_ROOT / "orchestrator" / "demo_models"
@@ -64,6 +75,11 @@ TOPOLOGY = (
     "the next round during a verification: pipelining)"
 )
 TARGETS = {"tau_min": 4.0, "passes_per_token_max": 0.25, "speedup_at_50ms_min": 2.5}
+# Issue #10's bar for the recurrent head (greedy).
+HEAD_TARGETS = {"tau_min": 5.0, "passes_per_token_max": 0.2}
+# Configs that need a head; the head's targets are checked on those that draft with it alone.
+HEAD_ONLY_CONFIGS = ("head", "head_adaptive", "head_int8")
+HEAD_CONFIGS = (*HEAD_ONLY_CONFIGS, "auto")
 
 
 @dataclass(frozen=True)
@@ -74,8 +90,8 @@ class RunConfig:
 
 
 def run_configs(width: int, depth: int, pipeline: bool) -> dict[str, RunConfig]:
-    def lossless(name: str, tree: str, width: int, adapt: bool) -> RunConfig:
-        options = DraftOptions(tree, width, depth, adapt=adapt, pipeline=pipeline)
+    def lossless(name: str, tree: str, width: int, adapt: bool, **head) -> RunConfig:
+        options = DraftOptions(tree, width, depth, adapt=adapt, pipeline=pipeline, **head)
         return RunConfig(name, Mode.LOSSLESS, options)
 
     return {
@@ -83,98 +99,13 @@ def run_configs(width: int, depth: int, pipeline: bool) -> dict[str, RunConfig]:
         "beam": lossless("beam", "beam", width, adapt=False),
         "beam_adaptive": lossless("beam_adaptive", "beam", width, adapt=True),
         "chain": lossless("chain", "chain", 1, adapt=False),
+        "head": lossless("head", "beam", width, adapt=False, drafter="head"),
+        "head_adaptive": lossless("head_adaptive", "beam", width, adapt=True, drafter="head"),
+        "head_int8": lossless(
+            "head_int8", "beam", width, adapt=False, drafter="head", hidden_encoding="int8"
+        ),
+        "auto": lossless("auto", "beam", width, adapt=True, drafter="auto"),
     }
-
-
-class DelayProxy:
-    """A TCP relay on loopback that holds every chunk of bytes for `one_way_ms` each way.
-
-    Per connection and direction, a reader stamps each chunk with its arrival time and queues
-    it; a writer sends each chunk when its time comes, in order. Latency is added without
-    limiting throughput: chunks in flight overlap, as on a long link (a sleep in the reader
-    would serialise them). `bytes_up` (edge to verifier) and `bytes_down` count TCP payload.
-    """
-
-    def __init__(self, upstream_port: int, one_way_ms: float) -> None:
-        self.upstream_port = upstream_port
-        self.one_way_ms = one_way_ms
-        self.delay_s = one_way_ms / 1000
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        """Stops listening and closes every relayed connection."""
-        if self._server is not None:
-            self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-
-    async def _relay(self, edge_reader: asyncio.StreamReader, edge: asyncio.StreamWriter) -> None:
-        self._connections.add(asyncio.current_task())
-        self._writers.add(edge)
-        verifier = None
-        try:
-            verifier_reader, verifier = await asyncio.open_connection(
-                "127.0.0.1", self.upstream_port
-            )
-            self._writers.add(verifier)
-            await asyncio.gather(
-                self._pipe(edge_reader, verifier, up=True),
-                self._pipe(verifier_reader, edge, up=False),
-            )
-        except OSError:
-            pass  # either side went away: close both
-        finally:
-            for writer in (edge, verifier):
-                if writer is not None:
-                    writer.close()
-                    self._writers.discard(writer)
-            self._connections.discard(asyncio.current_task())
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, up: bool
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def send() -> None:
-            while True:
-                due, data = await queue.get()
-                wait = due - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                if not data:  # the other side half-closed: pass it on
-                    if writer.can_write_eof():
-                        writer.write_eof()
-                    return
-                writer.write(data)
-                await writer.drain()
-
-        sender = asyncio.create_task(send())
-        try:
-            while data := await reader.read(1 << 16):
-                if up:
-                    self.bytes_up += len(data)
-                else:
-                    self.bytes_down += len(data)
-                queue.put_nowait((loop.time() + self.delay_s, data))
-            queue.put_nowait((loop.time() + self.delay_s, b""))
-            await sender
-        finally:
-            sender.cancel()
 
 
 @dataclass(frozen=True)
@@ -196,6 +127,7 @@ class Run:
 class Bench:
     verifier: VerifierServer
     draft: Transformer
+    head: DraftHead | None
     tokenizer: Tokenizer
     max_tokens: int
     runs: list[Run] = field(default_factory=list)
@@ -209,6 +141,7 @@ class Bench:
             EdgeConfig(model_name=MODEL_NAME, threads=1),
             tokenizer=self.tokenizer,
             link=link,
+            head=self.head,
         )
 
     async def generate(
@@ -293,6 +226,8 @@ def aggregate(
         for i in range(positions)
     ]
     mismatched = [r.prompt for r in runs if r.tokens != reference[r.prompt]]
+    # Runs that drafted only with the head never prefilled the SLM.
+    prefills = [prefill_ms if s.head_rounds < s.rounds else 0.0 for s in stats]
     # Rounds after the first token: the steady state that RTT, draft and verify make up.
     steady_ms = sum(r.wall_ms - r.stats.time_to_first_token_ms for r in runs)
     steady_rounds = sum(max(s.rounds - 1, 0) for s in stats)
@@ -309,6 +244,9 @@ def aggregate(
         "engine_passes_per_token": sum(r.engine_passes for r in runs) / tokens,
         "bytes_to_cloud_per_token": sum(s.bytes_to_cloud for s in stats) / tokens,
         "bytes_from_cloud_per_token": sum(s.bytes_from_cloud for s in stats) / tokens,
+        # Per round, the session's opening (context, prefill reply) included.
+        "bytes_to_cloud_per_round": sum(s.bytes_to_cloud for s in stats) / rounds,
+        "bytes_from_cloud_per_round": sum(s.bytes_from_cloud for s in stats) / rounds,
         "wire_bytes_up_per_token": sum(r.wire_up for r in runs) / tokens,
         "wire_bytes_down_per_token": sum(r.wire_down for r in runs) / tokens,
         "ms_per_round": steady_ms / steady_rounds if steady_rounds else None,
@@ -316,9 +254,10 @@ def aggregate(
         # the SLM's prefill of the prompt), and without that prefill.
         "draft_ms_per_round": sum(s.draft_ms for s in stats) / rounds,
         "draft_ms_per_round_steady": sum(
-            max(s.draft_ms - prefill_ms, 0) for s in stats if s.draft_ms
+            max(s.draft_ms - p, 0) for s, p in zip(stats, prefills, strict=True) if s.draft_ms
         )
         / rounds,
+        "head_round_fraction": sum(s.head_rounds for s in stats) / rounds,
         "tree_nodes_per_round": drafted / rounds,
         "pipelined_fraction": sum(s.pipelined_rounds for s in stats) / rounds,
         "dedup_saved_per_round": saved / rounds,
@@ -356,27 +295,31 @@ def report(rows: Sequence[dict], rtts: Sequence[float]) -> dict[str, object]:
     print()
     print(
         f"{'rtt':>4} {'config':<14} {'tok/s':>7} {'speedup':>7} {'tau':>5} {'pass/tok':>8} "
-        f"{'B up/tok':>8} {'B dn/tok':>8} {'wire up':>8} {'wire dn':>8} {'draft ms':>8} "
-        f"{'ms/round':>8} {'nodes':>5} {'dedup':>5} {'piped':>5} {'same':>4}"
+        f"{'B up/tok':>8} {'B dn/tok':>8} {'B up/rd':>7} {'B dn/rd':>7} {'wire up':>8} "
+        f"{'wire dn':>8} {'draft ms':>8} {'ms/round':>8} {'nodes':>5} {'dedup':>5} "
+        f"{'piped':>5} {'head':>4} {'same':>4}"
     )
     for r in rows:
         print(
             f"{r['rtt_ms']:>4g} {r['config']:<14} {r['tokens_per_s']:>7.1f} {r['speedup']:>6.2f}x "
             f"{r['tau']:>5.2f} {r['rounds_per_token']:>8.3f} "
             f"{r['bytes_to_cloud_per_token']:>8.1f} {r['bytes_from_cloud_per_token']:>8.1f} "
+            f"{r['bytes_to_cloud_per_round']:>7.0f} {r['bytes_from_cloud_per_round']:>7.0f} "
             f"{r['wire_bytes_up_per_token']:>8.0f} {r['wire_bytes_down_per_token']:>8.0f} "
             f"{r['draft_ms_per_round_steady']:>8.2f} {r['ms_per_round'] or 0:>8.2f} "
             f"{r['tree_nodes_per_round']:>5.1f} {r['dedup_saved_fraction']:>5.0%} "
-            f"{r['pipelined_fraction']:>5.0%} {'yes' if r['identical'] else 'NO':>4}"
+            f"{r['pipelined_fraction']:>5.0%} {r['head_round_fraction']:>4.0%} "
+            f"{'yes' if r['identical'] else 'NO':>4}"
         )
     print(
         "tau: tokens per cloud round incl. bonus; pass/tok: cloud rounds per generated token; "
-        "B up/dn: protobuf bytes per token; wire: TCP payload per token through the proxy; "
+        "B up/dn: protobuf bytes per token; B up/rd, dn/rd: the same per round; wire: TCP "
+        "payload per token through the proxy; "
         "draft ms: edge drafting per round, pipelined drafts included (also those thrown away), "
-        "prompt prefill not; "
+        "the SLM's prompt prefill not; "
         "ms/round: steady state after the first token; nodes: draft tree nodes per round; "
         "dedup: share of beam nodes the prefix sharing removed; piped: rounds whose draft was "
-        "made during the previous verification"
+        "made during the previous verification; head: rounds the recurrent head drafted"
     )
     lossless = [r for r in rows if r["config"] != "cloud_only"]
     top_rtt = max(rtts)
@@ -428,14 +371,29 @@ def report(rows: Sequence[dict], rtts: Sequence[float]) -> dict[str, object]:
         and checks["best_speedup_at_50ms"] >= TARGETS["speedup_at_50ms_min"],
         "identical": checks["all_identical"],
     }
+    head_rows = [r for r in lossless if r["config"] in HEAD_ONLY_CONFIGS]
+    if head_rows:
+        checks["head_best_tau"] = max(r["tau"] for r in head_rows)
+        checks["head_best_rounds_per_token"] = min(r["rounds_per_token"] for r in head_rows)
+        met["head_tau"] = checks["head_best_tau"] >= HEAD_TARGETS["tau_min"]
+        met["head_passes_per_token"] = (
+            checks["head_best_rounds_per_token"] <= HEAD_TARGETS["passes_per_token_max"]
+        )
     print()
+    if head_rows:
+        print(
+            f"head targets: tau {checks['head_best_tau']:.2f} (>= 5: {met['head_tau']}), "
+            f"passes/token {checks['head_best_rounds_per_token']:.3f} "
+            f"(<= 0.2: {met['head_passes_per_token']})"
+        )
     print(
         f"targets: tau {checks['best_tau']:.2f} (>= 4: {met['tau']}), "
         f"passes/token {checks['best_rounds_per_token']:.3f} (<= 0.25: {met['passes_per_token']}), "
         f"speedup at 50 ms {checks['best_speedup_at_50ms'] or float('nan'):.2f}x "
         f"(>= 2.5: {met['speedup_at_50ms']}), identical output: {met['identical']}"
     )
-    return {"targets": TARGETS, "reached": checks, "met": met, "limits": limits}
+    targets = {**TARGETS, "head": HEAD_TARGETS}
+    return {"targets": targets, "reached": checks, "met": met, "limits": limits}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -448,6 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--draft", type=Path, default=DEMO_DIR / "draft", help="draft dir (the demo draft)"
     )
+    parser.add_argument(
+        "--head",
+        type=Path,
+        default=HEAD_DIR,
+        help="draft head for the target, for the head configs (the demo head)",
+    )
     parser.add_argument("--prompts", type=int, help="held-out files to prompt with (8)")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="tokens per prompt (256)")
     parser.add_argument("--max-tokens", type=int, help="tokens to generate per prompt (64)")
@@ -455,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--configs",
         default="cloud_only,beam,beam_adaptive,chain",
-        help="which to run, comma-separated; cloud_only is always run first",
+        help="which to run, comma-separated, among cloud_only, beam, beam_adaptive, chain, "
+        f"{', '.join(HEAD_CONFIGS)}; cloud_only is always run first",
     )
     parser.add_argument("--width", type=int, default=4, help="beam width (4)")
     parser.add_argument("--depth", type=int, default=6, help="draft depth (6)")
@@ -496,8 +461,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    uses_head = any(n in HEAD_CONFIGS for n in names)
+    if uses_head and not (args.head / "head_config.json").exists():
+        parser.error(f"--head: no draft head at {args.head} (needed by {HEAD_CONFIGS})")
     target = load_model(args.target, device=device, dtype=dtype)
     draft = load_model(args.draft, device=device, dtype=dtype)
+    head = load_head(args.head, device=device, dtype=dtype) if uses_head else None
     check_pair(args.target, args.draft, target.config.vocab_size, draft.config.vocab_size)
     tokenizer = Tokenizer.from_dir(args.target)
     prompts = heldout_prompts(tokenizer, prompts_n, args.prompt_tokens)
@@ -520,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def run_all() -> list[Run]:
         verifier = await start_verifier(target, VerifierConfig(MODEL_NAME), ServerConfig(port=0))
-        bench = Bench(verifier, draft, tokenizer, max_tokens)
+        bench = Bench(verifier, draft, head, tokenizer, max_tokens)
         try:
             for rtt in rtts:
                 await bench.at_rtt(rtt, [configs[n] for n in names], prompts)
@@ -541,6 +510,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "topology": TOPOLOGY,
             "target": model_summary(target, str(args.target)),
             "draft": model_summary(draft, str(args.draft)),
+            "head": None
+            if head is None
+            else {
+                "source": str(args.head),
+                "config": head.config.to_dict(),
+                "params": sum(p.numel() for p in head.parameters()),
+            },
             "prompts": {
                 "count": len(prompts),
                 "tokens": args.prompt_tokens,

@@ -12,6 +12,11 @@ One asyncio task owns the model. Its loop is `schedule -> execute -> update`:
 - update: per session, acceptance (`lm.acceptance.verify_tree`) on the target's
   distributions, commit of the accepted path into the cache without recomputation,
   and the bonus token becomes the session's next pending token.
+
+Sessions that asked for hidden states (`OpenSession.return_hidden`, for the edge's
+recurrent draft head) also get the target's final-norm hidden state at the position
+whose distribution gave the bonus token; the pass returns hidden states only when
+some session in the batch asked, and the rows are gathered in one transfer.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from cloud_node.config import VerifierConfig
 from cloud_node.validation import OpenRequest, RoundRequest
 from lm.acceptance import Acceptance, verify_tree
+from lm.hidden_codec import EncodedHidden, HiddenEncoding, encode_hidden
 from lm.kv_cache import KVCache
 from lm.model import Transformer
 from lm.sampling import SamplingParams, make_generator, probs_from_logits
@@ -50,6 +56,9 @@ class Session:
     last_used: float
     forward_passes: int = 0
     closed_reason: str | None = None
+    return_hidden: HiddenEncoding = HiddenEncoding.NONE
+    # Set by the prefill when asked: the hidden state at the next-to-last context token.
+    opened_hidden: EncodedHidden | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class RoundOutcome:
     nodes_verified: int
     server_ms: float
     batch_size: int
+    # At the position that gave the bonus token; None unless the session asked.
+    hidden: EncodedHidden | None = None
 
 
 @dataclass(eq=False)
@@ -73,6 +84,8 @@ class _RoundWork:
 class _PrefillWork:
     session: Session
     tokens: list[int]
+    # Keep the hidden state of the chunk's last token (the last chunk, when asked).
+    keep_hidden: bool = False
     future: asyncio.Future = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -140,13 +153,19 @@ class VerifierEngine:
             else make_generator(request.sampling.seed, self.device),
             pending=[request.context[-1]],
             last_used=time.monotonic(),
+            return_hidden=request.return_hidden,
         )
         self.cache.reset(session.row)
         self.sessions[session.id] = session
         try:
             prefix = list(request.context[:-1])
-            for start in range(0, len(prefix), self.config.prefill_chunk):
-                work = _PrefillWork(session, prefix[start : start + self.config.prefill_chunk])
+            chunk = self.config.prefill_chunk
+            for start in range(0, len(prefix), chunk):
+                work = _PrefillWork(
+                    session,
+                    prefix[start : start + chunk],
+                    keep_hidden=bool(session.return_hidden) and start + chunk >= len(prefix),
+                )
                 self._prefills.append(work)
                 self._wakeup.set()
                 await work.future
@@ -265,9 +284,11 @@ class VerifierEngine:
 
     @torch.inference_mode()
     def _prefill(self, work: _PrefillWork) -> list[None]:
-        row = work.session.row
+        session, row = work.session, work.session.row
         ids = torch.tensor([work.tokens], device=self.device)
-        self.model(ids, cache=self.cache, rows=[row])
+        out = self.model(ids, cache=self.cache, rows=[row], return_hidden=work.keep_hidden)
+        if work.keep_hidden:
+            session.opened_hidden = encode_hidden(out[1][0, -1], session.return_hidden)
         self.cache.commit(row, range(len(work.tokens)))
         work.session.forward_passes += 1
         self.forward_passes += 1
@@ -279,15 +300,19 @@ class VerifierEngine:
         packed = pack_rounds(
             [(w.session.pending, w.request.tree, self.cache.lengths[w.session.row]) for w in batch]
         )
-        logits = self.model(
+        want_hidden = any(w.session.return_hidden for w in batch)
+        out = self.model(
             packed.input_ids.to(self.device),
             cache=self.cache,
             rows=[w.session.row for w in batch],
             positions=packed.positions.to(self.device),
             mask=packed.mask.to(self.device),
+            return_hidden=want_hidden,
         )
+        logits, hidden = out if want_hidden else (out, None)
         self.forward_passes += 1
         outcomes = []
+        bonus_rows = []  # per batch row: the input position whose logits gave the bonus
         for b, work in enumerate(batch):
             session, tree = work.session, work.request.tree
             n_pending = len(session.pending)
@@ -303,13 +328,33 @@ class VerifierEngine:
             self.cache.commit(
                 session.row, [*range(n_pending), *(n_pending + node for node in acceptance.nodes)]
             )
+            nodes = acceptance.nodes
+            bonus_rows.append(n_pending + nodes[-1] if nodes else n_pending - 1)
             session.pending = [acceptance.bonus]
             session.forward_passes += 1
             outcomes.append(acceptance)
+        encoded = self._encode_hidden(batch, hidden, bonus_rows)
         server_ms = (time.perf_counter() - start) * 1000
         return [
-            RoundOutcome(a, w.request.tree.size, server_ms, len(batch))
-            for a, w in zip(outcomes, batch, strict=True)
+            RoundOutcome(a, w.request.tree.size, server_ms, len(batch), h)
+            for a, w, h in zip(outcomes, batch, encoded, strict=True)
+        ]
+
+    def _encode_hidden(
+        self, batch: list[_RoundWork], hidden: torch.Tensor | None, bonus_rows: list[int]
+    ) -> list[EncodedHidden | None]:
+        """hidden: (batch, time, dim) or None; bonus_rows[b]: the position to send for row b.
+
+        Position n_pending - 1 of a row is its last pending token (sent when nothing was
+        accepted), n_pending + i is tree node i; padding follows both and is never read.
+        """
+        if hidden is None:
+            return [None] * len(batch)
+        index = torch.tensor(bonus_rows, device=hidden.device)
+        picked = hidden[torch.arange(len(batch), device=hidden.device), index].float().cpu()
+        return [
+            encode_hidden(picked[b], w.session.return_hidden) if w.session.return_hidden else None
+            for b, w in enumerate(batch)
         ]
 
 

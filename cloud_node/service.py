@@ -16,6 +16,7 @@ from cloud_node.engine import Session, VerifierEngine
 from cloud_node.validation import parse_open, parse_round
 from edgecloud.v1 import verification_pb2 as pb
 from edgecloud.v1 import verification_pb2_grpc as pb_grpc
+from lm.hidden_codec import EncodedHidden
 from serving.errors import (
     FailedPrecondition,
     Internal,
@@ -49,6 +50,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                             context_length=len(request.context),
                             max_tree_nodes=self.engine.config.max_tree_nodes,
                             max_context=self.engine.config.max_context,
+                            hidden=hidden_message(session.opened_hidden),
                         )
                     )
                 elif kind == "round":
@@ -65,6 +67,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                             nodes_verified=outcome.nodes_verified,
                             server_ms=outcome.server_ms,
                             batch_size=outcome.batch_size,
+                            hidden=hidden_message(outcome.hidden),
                         )
                     )
                 else:
@@ -77,3 +80,12 @@ class VerifierService(pb_grpc.VerifierServicer):
         finally:
             if session is not None:
                 self.engine.close(session, "stream ended")
+
+
+def hidden_message(hidden: EncodedHidden | None) -> pb.HiddenState | None:
+    """None leaves the field unset: a session that did not ask pays no bytes."""
+    if hidden is None:
+        return None
+    return pb.HiddenState(
+        dim=hidden.dim, encoding=int(hidden.encoding), data=hidden.data, scale=hidden.scale
+    )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from cloud_node.config import VerifierConfig
 from edgecloud.v1 import verification_pb2 as pb
 from lm.acceptance import DraftDistribution, check_draft
+from lm.hidden_codec import HiddenEncoding
 from lm.sampling import SamplingParams
 from lm.tree import TokenTree, TreeError
 from serving.errors import InvalidArgument
@@ -23,6 +24,8 @@ class OpenRequest:
     session_id: str
     context: tuple[int, ...]
     sampling: SamplingParams
+    # Encoding of the hidden state each reply carries; NONE: no hidden state.
+    return_hidden: HiddenEncoding = HiddenEncoding.NONE
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,16 @@ def parse_open(msg: pb.OpenSession, config: VerifierConfig, vocab_size: int) -> 
         )
     if len(msg.session_id) > 128:
         raise InvalidArgument(f"open.session_id: at most 128 characters, got {len(msg.session_id)}")
+    if msg.return_hidden not in set(HiddenEncoding):
+        raise InvalidArgument(
+            f"open.return_hidden: must be one of {[int(e) for e in HiddenEncoding]} "
+            f"(HiddenEncoding), got {msg.return_hidden}"
+        )
     return OpenRequest(
         session_id=msg.session_id,
         context=check_tokens("open.context", msg.context, vocab_size),
         sampling=parse_sampling("open.sampling", msg.sampling, vocab_size),
+        return_hidden=HiddenEncoding(msg.return_hidden),
     )
 
 

@@ -37,21 +37,32 @@ class EdgeNode:
         link_config: CloudLinkConfig = CloudLinkConfig(),
         device: str = "cpu",
         flash_budget_mb: float | None = None,
+        head_dir: str | None = None,
+        dtype: str | None = None,
     ) -> None:
+        """`head_dir`: a draft head for the verifiers' target (DraftOptions.drafter).
+        `flash_budget_mb`: `model_dir` is a flash pack run within this much DRAM.
+        `dtype`: the SLM's float32/float16/bfloat16 (None: the device's default)."""
+        import torch
+
         from lm.checkpoint import load_model
+        from lm.draft_head import load_head
         from lm.tokenizer import Tokenizer
 
         path = Path(model_dir)
+        slm_dtype = None if dtype is None else getattr(torch, dtype)
         if flash_budget_mb is None:
-            model = load_model(path, device=device)
+            model = load_model(path, device=device, dtype=slm_dtype)
         else:  # model_dir is a flash pack: FFN weights stay on flash
             from edge_node.flash.ffn import load_flash_model
 
-            model = load_flash_model(path, int(flash_budget_mb * 2**20), device=device)
+            budget = int(flash_budget_mb * 2**20)
+            model = load_flash_model(path, budget, device=device, dtype=slm_dtype)
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         link = None if picker_factory is None else CloudLink(picker_factory(), link_config)
         self.node_id = node_id
-        self.runtime = EdgeRuntime(model, config, tokenizer=tokenizer, link=link)
+        head = None if head_dir is None else load_head(head_dir, device=device)
+        self.runtime = EdgeRuntime(model, config, tokenizer=tokenizer, link=link, head=head)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         async for chunk in self.runtime.generate(request):

@@ -14,7 +14,9 @@ from grpc import aio
 from edge_node.picker import VerifierEndpoint, VerifierPicker
 from edge_node.verifier_client import VerifierSession
 from edgecloud._channel import TlsOptions, bearer_metadata, open_aio_channel
+from lm.hidden_codec import HiddenEncoding
 from lm.sampling import SamplingParams
+from serving.errors import Internal, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,19 @@ def is_retryable(error: BaseException) -> bool:
     if isinstance(error, aio.AioRpcError):
         return error.code() in RETRYABLE
     return isinstance(error, (ConnectionError, asyncio.TimeoutError, OSError))
+
+
+def refusal(error: BaseException) -> BaseException:
+    """A verifier's final refusal to open a session, as the edge's client should see it:
+    a request the verifier finds invalid (a context beyond its --max-context) is the
+    client's INVALID_ARGUMENT; anything else (e.g. a wrong edge credential) is this
+    edge's fault, INTERNAL, with the verifier's status named but no details."""
+    if not isinstance(error, aio.AioRpcError):
+        return error
+    if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(f"verifier: {error.details()}")
+    log.error("verifier refused the session", extra={"code": error.code().name})
+    return Internal(f"verifier refused the session: {error.code().name}")
 
 
 class NoVerifier(Exception):
@@ -79,13 +94,16 @@ class CloudLink:
         context: Sequence[int],
         sampling: SamplingParams,
         exclude: frozenset[str] = frozenset(),
+        return_hidden: HiddenEncoding = HiddenEncoding.NONE,
     ) -> tuple[VerifierSession, VerifierEndpoint]:
         """Opens a session on the first verifier that accepts it; raises NoVerifier."""
         tried: list[str] = []
         while True:
             endpoint = await self.picker.pick(session_id, exclude | frozenset(tried))
             if endpoint is None:
-                raise NoVerifier(f"no verifier reachable (tried {', '.join(tried) or 'none'})")
+                if not tried:
+                    raise NoVerifier("no verifier free: all busy, failed or unregistered")
+                raise NoVerifier(f"no verifier reachable (tried {', '.join(tried)})")
             session = VerifierSession(
                 self.channel(endpoint.address),
                 metadata=bearer_metadata(self.config.token),
@@ -93,7 +111,7 @@ class CloudLink:
             )
             try:
                 await asyncio.wait_for(
-                    session.open(endpoint.model, context, sampling, session_id),
+                    session.open(endpoint.model, context, sampling, session_id, return_hidden),
                     self.config.open_timeout_s,
                 )
                 return session, endpoint
@@ -101,7 +119,7 @@ class CloudLink:
                 await session.close()
                 await self.picker.release(session_id, endpoint)
                 if not is_retryable(error):
-                    raise
+                    raise refusal(error) from error
                 log.info("verifier refused session", extra={"address": endpoint.address})
                 tried.append(endpoint.address)
 

@@ -6,6 +6,14 @@ with the statistics. The verified loop (lossless) per round:
     draft a tree (SLM, in a worker thread) -> send it -> accept path + bonus
     -> keep the accepted path's cache entries -> stream the tokens
 
+Lossless rounds are drafted by the SLM or, when the edge has one, by the recurrent
+draft head from the hidden state the verifier sends with each reply
+(`DraftOptions.drafter`; `auto` chooses per session, edge_node/drafter_choice.py).
+Both feed the same verifier, so the output is the same either way. The SLM keeps
+the whole history regardless: head rounds leave the accepted tokens pending in it
+and the SLM forwards them only when it is needed again (an `auto` switch, a
+failover to adaptive).
+
 Faults: a failed round (stream broken, verifier stalled past `round_timeout_s`,
 session expired) reopens a session on another verifier with the full history
 and resends the same draft, so the output does not change. With no verifier at
@@ -28,14 +36,18 @@ from dataclasses import dataclass, field
 import torch
 
 from edge_node.cloud_link import CloudLink, NoVerifier, is_retryable
-from edge_node.drafters import Draft, DraftShape, get_drafter
+from edge_node.drafter_choice import DrafterChoice
+from edge_node.drafters import Draft, DrafterKind, DraftShape, get_drafter
+from edge_node.drafters.head import HeadDrafter
 from edge_node.output import Output
 from edge_node.picker import VerifierEndpoint
 from edge_node.policy import ShapePolicy
 from edge_node.slm import EdgeLM
 from edge_node.types import Chunk, GenerationRequest, GenerationStats, Mode
-from edge_node.verifier_client import VerifierSession
+from edge_node.verifier_client import VerifierSession, hidden_from_message
 from edgecloud.v1 import verification_pb2 as pb
+from lm.draft_head import DraftHead
+from lm.hidden_codec import HiddenEncoding, decode_hidden
 from lm.model import Transformer
 from lm.sampling import make_generator, probs_from_logits, sample
 from lm.tokenizer import Tokenizer
@@ -79,6 +91,7 @@ class _Counters:
     degraded: bool = False
     draft_ms: float = 0.0
     pipelined: int = 0
+    head_rounds: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
 
     def count_round(self, draft: Draft | None, result: pb.RoundResult) -> None:
@@ -89,6 +102,7 @@ class _Counters:
         if draft is not None:
             self.draft_tokens += draft.tree.size
             self.dedup_saved += draft.undeduplicated - draft.tree.size
+            self.head_rounds += draft.drafter == "head"
         grow = accepted - len(self.accepted_per_position)
         self.accepted_per_position += [0] * max(grow, 0)
         for i in range(accepted):
@@ -106,6 +120,7 @@ class Generation:
         tokenizer: Tokenizer | None,
         executor: Executor,
         max_tree_nodes: int = 64,
+        head: DraftHead | None = None,
     ) -> None:
         self.request = request
         self.lm = EdgeLM(model)
@@ -120,12 +135,22 @@ class Generation:
             model.config.eos_token_id,
             tokenizer,
         )
-        self.policy = ShapePolicy(
-            DraftShape(request.draft.width, request.draft.depth),
-            adapt=request.draft.adapt,
-            max_nodes=max_tree_nodes,
-        )
+        # One shape policy per drafter: their acceptance and cost per level differ.
+        self.policies = {
+            kind: ShapePolicy(
+                DraftShape(request.draft.width, request.draft.depth),
+                adapt=request.draft.adapt,
+                max_nodes=max_tree_nodes,
+            )
+            for kind in ("slm", "head")
+        }
         self.drafter = get_drafter(request.draft.tree)
+        self.head_drafter = None if head is None else HeadDrafter(head)
+        uses_head = request.mode is Mode.LOSSLESS and head is not None
+        self.choice = DrafterChoice(request.draft.drafter if uses_head else "slm")
+        # The target's hidden state before the history's last token, from the last reply.
+        self._hidden: torch.Tensor | None = None
+        self._warned_no_hidden = False
         self.generator = (
             None if request.sampling.greedy else make_generator(request.sampling.seed, "cpu")
         )
@@ -180,6 +205,7 @@ class Generation:
             dedup_saved_tokens=c.dedup_saved,
             draft_ms=c.draft_ms,
             pipelined_rounds=c.pipelined,
+            head_rounds=c.head_rounds,
         )
 
     # ---- modes -------------------------------------------------------------------
@@ -187,11 +213,17 @@ class Generation:
     async def _lossless(self) -> AsyncIterator[Chunk]:
         pipeline = self.generator is None and self.request.draft.pipeline
         spare = self.lm.spare() if pipeline else None
-        draft = await self._draft()
+        if self.choice.setting != "slm":
+            await self._open(self.lm.tokens, wait=True)  # its hidden state drafts round one
+        draft = await self._draft(self._pick())
         while not self.out.done:
             verify = asyncio.ensure_future(self._verify(draft))
             speculation = None
-            if spare is not None and self._last_draft_ms < self._last_round_ms:
+            if (
+                spare is not None
+                and self.choice.may_speculate()
+                and self._last_draft_ms < self._last_round_ms
+            ):
                 # The thread owns the SLM until it returns, so wait for it before `verify`.
                 speculation = await self._in_thread(self._speculate, draft, spare)
             result = await verify
@@ -203,7 +235,10 @@ class Generation:
                 continue
             yield self._accept(draft, result)
             if not self.out.done:
-                draft = await self._draft()
+                draft = await self._draft(self._pick())
+
+    def _pick(self) -> DrafterKind:
+        return self.choice.pick(head_ready=self._hidden is not None)
 
     def _speculate(self, draft: Draft, spare: EdgeLM) -> _Speculation:
         """Drafts the round after `draft` in `spare`, assuming its main path is accepted
@@ -213,7 +248,8 @@ class Generation:
         bonus = int(spare.next_logits().argmax())
         spare.append([bonus])
         start = time.perf_counter()
-        following = self.drafter.draft(spare, self.policy.shape(), self.request.sampling, None)
+        shape = self.policies["slm"].shape()
+        following = self.drafter.draft(spare, shape, self.request.sampling, None)
         self.counters.draft_ms += (time.perf_counter() - start) * 1000
         return _Speculation(tuple(path), bonus, following, previous=self.lm)
 
@@ -293,11 +329,17 @@ class Generation:
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _draft(self) -> Draft:
+    async def _draft(self, kind: DrafterKind = "slm") -> Draft:
         start = time.perf_counter()
-        draft = await self._in_thread(
-            self.drafter.draft, self.lm, self.policy.shape(), self.request.sampling, self.generator
-        )
+        shape = self.policies[kind].shape()
+        if kind == "head":
+            draft = await self._in_thread(
+                self.head_drafter.draft, self._hidden, self.lm.tokens[-1], shape
+            )
+        else:
+            draft = await self._in_thread(
+                self.drafter.draft, self.lm, shape, self.request.sampling, self.generator
+            )
         self._last_draft_ms = (time.perf_counter() - start) * 1000
         self.counters.draft_ms += self._last_draft_ms
         return draft
@@ -321,8 +363,10 @@ class Generation:
         else:
             self.lm = adopt
         self.counters.count_round(draft, result)
+        self._take_hidden(result.hidden if result.HasField("hidden") else None)
+        self.choice.observe(draft.drafter, len(tokens), self._last_draft_ms, self._last_round_ms)
         main = draft.main_path[: len(result.accepted_nodes)]
-        self.policy.observe(
+        self.policies[draft.drafter].observe(
             depth=max(draft.tree.depths(), default=-1) + 1,
             accepted=len(result.accepted_nodes),
             off_main_path=tuple(result.accepted_nodes) != main,
@@ -330,6 +374,29 @@ class Generation:
             draft_ms=self._last_draft_ms,
         )
         return self.out.emit(tokens, verified=True)
+
+    def _take_hidden(self, message: pb.HiddenState | None) -> None:
+        """Keeps a reply's hidden state for the head's next draft; without a usable one
+        (an old verifier, a head made for another target) the SLM drafts, said once."""
+        if self.choice.setting == "slm":
+            return
+        self._hidden = None
+        try:
+            encoded = hidden_from_message(message)
+        except ValueError as error:
+            problem = f"verifier sent a malformed hidden state ({error})"
+        else:
+            expected = self.head_drafter.head.config.hidden_size
+            if encoded is None:
+                problem = "verifier sent no hidden state (an older verifier?)"
+            elif encoded.dim != expected:
+                problem = f"hidden state has {encoded.dim} elements, the head expects {expected}"
+            else:
+                self._hidden = decode_hidden(encoded)
+                return
+        if not self._warned_no_hidden:
+            self._warned_no_hidden = True
+            log.warning("%s; drafting with the SLM", problem, extra={"session": self.session_id})
 
     async def _verify(
         self, draft: Draft | None, new_tokens: list[int] | None = None, wait: bool = True
@@ -372,8 +439,15 @@ class Generation:
         while True:
             try:
                 self._session, self._endpoint = await self.link.open(
-                    self.session_id, context, self.request.sampling, exclude=failed
+                    self.session_id,
+                    context,
+                    self.request.sampling,
+                    exclude=failed,
+                    return_hidden=self._hidden_encoding(),
                 )
+                opened = self._session.opened
+                if len(context) > 1:  # one token has nothing before it to send
+                    self._take_hidden(opened.hidden if opened.HasField("hidden") else None)
                 return
             except NoVerifier as error:
                 failed = frozenset()  # next time, try the failed one again too
@@ -384,6 +458,11 @@ class Generation:
                     raise Unavailable(f"{error} before the request's deadline") from error
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _hidden_encoding(self) -> HiddenEncoding:
+        if self.choice.setting == "slm":
+            return HiddenEncoding.NONE
+        return HiddenEncoding[self.request.draft.hidden_encoding.upper()]
 
     def _remaining(self, cap: float | None) -> float | None:
         if self._deadline is None:

@@ -1,12 +1,13 @@
 """An edge's serving state, shared by its gRPC service and its Ray actor: the SLM,
-the tokenizer, the verifier link, the worker threads, and load accounting."""
+the optional recurrent draft head, the tokenizer, the verifier link, the worker
+threads, and load accounting."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edge_node.cloud_link import CloudLink
 from edge_node.generation import Generation
@@ -14,6 +15,7 @@ from edge_node.types import Chunk, DraftOptions, GenerationRequest, GenerationSt
 from edgecloud._errors import InvalidRequest
 from edgecloud._validation import validate_generate_request
 from edgecloud.v1 import generation_pb2 as gpb
+from lm.draft_head import DraftHead
 from lm.model import Transformer
 from lm.sampling import SamplingParams
 from lm.tokenizer import Tokenizer
@@ -69,8 +71,18 @@ class EdgeRuntime:
         *,
         tokenizer: Tokenizer | None = None,
         link: CloudLink | None = None,
+        head: DraftHead | None = None,
     ) -> None:
+        """`head`: ReDrafter's draft head for the verifiers' target, needed by
+        `config.draft.drafter` "head" and "auto"."""
+        if head is not None and head.config.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"head: its vocabulary has {head.config.vocab_size} tokens, the SLM's "
+                f"{model.config.vocab_size}"
+            )
+        check_drafter(config.draft.drafter, head, "draft.drafter")
         self.model = model
+        self.head = head
         self.config = config
         self.tokenizer = tokenizer
         self.link = link
@@ -99,14 +111,18 @@ class EdgeRuntime:
         prompt = tuple(self.tokenizer.encode(msg.prompt) if msg.prompt else msg.prompt_tokens)
         if not prompt:
             raise InvalidArgument("prompt: encodes to no tokens")
-        room = self.max_context - 1 - len(prompt)
+        # Drafting needs cache room past the history: one round's tree, and the next
+        # one's, drafted while the first is verified (the verifier reserves as much).
+        reserve = 2 * (self.config.max_tree_nodes + 1)
+        room = self.max_context - 1 - reserve - len(prompt)
         if room < 1:
             raise InvalidArgument(
                 f"prompt: {len(prompt)} tokens leave no room in the "
-                f"{self.max_context}-token context"
+                f"{self.max_context}-token context, {reserve} of which drafts need"
             )
         default = self.config.draft
-        draft = DraftOptions(
+        draft = replace(
+            default,
             tree=msg.draft.tree or default.tree,
             width=msg.draft.width or default.width,
             depth=msg.draft.depth or default.depth,
@@ -138,6 +154,10 @@ class EdgeRuntime:
             raise InvalidArgument(
                 f"mode: {request.mode.value} needs a verifier; this edge has none"
             )
+        try:
+            check_drafter(request.draft.drafter, self.head, "draft.drafter")
+        except ValueError as error:
+            raise InvalidArgument(str(error)) from error
         generation = Generation(
             request,
             self.model,
@@ -146,6 +166,7 @@ class EdgeRuntime:
             tokenizer=self.tokenizer,
             executor=self.executor,
             max_tree_nodes=self.config.max_tree_nodes,
+            head=self.head,
         )
         self.load.active += 1
         try:
@@ -167,3 +188,8 @@ class EdgeRuntime:
         if self.link is not None:
             await self.link.close()
         await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown)
+
+
+def check_drafter(drafter: str, head: DraftHead | None, field: str) -> None:
+    if drafter != "slm" and head is None:
+        raise ValueError(f"{field}: {drafter!r} needs a draft head on this edge (--head DIR)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from lm.sampling import SamplingParams
 
@@ -23,6 +24,14 @@ class Mode(enum.Enum):
         return self in (Mode.LOSSLESS, Mode.ADAPTIVE)
 
 
+# Who drafts lossless rounds: the edge's small LM, the recurrent draft head on the
+# target's hidden state (ReDrafter), or a per-session choice between them
+# (edge_node/drafter_choice.py).
+DrafterSetting = Literal["slm", "head", "auto"]
+# How the verifier sends hidden states for the head (lm/hidden_codec.py).
+HiddenWire = Literal["float16", "int8"]
+
+
 @dataclass(frozen=True)
 class DraftOptions:
     tree: str = "beam"  # "beam", "topk" or "chain"
@@ -31,8 +40,24 @@ class DraftOptions:
     # Let the shape policy change width and depth per session (edge_node/policy.py).
     adapt: bool = True
     # Draft the next round while this one is verified, assuming it is accepted whole
-    # (greedy only: a sampled bonus token cannot be predicted).
+    # (greedy only: a sampled bonus token cannot be predicted; SLM drafts only: the head
+    # needs the reply's hidden state).
     pipeline: bool = True
+    # Lossless mode only: edge_only, adaptive and offline continuation always use the SLM,
+    # since no verifier state exists there.
+    drafter: DrafterSetting = "slm"
+    hidden_encoding: HiddenWire = "float16"
+
+    def __post_init__(self) -> None:
+        if self.drafter not in get_args(DrafterSetting):
+            raise ValueError(
+                f"drafter: must be one of {list(get_args(DrafterSetting))}, got {self.drafter!r}"
+            )
+        if self.hidden_encoding not in get_args(HiddenWire):
+            raise ValueError(
+                f"hidden_encoding: must be one of {list(get_args(HiddenWire))}, "
+                f"got {self.hidden_encoding!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -80,6 +105,8 @@ class GenerationStats:
     draft_ms: float = 0.0
     # Rounds whose draft was made while the previous round was verified, and used.
     pipelined_rounds: int = 0
+    # Rounds drafted by the recurrent head rather than the SLM.
+    head_rounds: int = 0
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from grpc import aio
 from edgecloud.v1 import verification_pb2 as pb
 from edgecloud.v1 import verification_pb2_grpc as pb_grpc
 from lm.acceptance import DraftDistribution
+from lm.hidden_codec import EncodedHidden, HiddenEncoding
 from lm.sampling import SamplingParams
 from lm.tree import TokenTree
 
@@ -26,6 +27,20 @@ def sampling_message(params: SamplingParams) -> pb.SamplingParams:
     if params.seed is not None:
         msg.seed = params.seed
     return msg
+
+
+def hidden_from_message(message: pb.HiddenState | None) -> EncodedHidden | None:
+    """A reply's hidden state, None when it has none; ValueError when it is malformed."""
+    if message is None:
+        return None
+    if message.encoding not in (HiddenEncoding.FLOAT16, HiddenEncoding.INT8):
+        raise ValueError(f"hidden.encoding: unknown value {message.encoding}")
+    return EncodedHidden(
+        dim=message.dim,
+        encoding=HiddenEncoding(message.encoding),
+        data=message.data,
+        scale=message.scale,
+    )
 
 
 def round_message(
@@ -84,14 +99,21 @@ class VerifierSession:
         return response
 
     async def open(
-        self, model: str, context: Sequence[int], sampling: SamplingParams, session_id: str = ""
+        self,
+        model: str,
+        context: Sequence[int],
+        sampling: SamplingParams,
+        session_id: str = "",
+        return_hidden: HiddenEncoding = HiddenEncoding.NONE,
     ) -> pb.SessionOpened:
+        """`return_hidden`: ask for the target's hidden state in every reply."""
         request = pb.VerifyRequest(
             open=pb.OpenSession(
                 model=model,
                 context=context,
                 sampling=sampling_message(sampling),
                 session_id=session_id,
+                return_hidden=int(return_hidden),
             )
         )
         self.opened = (await self._exchange(request)).opened

@@ -3,6 +3,7 @@
 from lm.acceptance import Acceptance, DraftDistribution, verify_tree
 from lm.checkpoint import load_model, save_model
 from lm.config import ModelConfig
+from lm.draft_head import DraftHead, DraftHeadConfig, HeadDraft, load_head, save_head
 from lm.errors import CheckpointError
 from lm.kv_cache import KVCache
 from lm.model import Transformer
@@ -14,6 +15,9 @@ __all__ = [
     "Acceptance",
     "CheckpointError",
     "DraftDistribution",
+    "DraftHead",
+    "DraftHeadConfig",
+    "HeadDraft",
     "IncrementalDetokenizer",
     "KVCache",
     "ModelConfig",
@@ -22,10 +26,12 @@ __all__ = [
     "Tokenizer",
     "Transformer",
     "TreeError",
+    "load_head",
     "load_model",
     "make_generator",
     "probs_from_logits",
     "sample",
+    "save_head",
     "save_model",
     "verify_tree",
 ]

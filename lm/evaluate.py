@@ -12,6 +12,12 @@
   a_j = P(token j accepted | tokens 1..j-1 accepted), and the expected tokens per target
   forward pass with chains of length L is tau(L) = 1 + sum_{k=1..L} prod_{j<=k} a_j (the 1 is
   the target's bonus token).
+- draft head (lm.draft_head): the same measures, shifted by one.  The head reads the target's
+  hidden state at the last accepted position p and the bonus token b = g_1 the target chose
+  there, so its token j proposes g_{j+1}.  Its lookahead agreement at step k is the fraction of
+  positions p of held-out text where, teacher-forced on the true tokens p+1 .. p+k, the head's
+  k-th argmax equals the target's argmax at p+k.  With beams (`HeadDraft` trees), a prompt
+  accepts the longest tree path that matches the target's greedy continuation.
 """
 
 from __future__ import annotations
@@ -27,9 +33,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.corpus import sequential_windows
+from lm.draft_head import (
+    DraftHead,
+    accepted_length,
+    extend_beams,
+    lookahead_inputs,
+    lookahead_targets,
+)
 from lm.errors import CheckpointError
 from lm.kv_cache import KVCache
 from lm.sampling import SamplingParams, probs_from_logits, sample
+from lm.tree import TokenTree
 
 GREEDY = SamplingParams()
 
@@ -135,7 +149,15 @@ def chain_matches(
 
     prompts: (n, prompt_len).  Returns matches: (n, max_len) bool.
     """
-    continuation = generate(target, prompts, max_len)  # (n, max_len)
+    return draft_chain_matches(draft, prompts, generate(target, prompts, max_len))
+
+
+@torch.no_grad()
+def draft_chain_matches(
+    draft: nn.Module, prompts: torch.Tensor, continuation: torch.Tensor
+) -> torch.Tensor:
+    """chain_matches for a given greedy continuation (n, L) of prompts (n, prompt_len): one
+    teacher-forced draft forward.  Returns (n, L) bool."""
     text = torch.cat([prompts, continuation], dim=1)[:, :-1]
     draft_top = draft(text.to(_device_of(draft))).argmax(-1).cpu()
     return draft_top[:, prompts.shape[1] - 1 :] == continuation
@@ -272,4 +294,173 @@ def evaluate_pair(
         acceptance=tuple(acceptance),
         tau=tuple(expected_tau(acceptance)),
         chains=chains,
+    )
+
+
+@torch.no_grad()
+def head_lookahead_agreement(
+    target: nn.Module, head: DraftHead, windows: torch.Tensor, depth: int, batch_size: int = 2
+) -> list[float]:
+    """Teacher-forced agreement of the head's k-th token with the target's argmax, k = 1..depth.
+
+    windows: (n, time) held-out text; every start p with p + depth < time counts.
+    """
+    matches, count = torch.zeros(depth), 0
+    for batch in windows.split(batch_size):
+        batch = batch.to(_device_of(target))
+        logits, hidden = target(batch, return_hidden=True)
+        h, inputs = lookahead_inputs(hidden, batch, depth)
+        wanted = lookahead_targets(logits.argmax(-1), depth)  # (starts, depth)
+        head_top = head(h.to(_device_of(head)), inputs.to(_device_of(head))).argmax(-1)
+        matches += (head_top.cpu() == wanted.cpu()).sum(0)
+        count += len(inputs)
+    return (matches / count).tolist()
+
+
+@torch.no_grad()
+def head_prompt_state(
+    target: nn.Module, prompts: torch.Tensor, depth: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's hidden state after each prompt, and its greedy continuation g_1..g_{depth+1}
+    (g_1 is the bonus token the head starts from): ((n, dim), (n, depth + 1))."""
+    _, hidden = target(prompts.to(_device_of(target)), return_hidden=True)
+    return hidden[:, -1].cpu(), generate(target, prompts, depth + 1)
+
+
+@torch.no_grad()
+def head_chain_matches(
+    head: DraftHead, hidden: torch.Tensor, continuation: torch.Tensor
+) -> torch.Tensor:
+    """Whether the head's greedy token j equals g_{j+1}, along the target's greedy
+    continuation.  hidden: (n, dim); continuation: (n, depth + 1).  Returns (n, depth) bool."""
+    device = _device_of(head)
+    head_top = head(hidden.to(device), continuation[:, :-1].to(device)).argmax(-1).cpu()
+    return head_top == continuation[:, 1:]
+
+
+def head_tree_matches(
+    head: DraftHead, hidden: torch.Tensor, continuation: torch.Tensor, width: int
+) -> torch.Tensor:
+    """Like head_chain_matches, for beam-search trees of `width` beams: row i holds True for
+    the first `accepted` positions, where `accepted` is the longest tree path matching
+    g_2, g_3, ... (what a greedy verifier accepts).  Returns (n, depth) bool."""
+    depth = continuation.shape[1] - 1
+    accepted = [
+        accepted_length(head.beam_search(h, wanted[0], width=width, depth=depth).tree, wanted[1:])
+        for h, wanted in zip(hidden, continuation.tolist(), strict=True)
+    ]
+    return torch.arange(depth)[None] < torch.tensor(accepted)[:, None]
+
+
+@torch.no_grad()
+def draft_tree_matches(
+    draft: nn.Module, prompts: torch.Tensor, continuation: torch.Tensor, width: int
+) -> torch.Tensor:
+    """The SLM draft's counterpart of head_tree_matches: beam search over the draft (full
+    forwards, no cache; the same greedy-keeping beams as the edge's beam drafter) from each
+    prompt, matched against g_1..g_depth.  prompts: (n, prompt_len); continuation: (n, depth).
+    Returns (n, depth) bool."""
+    depth = continuation.shape[1]
+    device = _device_of(draft)
+    accepted = []
+    for prompt, wanted in zip(prompts.to(device), continuation.tolist(), strict=True):
+        beams = torch.zeros(1, 0, dtype=torch.long, device=device)
+        scores, greedy = torch.zeros(1, device=device), 0
+        for _ in range(depth):
+            text = torch.cat([prompt.expand(len(beams), -1), beams], dim=1)
+            logprobs = F.log_softmax(draft(text)[:, -1].float(), dim=-1)
+            _, beams, scores, greedy = extend_beams(beams, scores, greedy, logprobs, width)
+        accepted.append(accepted_length(TokenTree.from_beams(beams.tolist()), wanted))
+    return torch.arange(depth)[None] < torch.tensor(accepted)[:, None]
+
+
+@dataclass(frozen=True)
+class HeadReport:
+    """Held-out figures of a draft head against its target, and of the SLM draft on the same
+    prompts when one was given (its fields empty otherwise).
+
+    lookahead_agreement: teacher-forced agreement at k = 1..depth; chain_acceptance / chain_tau:
+    greedy chains; tree_acceptance / tree_tau: beam trees of `width` beams.
+    """
+
+    lookahead_agreement: tuple[float, ...]
+    chain_acceptance: tuple[float, ...]
+    chain_tau: tuple[float, ...]
+    tree_acceptance: tuple[float, ...]
+    tree_tau: tuple[float, ...]
+    width: int
+    chains: int
+    draft_chain_acceptance: tuple[float, ...] = ()
+    draft_chain_tau: tuple[float, ...] = ()
+    draft_tree_acceptance: tuple[float, ...] = ()
+    draft_tree_tau: tuple[float, ...] = ()
+
+    def as_dict(self) -> dict:
+        figures = {
+            "head_lookahead_agreement": list(self.lookahead_agreement),
+            "head_chain_acceptance": list(self.chain_acceptance),
+            "head_chain_tau": list(self.chain_tau),
+            "head_tree_acceptance": list(self.tree_acceptance),
+            "head_tree_tau": list(self.tree_tau),
+            "head_width": self.width,
+            "head_chains": self.chains,
+        }
+        if self.draft_chain_acceptance:
+            figures.update(
+                slm_chain_acceptance=list(self.draft_chain_acceptance),
+                slm_chain_tau=list(self.draft_chain_tau),
+                slm_tree_acceptance=list(self.draft_tree_acceptance),
+                slm_tree_tau=list(self.draft_tree_tau),
+            )
+        return figures
+
+
+def evaluate_head(
+    target: nn.Module,
+    head: DraftHead,
+    stream: torch.Tensor,
+    context: int,
+    *,
+    draft: nn.Module | None = None,
+    windows: int | None = None,
+    chains: int = 256,
+    prompt_len: int = 64,
+    depth: int = 6,
+    width: int = 4,
+) -> HeadReport:
+    """Lookahead agreement, chain and tree acceptance of a head on a held-out token stream, and
+    the SLM `draft`'s chain and tree acceptance on the same prompts when given.
+
+    stream: (total,) held-out tokens; agreement uses up to `windows` windows of `context` tokens;
+    acceptance uses `chains` prompts of `prompt_len` tokens and drafts of `depth` tokens.
+    """
+    limit = target.config.max_seq_len
+    if prompt_len + depth + 1 > limit:
+        raise ValueError(
+            f"prompt_len: {prompt_len} + depth {depth} + 1 exceeds the model's max_seq_len {limit}"
+        )
+    text = sequential_windows(stream, context, limit=windows)
+    prompts = spaced_prompts(stream, chains, prompt_len)
+    found: dict[str, list[torch.Tensor]] = {"chain": [], "tree": [], "slm": [], "slm_tree": []}
+    for batch in prompts.split(64):
+        hidden, continuation = head_prompt_state(target, batch, depth)
+        found["chain"].append(head_chain_matches(head, hidden, continuation))
+        found["tree"].append(head_tree_matches(head, hidden, continuation, width))
+        if draft is not None:
+            wanted = continuation[:, :-1]  # the SLM drafts g_1..g_depth
+            found["slm"].append(draft_chain_matches(draft, batch, wanted))
+            found["slm_tree"].append(draft_tree_matches(draft, batch, wanted, width))
+    rates = {name: acceptance_rates(torch.cat(m)) if m else [] for name, m in found.items()}
+    return HeadReport(
+        lookahead_agreement=tuple(head_lookahead_agreement(target, head, text, depth)),
+        chain_acceptance=tuple(rates["chain"]),
+        chain_tau=tuple(expected_tau(rates["chain"])),
+        tree_acceptance=tuple(rates["tree"]),
+        tree_tau=tuple(expected_tau(rates["tree"])),
+        width=width,
+        chains=chains,
+        draft_chain_acceptance=tuple(rates["slm"]),
+        draft_chain_tau=tuple(expected_tau(rates["slm"])),
+        draft_tree_acceptance=tuple(rates["slm_tree"]),
+        draft_tree_tau=tuple(expected_tau(rates["slm_tree"])),
     )

@@ -103,6 +103,9 @@ class EdgeActor(EdgeNode):
         config: EdgeConfig,
         link_config: CloudLinkConfig,
         verifier_model: str,
+        head_dir: str | None = None,
+        flash_budget_mb: float | None = None,
+        dtype: str | None = None,
     ) -> None:
         super().__init__(
             spec.node_id,
@@ -110,6 +113,9 @@ class EdgeActor(EdgeNode):
             config,
             lambda: _registry_picker(spec.redis_url, verifier_model),
             link_config,
+            head_dir=head_dir,
+            flash_budget_mb=flash_budget_mb,
+            dtype=dtype,
         )
         self.spec = spec
         self.heartbeat: HeartbeatTask | None = None

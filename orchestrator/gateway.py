@@ -15,12 +15,20 @@ from collections.abc import AsyncIterator
 import ray
 from grpc import aio
 from ray.exceptions import RayActorError, RayTaskError
+from redis.exceptions import RedisError
 
 from edgecloud.v1 import generation_pb2 as gpb
 from edgecloud.v1 import generation_pb2_grpc as gpb_grpc
-from orchestrator.placement import AsyncPlacement
-from orchestrator.registry import AsyncRegistry
-from serving.errors import Internal, ResourceExhausted, ServingError, Unavailable, abort_with
+from orchestrator.placement import AsyncPlacement, RegistryUnavailable
+from orchestrator.registry import AsyncRegistry, check_model
+from serving.errors import (
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    ServingError,
+    Unavailable,
+    abort_with,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +72,18 @@ class Gateway(gpb_grpc.GenerationServicer):
         Shared by the gRPC service and the OpenAI-compatible HTTP front.
         """
         model = request.model or self.default_model
+        try:
+            check_model("model", model)
+        except ValueError as error:
+            raise InvalidArgument(str(error)) from None
         tried: list[str] = []
         for _ in range(EDGE_ATTEMPTS):
-            lease = await self.placement.pick("edge", model, exclude=tried)
-            if lease is None:
-                raise await self._no_edge(model, tried)
+            try:
+                lease = await self.placement.pick("edge", model, exclude=tried)
+                if lease is None:
+                    raise await self._no_edge(model, tried)
+            except (RegistryUnavailable, RedisError) as error:
+                raise Unavailable("registry: unreachable, retry shortly") from error
             streamed, stream = False, None
             try:
                 actor = ray.get_actor(edge_actor_name(lease.node_id), self.namespace)

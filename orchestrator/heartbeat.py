@@ -3,10 +3,13 @@
 Every `interval_s` (a third of the TTL by default, so two beats may be lost before the node
 drops out) the task refreshes the node's TTL. When the heartbeat finds no hash, because
 the node expired during a long pause or because Redis restarted empty, it registers the
-node again (a 'join' event). While Redis cannot be reached it logs a warning per failed
-beat and keeps trying; the redis-py client reconnects by itself and reloads the scripts
-(`NOSCRIPT`) once the server is back. No password reaches the log: messages name the node
-and the exception, and redis-py's connection errors name only host and port.
+node again (a 'join' event). While Redis cannot be reached it logs one warning and
+retries every half second; the redis-py client reconnects by itself and reloads the
+scripts (`NOSCRIPT`) once the server is back. A node that starts while Redis is down
+(a supervisor restarting it during the same outage) waits up to `start_timeout_s` for
+it; a refused password or a bad URL still fails at once. No password reaches the log:
+messages name the node and the exception, and redis-py's connection errors name only
+host and port.
 
     async with HeartbeatTask(AsyncRegistry(connect_async(url)), node, ttl_s=10):
         await serve_forever()
@@ -18,11 +21,16 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orchestrator.registry import AsyncRegistry, NodeInfo, NodeStats, check_positive
 
 logger = logging.getLogger(__name__)
+
+# Seconds between beats while Redis is unreachable.
+RETRY_S = 0.5
 
 
 class HeartbeatTask:
@@ -41,8 +49,10 @@ class HeartbeatTask:
         ttl_s: float = 10.0,
         interval_s: float | None = None,
         stats: Callable[[], NodeStats] | None = None,
+        start_timeout_s: float = 30.0,
     ) -> None:
         check_positive("ttl_s", ttl_s)
+        self.start_timeout_s = check_positive("start_timeout_s", start_timeout_s)
         interval_s = ttl_s / 3 if interval_s is None else interval_s
         if check_positive("interval_s", interval_s) >= ttl_s:
             raise ValueError(f"interval_s: must be < ttl_s ({ttl_s}), got {interval_s}")
@@ -66,7 +76,20 @@ class HeartbeatTask:
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError(f"heartbeat for {self.node.node_id} already started")
-        await self._register()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout_s
+        while True:
+            try:
+                await self._register()
+                break
+            except AuthenticationError:
+                raise
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if loop.time() >= deadline:
+                    raise
+                if loop.time() + RETRY_S >= deadline or self._registrations == 0:
+                    logger.warning("registering %s: %r; retrying", self.node.node_id, exc)
+                await asyncio.sleep(RETRY_S)
         self._task = asyncio.create_task(self._run(), name=f"heartbeat:{self.node.node_id}")
 
     async def stop(self, *, deregister: bool = True) -> None:
@@ -107,9 +130,15 @@ class HeartbeatTask:
         self._registrations += 1
 
     async def _run(self) -> None:
+        """Beats every `interval_s`; after a failed beat, retries every half second at most,
+        so that a restarted Redis has the node back within that, not one interval later."""
+        failing = False
         while True:
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(min(self.interval_s, RETRY_S) if failing else self.interval_s)
             try:
                 await self.beat()
+                failing = False
             except RedisError as exc:
-                logger.warning("heartbeat for %s failed: %r", self.node.node_id, exc)
+                if not failing:
+                    logger.warning("heartbeat for %s failed: %r", self.node.node_id, exc)
+                failing = True

@@ -119,6 +119,13 @@ class Lease:
     """Redis server time after which the slot comes back unless renewed."""
     affinity: bool
     """True when the session's existing binding was honoured, False for a fresh choice."""
+    outage: bool = False
+    """Handed out from memory while Redis was unreachable: the slot is not counted there
+    until a `renew` takes it again (renew re-takes leases Redis does not hold)."""
+
+
+class RegistryUnavailable(Exception):
+    """Redis cannot be reached and no node of the kind asked for was seen before."""
 
 
 @dataclass(frozen=True)
@@ -262,7 +269,16 @@ class Placement(_PlacementBase):
 
 
 class AsyncPlacement(_PlacementBase):
-    """`Placement` over a `redis.asyncio` client; same methods, awaited."""
+    """`Placement` over a `redis.asyncio` client; same methods, awaited.
+
+    It also rides out a registry outage, which the serving path must not notice: it
+    remembers the nodes its picks returned, and while Redis is unreachable `pick` hands
+    out `outage` leases on them round-robin (respecting `exclude`), `release` forgets
+    them, and the holders' periodic `renew` turns them into counted slots once Redis is
+    back. A node that died during the outage fails its first call, and callers move
+    on as after any failure. Only with no node remembered does `pick` raise
+    `RegistryUnavailable`.
+    """
 
     def __init__(
         self,
@@ -273,6 +289,9 @@ class AsyncPlacement(_PlacementBase):
         rng: random.Random | None = None,
     ) -> None:
         super().__init__(client, keyspace, config, rng)
+        # (kind, model, labels) -> node id -> the last lease a pick returned on it.
+        self._seen: dict[tuple, dict[str, Lease]] = {}
+        self._turn = 0
 
     async def pick(
         self,
@@ -283,11 +302,32 @@ class AsyncPlacement(_PlacementBase):
         session_id: str | None = None,
         exclude: Iterable[str] = (),
     ) -> Lease | None:
+        exclude = set(exclude)
         call = self._pick_call(kind, model, labels, session_id, exclude)
-        return self._lease(call, await self._scripts["pick"](keys=call.keys, args=call.args))
+        seen = self._seen.setdefault((kind, model, tuple(sorted((labels or {}).items()))), {})
+        try:
+            reply = await self._scripts["pick"](keys=call.keys, args=call.args)
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            candidates = [lease for node, lease in seen.items() if node not in exclude]
+            if not seen:
+                raise RegistryUnavailable(f"registry unreachable ({error})") from error
+            if not candidates:
+                return None
+            self._turn += 1
+            chosen = candidates[self._turn % len(candidates)]
+            return replace(chosen, lease_id=call.lease_id, affinity=False, outage=True)
+        lease = self._lease(call, reply)
+        if lease is not None:
+            seen[lease.node_id] = lease
+        return lease
 
     async def release(self, lease: Lease) -> bool:
-        return await self._scripts["release"](args=self._lease_args(lease)) == 1
+        if lease.outage:
+            return False
+        try:
+            return await self._scripts["release"](args=self._lease_args(lease)) == 1
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False  # the slot's record went with the outage, or expires by its TTL
 
     async def renew(self, lease: Lease) -> Lease | None:
         return self._renewed(lease, await self._scripts["renew"](args=self._renew_args(lease)))

@@ -32,7 +32,7 @@ from orchestrator.placement import AsyncPlacement
 from orchestrator.redis_server import RedisServer
 from orchestrator.registry import AsyncRegistry, connect_async
 from serving.auth import AuthConfig
-from serving.server import RunningServer, ServerConfig, start_server
+from serving.server import RunningServer, ServerConfig, TlsConfig, start_server
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class StackConfig:
     # Name clients and verifiers use for the target (default: its directory name).
     model_name: str = ""
     edges: int = 2
+    # Verifier actors to start; 0 when every verifier runs outside Ray (`edgecloud cloud
+    # serve --redis-url`, authenticating with `Stack.internal_token`) and registers itself.
     verifiers: int = 1
     # None: start a private Redis. Otherwise redis://[user:password@]host:port/db.
     redis_url: str | None = None
@@ -57,6 +59,9 @@ class StackConfig:
     # Also serve the OpenAI-compatible HTTP API (orchestrator/openai_http.py) on
     # gateway_host at this port, with the same client token; 0 picks a free port.
     http_port: int | None = None
+    # TLS for the gateway and the HTTP API; with tls.client_ca, clients must present a
+    # certificate that CA signed (mutual TLS). None: plaintext.
+    tls: TlsConfig | None = None
     # The clients' bearer token; None with insecure_no_auth False generates one.
     client_token: str | None = None
     insecure_no_auth: bool = False
@@ -64,19 +69,56 @@ class StackConfig:
     max_tree_nodes: int = 64
     edge_concurrency: int = 16
     draft: DraftOptions = DraftOptions()
+    # A draft head for the target, loaded by every edge; needed by draft.drafter head/auto.
+    head_dir: Path | None = None
+    # draft_dir is a flash pack (`edgecloud flash pack`): each edge keeps the SLM's weights
+    # within this much DRAM, reading FFN neurons from flash as it needs them.
+    draft_flash_budget_mb: float | None = None
+    # The edges' SLM dtype (float32/float16/bfloat16); None: the device's default. float16
+    # halves the resident part of a flash pack's budget.
+    draft_dtype: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     # Extra delay on every edge-to-verifier round trip, to show a WAN on one machine.
     simulated_rtt_ms: float = 0.0
+    # A verifier that leaves a round unanswered this long is treated as failed: the
+    # edge reopens the session on another one.
+    round_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("edges", "verifiers"):
-            if not 1 <= getattr(self, name) <= 256:
-                raise ValueError(f"{name}: must be in [1, 256], got {getattr(self, name)}")
+        if not 1 <= self.edges <= 256:
+            raise ValueError(f"edges: must be in [1, 256], got {self.edges}")
+        if not 0 <= self.verifiers <= 256:
+            raise ValueError(f"verifiers: must be in [0, 256], got {self.verifiers}")
+        if not 0 < self.round_timeout_s <= 600:
+            raise ValueError(f"round_timeout_s: must be in (0, 600], got {self.round_timeout_s}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"http_port: must be in [0, 65535], got {self.http_port}")
         for name in ("target_dir", "draft_dir"):
             if not Path(getattr(self, name)).exists():
                 raise ValueError(f"{name}: {getattr(self, name)} does not exist")
+        if self.tls is not None:
+            for name in ("cert", "key", "client_ca"):
+                path = getattr(self.tls, name)
+                if path is not None and not Path(path).is_file():
+                    raise ValueError(f"tls.{name}: {path} is not a file")
+        if self.head_dir is not None and not Path(self.head_dir).exists():
+            raise ValueError(f"head_dir: {self.head_dir} does not exist")
+        if self.draft.drafter != "slm" and self.head_dir is None:
+            raise ValueError(f"head_dir: needed with draft.drafter {self.draft.drafter!r}")
+        if self.draft_flash_budget_mb is not None:
+            if not self.draft_flash_budget_mb > 0:
+                raise ValueError(
+                    f"draft_flash_budget_mb: must be > 0, got {self.draft_flash_budget_mb}"
+                )
+            if not (Path(self.draft_dir) / "manifest.json").is_file():
+                raise ValueError(
+                    f"draft_dir: {self.draft_dir} is not a flash pack (no manifest.json), "
+                    "as draft_flash_budget_mb needs"
+                )
+        if self.draft_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"draft_dtype: must be float32, float16 or bfloat16, got {self.draft_dtype!r}"
+            )
 
     @property
     def served_name(self) -> str:
@@ -156,9 +198,14 @@ class Stack:
                         max_tree_nodes=config.max_tree_nodes,
                     ),
                     CloudLinkConfig(
-                        token=self.internal_token, simulated_rtt_ms=config.simulated_rtt_ms
+                        token=self.internal_token,
+                        simulated_rtt_ms=config.simulated_rtt_ms,
+                        round_timeout_s=config.round_timeout_s,
                     ),
                     config.served_name,
+                    None if config.head_dir is None else str(config.head_dir),
+                    config.draft_flash_budget_mb,
+                    config.draft_dtype,
                 )
             )
         await asyncio.gather(*(a.ready.remote() for a in self.verifier_actors + self.edge_actors))
@@ -181,7 +228,19 @@ class Stack:
         ray.init(**kwargs)
         self._started_ray = True
 
-    async def _start_gateway(self) -> None:
+    async def restart_gateway(self) -> None:
+        """Drops the gateway (and its HTTP front) with every open stream, as a crash would,
+        and starts new ones on the same ports that know nothing but what Redis holds."""
+        port, http_port = self.gateway.port, None
+        await self.gateway.server.stop(grace=0)
+        self.gateway = None
+        if self.http is not None:
+            http_port = self.http.port
+            await self.http.stop()
+            self.http = None
+        await self._start_gateway(port, http_port)
+
+    async def _start_gateway(self, port: int | None = None, http_port: int | None = None) -> None:
         client = connect_async(self.redis_url)
         gateway = Gateway(
             AsyncPlacement(client),
@@ -196,7 +255,12 @@ class Stack:
 
         auth = AuthConfig(token=self.client_token, insecure_no_auth=self.client_token is None)
         self.gateway = await start_server(
-            ServerConfig(host=self.config.gateway_host, port=self.config.gateway_port, auth=auth),
+            ServerConfig(
+                host=self.config.gateway_host,
+                port=self.config.gateway_port if port is None else port,
+                auth=auth,
+                tls=self.config.tls,
+            ),
             add,
         )
         if self.config.http_port is not None:
@@ -204,7 +268,8 @@ class Stack:
             self.http = await start_http_server(
                 create_app(gateway.route, gateway.models, http),
                 self.config.gateway_host,
-                self.config.http_port,
+                self.config.http_port if http_port is None else http_port,
+                tls=self.config.tls,
             )
 
     async def stop(self) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 
 from edge_node.picker import VerifierEndpoint
-from orchestrator.placement import AsyncPlacement, Lease, PlacementConfig
+from orchestrator.placement import AsyncPlacement, Lease, PlacementConfig, RegistryUnavailable
 from orchestrator.registry import connect_async
 
 
@@ -36,13 +36,16 @@ class RegistryPicker:
         excluded_ids = {
             lease.node_id for lease in self._leases.values() if lease.address in exclude
         }
-        lease = await self.placement.pick(
-            "cloud",
-            self.model,
-            labels=self.labels or None,
-            session_id=session_id,
-            exclude=excluded_ids,
-        )
+        try:
+            lease = await self.placement.pick(
+                "cloud",
+                self.model,
+                labels=self.labels or None,
+                session_id=session_id,
+                exclude=excluded_ids,
+            )
+        except RegistryUnavailable:
+            return None  # as with no verifier: the edge waits for one within the deadline
         if lease is None or lease.address in exclude:
             if lease is not None:
                 await self.placement.release(lease)

@@ -22,6 +22,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from serving.auth import AuthConfig, TokenAuthInterceptor
+from serving.decoding import MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ async def start_server(
 ) -> RunningServer:
     """Starts a server; `add_services` registers servicers and returns their full names."""
     interceptors = [] if config.auth.token is None else [TokenAuthInterceptor(config.auth.token)]
+    interceptors.append(MalformedRequestInterceptor())
     options = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),

@@ -1,6 +1,6 @@
-"""The bundled demo pair: present, intact (checksums in MODEL_CARD.md), loadable, one shared
-tokenizer, sized as promised, and actually trained (low perplexity, the draft agrees with the
-target)."""
+"""The bundled demo models: present, intact (checksums in MODEL_CARD.md), loadable, one shared
+tokenizer, sized as promised, and actually trained (low perplexity, the draft and the draft head
+agree with the target)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,15 @@ from tokenizers import Tokenizer
 
 from lm import corpus
 from lm.checkpoint import load_model
-from lm.evaluate import check_pair, greedy_agreement, perplexity
-from orchestrator.demo_models import DEMO_DIR, DRAFT_DIR, MODEL_CARD, TARGET_DIR
+from lm.draft_head import load_head
+from lm.evaluate import check_pair, greedy_agreement, head_lookahead_agreement, perplexity
+from orchestrator.demo_models import DEMO_DIR, DRAFT_DIR, HEAD_DIR, MODEL_CARD, TARGET_DIR
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-CHECKSUM_ROW = re.compile(r"^\| `((?:target|draft)/[\w.]+)` \| ([\d,]+) \| `([0-9a-f]{64})` \|$")
+HEAD_FILES = ("head_config.json", "head.safetensors")
+CHECKSUM_ROW = re.compile(
+    r"^\| `((?:target|draft|head)/[\w.]+)` \| ([\d,]+) \| `([0-9a-f]{64})` \|$"
+)
 
 
 def _card_checksums() -> dict[str, tuple[int, str]]:
@@ -50,6 +54,7 @@ def heldout_windows() -> torch.Tensor:
 def test_every_file_matches_the_card_checksum():
     recorded = _card_checksums()
     expected = {f"{part}/{name}" for part in ("target", "draft") for name in FILES}
+    expected |= {f"head/{name}" for name in HEAD_FILES}
     assert set(recorded) == expected
     for rel, (size, digest) in recorded.items():
         data = (DEMO_DIR / rel).read_bytes()
@@ -95,3 +100,17 @@ def test_pair_is_trained(pair, heldout_windows):
     assert perplexity(target, heldout_windows).perplexity < 45
     assert perplexity(draft, heldout_windows).perplexity < 50
     assert greedy_agreement(target, draft, heldout_windows) > 0.7
+
+
+@torch.no_grad()
+def test_head_serves_the_target_and_is_trained(pair, heldout_windows):
+    """The head reads the target's hidden states and copies its embedding; a random head would
+    agree ~0% with the target's argmax two tokens ahead."""
+    target, _ = pair
+    head = load_head(HEAD_DIR, device="cpu", dtype=torch.float32)
+    assert head.config.vocab_size == target.config.vocab_size
+    assert head.config.hidden_size == target.config.dim
+    assert torch.equal(head.embedding.weight, target.tok_embeddings.weight)
+    assert sum(f.stat().st_size for f in HEAD_DIR.iterdir()) <= 8 * 1024 * 1024
+    agreement = head_lookahead_agreement(target, head, heldout_windows[:2], depth=2)
+    assert agreement[0] > 0.4

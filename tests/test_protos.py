@@ -51,7 +51,15 @@ def test_field_numbers_are_stable():
     from edgecloud.v1 import generation_pb2, verification_pb2
 
     pinned = {
-        verification_pb2.OpenSession: {"model": 1, "context": 2, "sampling": 3, "session_id": 4},
+        verification_pb2.OpenSession: {
+            "model": 1,
+            "context": 2,
+            "sampling": 3,
+            "session_id": 4,
+            "return_hidden": 5,
+        },
+        verification_pb2.SessionOpened: {"max_context": 5, "hidden": 6},
+        verification_pb2.HiddenState: {"dim": 1, "encoding": 2, "data": 3, "scale": 4},
         verification_pb2.Round: {"new_tokens": 1, "tree": 2, "draft_dists": 3, "round_id": 4},
         verification_pb2.RoundResult: {
             "round_id": 1,
@@ -61,6 +69,7 @@ def test_field_numbers_are_stable():
             "nodes_verified": 5,
             "server_ms": 6,
             "batch_size": 7,
+            "hidden": 8,
         },
         generation_pb2.GenerateRequest: {
             "prompt": 1,
@@ -89,3 +98,14 @@ def test_field_numbers_are_stable():
         numbers = {f.name: f.number for f in message.DESCRIPTOR.fields}
         for name, number in fields.items():
             assert numbers.get(name) == number, f"{message.DESCRIPTOR.name}.{name}"
+
+
+def test_hidden_encodings_match_the_codec():
+    """lm.hidden_codec.HiddenEncoding converts to and from the wire by value."""
+    from edgecloud.v1 import verification_pb2
+    from lm.hidden_codec import HiddenEncoding
+
+    wire = verification_pb2.DESCRIPTOR.enum_types_by_name["HiddenEncoding"]
+    assert {v.name: v.number for v in wire.values} == {
+        f"HIDDEN_{e.name}": e.value for e in HiddenEncoding
+    }

@@ -13,7 +13,15 @@ MODEL_NAME = "tiny-target"
 METADATA = bearer_metadata(TOKEN)
 
 
-def tiny_model(seed: int, *, vocab: int = 64, dim: int = 32, layers: int = 2, sharpen: float = 1.0):
+def tiny_model(
+    seed: int,
+    *,
+    vocab: int = 64,
+    dim: int = 32,
+    layers: int = 2,
+    sharpen: float = 1.0,
+    max_seq_len: int = 512,
+):
     """A random Llama-family model; `sharpen` scales the output head so its distributions
     are peaked rather than near-uniform, which makes acceptance tests meaningful."""
     torch.manual_seed(seed)
@@ -24,7 +32,7 @@ def tiny_model(seed: int, *, vocab: int = 64, dim: int = 32, layers: int = 2, sh
         n_heads=4,
         n_kv_heads=2,
         hidden_dim=64,
-        max_seq_len=512,
+        max_seq_len=max_seq_len,
     )
     model = Transformer(config).eval()
     with torch.no_grad():

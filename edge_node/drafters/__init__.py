@@ -3,6 +3,10 @@
 A drafter grows its tree in the SLM's cache (`EdgeLM.forward_nodes`), so the
 accepted path's keys and values are kept after verification. Node ids given to
 `forward_nodes` are the drafter's own; `Draft.node_ids` maps tree indices to them.
+
+The recurrent head (`edge_node/drafters/head.py`) drafts from the target's hidden
+state instead of the SLM; its `Draft` has the same fields, with node ids that name
+no SLM cache entry.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from lm.sampling import SamplingParams
 from lm.tree import TokenTree
 
 TreeKind = Literal["beam", "topk", "chain"]
+# Which model made a draft.
+DrafterKind = Literal["slm", "head"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class Draft:
     undeduplicated: int
     # Tree indices of the drafter's most likely path, root first.
     main_path: tuple[int, ...]
+    drafter: DrafterKind = "slm"
 
 
 class Drafter(Protocol):

@@ -34,7 +34,9 @@ class FlashFeedForward(nn.Module):
     x: (batch, time, dim). Each position uses exactly the neurons predicted for it, so
     results do not depend on how tokens are batched (prefill, tree drafts); the store
     loads the union over positions. For a ReLU model and a predictor of perfect recall
-    this is the dense result, as inactive neurons contribute exactly zero.
+    this is the dense result, as inactive neurons contribute exactly zero. The matmuls
+    run in the store's compute dtype (`ffn_dtype` of `load_flash_model`); the predictor
+    and the result are in x's dtype.
     """
 
     def __init__(
@@ -54,8 +56,8 @@ class FlashFeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
         store = self.store
+        flat = x.reshape(-1, x.shape[-1])
         with store.lock:
             start = time.perf_counter()
             mask = None
@@ -65,6 +67,7 @@ class FlashFeedForward(nn.Module):
                 mask = self.predictor.predict(flat)  # (positions, hidden)
                 needed = mask.any(0).nonzero().squeeze(1).cpu()
             predicted = time.perf_counter()
+            flat = flat.to(store.compute_dtype)
             y = torch.zeros_like(flat)
             for chunk in store.begin(self.layer, needed):
                 gate, up, down = store.load(self.layer, chunk).to(flat.device).unbind(1)
@@ -78,7 +81,7 @@ class FlashFeedForward(nn.Module):
                 predictor_s=predicted - start,
                 ffn_s=time.perf_counter() - predicted,
             )
-        return y.view(x.shape)
+        return y.to(x.dtype).view(x.shape)
 
 
 def load_flash_model(
@@ -87,6 +90,7 @@ def load_flash_model(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    ffn_dtype: torch.dtype | None = None,
     options: StoreOptions | None = None,
     use_predictor: bool = True,
     verify: bool = True,
@@ -96,6 +100,12 @@ def load_flash_model(
     budget_bytes: DRAM for all model weights: the resident part (dram.safetensors and the
         predictors) plus the store's neuron caches, read buffers and scratch. Too small a
         budget raises BudgetError giving the minimum. KV cache and activations are extra.
+    dtype: the resident weights and activations (default: the device's, float32 on CPU);
+        float16 or bfloat16 halve the resident part's share of the budget.
+    ffn_dtype: what the FFN matmuls run in, bundles decoded to it chunk by chunk (the
+        scratch is in the budget). Default `dtype`, but float32 for half types on CPU:
+        there each new matmul shape (the neuron count changes every token) builds a
+        oneDNN kernel, about 10x slower than float32 BLAS.
     options: how the store reads and keeps neurons; default StoreOptions().
     use_predictor: pick neurons with the pack's predictors (`edgecloud flash calibrate`);
         False, or a pack without them, uses every neuron (dense results, any budget).
@@ -106,6 +116,8 @@ def load_flash_model(
         verify_pack(pack_dir, manifest)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    if ffn_dtype is None:
+        ffn_dtype = torch.float32 if device.type == "cpu" and dtype.itemsize < 4 else dtype
     config = manifest.config
     state = load_dram_state(pack_dir, manifest, device, dtype)
     with torch.device("meta"):
@@ -126,11 +138,11 @@ def load_flash_model(
         resident += sum(
             p.numel() * p.element_size() for m in predictors for p in m.state_dict().values()
         )
-    in_place = manifest.bundle.quant is None and manifest.bundle.dtype == dtype
-    decoded_row = 0 if in_place else 3 * config.dim * dtype.itemsize
+    in_place = manifest.bundle.quant is None and manifest.bundle.dtype == ffn_dtype
+    decoded_row = 0 if in_place else 3 * config.dim * ffn_dtype.itemsize
     options = options or StoreOptions()
     plan = plan_memory(manifest, budget_bytes, resident, options, decoded_row)
-    store = FlashStore(pack_dir, manifest, plan, options, dtype)
+    store = FlashStore(pack_dir, manifest, plan, options, ffn_dtype)
     weakref.finalize(store, store.reader.close)
     for i, block in enumerate(model.layers):
         predictor = None if predictors is None else predictors[i]

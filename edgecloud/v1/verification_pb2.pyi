@@ -13,6 +13,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -23,6 +24,39 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _HiddenEncoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HiddenEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HiddenEncoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HIDDEN_NONE: _HiddenEncoding.ValueType  # 0
+    HIDDEN_FLOAT16: _HiddenEncoding.ValueType  # 1
+    """IEEE half precision, little-endian: relative error at most 2^-11 per element
+    in float16's normal range (the final norm keeps hidden states well inside it).
+    """
+    HIDDEN_INT8: _HiddenEncoding.ValueType  # 2
+    """Signed bytes x with value x * scale, scale = max |h| / 127 over the vector:
+    absolute error at most scale / 2 per element.
+    """
+
+class HiddenEncoding(_HiddenEncoding, metaclass=_HiddenEncodingEnumTypeWrapper):
+    """How a hidden state travels. Bytes per reply for a target of width d:
+    HIDDEN_FLOAT16 2d (512 B for d = 256), HIDDEN_INT8 d + a 4-byte scale (260 B for
+    d = 256), plus about 10 B of field tags and lengths.
+    """
+
+HIDDEN_NONE: HiddenEncoding.ValueType  # 0
+HIDDEN_FLOAT16: HiddenEncoding.ValueType  # 1
+"""IEEE half precision, little-endian: relative error at most 2^-11 per element
+in float16's normal range (the final norm keeps hidden states well inside it).
+"""
+HIDDEN_INT8: HiddenEncoding.ValueType  # 2
+"""Signed bytes x with value x * scale, scale = max |h| / 127 over the vector:
+absolute error at most scale / 2 per element.
+"""
+Global___HiddenEncoding: _TypeAlias = HiddenEncoding  # noqa: Y015
 
 @_typing.final
 class SamplingParams(_message.Message):
@@ -70,10 +104,16 @@ class OpenSession(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    RETURN_HIDDEN_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Must name the model this verifier serves."""
     session_id: _builtins.str
     """Caller-chosen id, echoed back; used for affinity and logs. Empty: server picks."""
+    return_hidden: Global___HiddenEncoding.ValueType
+    """Ask for the target's hidden state in every reply (for a drafter that conditions on
+    it, such as ReDrafter's recurrent head), in this encoding. Unset (HIDDEN_NONE):
+    no hidden state is sent, which is what edges written before this field get.
+    """
     @_builtins.property
     def context(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The whole context so far (prompt plus generated tokens). Non-empty."""
@@ -87,14 +127,48 @@ class OpenSession(_message.Message):
         context: _abc.Iterable[_builtins.int] | None = ...,
         sampling: Global___SamplingParams | None = ...,
         session_id: _builtins.str = ...,
+        return_hidden: Global___HiddenEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "model", b"model", "sampling", b"sampling", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "model", b"model", "return_hidden", b"return_hidden", "sampling", b"sampling", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OpenSession: _TypeAlias = OpenSession  # noqa: Y015
+
+@_typing.final
+class HiddenState(_message.Message):
+    """The target's final-norm hidden state (the classifier's input) at one position."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIM_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    dim: _builtins.int
+    """Width of the vector (the target's hidden size)."""
+    encoding: Global___HiddenEncoding.ValueType
+    data: _builtins.bytes
+    """`dim` elements in `encoding`."""
+    scale: _builtins.float
+    """HIDDEN_INT8 only: the value of one step."""
+    def __init__(
+        self,
+        *,
+        dim: _builtins.int = ...,
+        encoding: Global___HiddenEncoding.ValueType = ...,
+        data: _builtins.bytes = ...,
+        scale: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dim", b"dim", "encoding", b"encoding", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HiddenState: _TypeAlias = HiddenState  # noqa: Y015
 
 @_typing.final
 class DraftTree(_message.Message):
@@ -242,6 +316,7 @@ class SessionOpened(_message.Message):
     PREFILL_MS_FIELD_NUMBER: _builtins.int
     MAX_TREE_NODES_FIELD_NUMBER: _builtins.int
     MAX_CONTEXT_FIELD_NUMBER: _builtins.int
+    HIDDEN_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     context_length: _builtins.int
     """Tokens of context held in the session's KV cache."""
@@ -251,6 +326,13 @@ class SessionOpened(_message.Message):
     """Largest draft tree a round may carry."""
     max_context: _builtins.int
     """Largest context (committed tokens) the session may reach."""
+    @_builtins.property
+    def hidden(self) -> Global___HiddenState:
+        """When asked (OpenSession.return_hidden) and the context has at least two tokens:
+        the hidden state at the next-to-last context token, whose distribution predicts
+        the last one, so the first round can be drafted from it like any later one.
+        """
+
     def __init__(
         self,
         *,
@@ -259,10 +341,11 @@ class SessionOpened(_message.Message):
         prefill_ms: _builtins.float = ...,
         max_tree_nodes: _builtins.int = ...,
         max_context: _builtins.int = ...,
+        hidden: Global___HiddenState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hidden", b"hidden"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "max_context", b"max_context", "max_tree_nodes", b"max_tree_nodes", "prefill_ms", b"prefill_ms", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "hidden", b"hidden", "max_context", b"max_context", "max_tree_nodes", b"max_tree_nodes", "prefill_ms", b"prefill_ms", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -279,6 +362,7 @@ class RoundResult(_message.Message):
     NODES_VERIFIED_FIELD_NUMBER: _builtins.int
     SERVER_MS_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    HIDDEN_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     bonus_token: _builtins.int
     """One token sampled from the target after the accepted path."""
@@ -296,6 +380,13 @@ class RoundResult(_message.Message):
     def accepted_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The tokens of that path (tree.tokens[accepted_nodes[i]])."""
 
+    @_builtins.property
+    def hidden(self) -> Global___HiddenState:
+        """When asked (OpenSession.return_hidden): the hidden state at the last accepted
+        position, the one whose distribution gave `bonus_token` (the last context token
+        when nothing was accepted).
+        """
+
     def __init__(
         self,
         *,
@@ -306,10 +397,11 @@ class RoundResult(_message.Message):
         nodes_verified: _builtins.int = ...,
         server_ms: _builtins.float = ...,
         batch_size: _builtins.int = ...,
+        hidden: Global___HiddenState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hidden", b"hidden"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_nodes", b"accepted_nodes", "accepted_tokens", b"accepted_tokens", "batch_size", b"batch_size", "bonus_token", b"bonus_token", "nodes_verified", b"nodes_verified", "round_id", b"round_id", "server_ms", b"server_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_nodes", b"accepted_nodes", "accepted_tokens", b"accepted_tokens", "batch_size", b"batch_size", "bonus_token", b"bonus_token", "hidden", b"hidden", "nodes_verified", b"nodes_verified", "round_id", b"round_id", "server_ms", b"server_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

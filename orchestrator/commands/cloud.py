@@ -36,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--advertise", help="HOST:PORT edges dial (default: --host:--port)")
     serve.add_argument("--node-id", help="registry id (default: verifier-HOST-PORT)")
+    serve.add_argument(
+        "--heartbeat-ttl",
+        type=float,
+        default=10.0,
+        help="seconds a registration outlives the last heartbeat (10)",
+    )
     serve.set_defaults(run=run_serve)
 
 
@@ -53,9 +59,11 @@ async def register_verifier(args: argparse.Namespace, config, bound: str):
             models=(config.model_name,),
             capacity=config.max_sessions,
         )
+        heartbeat = HeartbeatTask(
+            AsyncRegistry(connect_async(args.redis_url)), node, ttl_s=args.heartbeat_ttl
+        )
     except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    heartbeat = HeartbeatTask(AsyncRegistry(connect_async(args.redis_url)), node)
+        raise UsageError(str(exc).replace("ttl_s", "--heartbeat-ttl")) from exc
     await heartbeat.start()
     return heartbeat
 

@@ -7,7 +7,13 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from orchestrator.commands.flags import add_server_flags, dtype_flag, server_config, torch_dtype
+from orchestrator.commands.flags import (
+    add_server_flags,
+    dtype_flag,
+    existing_file,
+    server_config,
+    torch_dtype,
+)
 from orchestrator.usage import UsageError
 
 
@@ -29,6 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--verifier-model", help="model name the verifiers serve")
     serve.add_argument("--verifier-token", help="credential for the verifiers (not the clients')")
     serve.add_argument("--verifier-token-file")
+    serve.add_argument(
+        "--verifier-ca",
+        type=Path,
+        help="PEM roots that sign the verifiers' certificates; enables TLS to them "
+        "(the system roots when only --verifier-cert/--verifier-key are given)",
+    )
+    serve.add_argument(
+        "--verifier-cert", type=Path, help="PEM client certificate for mutual TLS to verifiers"
+    )
+    serve.add_argument("--verifier-key", type=Path, help="PEM private key for --verifier-cert")
     serve.add_argument("--device", default="cpu", help="device for the SLM (default: cpu)")
     serve.add_argument(
         "--flash-budget-mb",
@@ -47,6 +63,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--draft-tree", choices=["beam", "topk", "chain"], default="beam")
     serve.add_argument("--draft-width", type=int, default=4)
     serve.add_argument("--draft-depth", type=int, default=6)
+    serve.add_argument(
+        "--drafter",
+        choices=["slm", "head", "auto"],
+        default="slm",
+        help="who drafts lossless rounds: the SLM, the recurrent draft head (--head) on the "
+        "verifier's hidden state, or auto (per session, whichever yields more tokens per "
+        "second); edge_only and adaptive always use the SLM (default: slm)",
+    )
+    serve.add_argument(
+        "--head",
+        type=Path,
+        metavar="DIR",
+        help="draft head trained for the verifiers' target (head_config.json + head.safetensors)",
+    )
+    serve.add_argument(
+        "--hidden-encoding",
+        choices=["float16", "int8"],
+        default="float16",
+        help="how verifiers send hidden states for the head: 2 or 1 bytes an element "
+        "(default: float16)",
+    )
     serve.set_defaults(run=run_serve)
 
 
@@ -59,6 +96,28 @@ def verifier_token(args: argparse.Namespace) -> str | None:
         except OSError as exc:
             raise UsageError(f"--verifier-token-file: cannot read: {exc.strerror}") from exc
     return args.verifier_token
+
+
+def verifier_tls(args: argparse.Namespace):
+    """TLS to the verifiers (`TlsOptions`), or None when no --verifier-* TLS flag is given.
+    The name checked is the host of each --verifier address."""
+    from edgecloud._channel import TlsOptions
+
+    if bool(args.verifier_cert) != bool(args.verifier_key):
+        raise UsageError("--verifier-cert and --verifier-key: give both or neither")
+    if not (args.verifier_ca or args.verifier_cert):
+        return None
+    if not args.verifier:
+        flag = "--verifier-ca" if args.verifier_ca else "--verifier-cert"
+        raise UsageError(f"{flag}: needs --verifier")
+    try:
+        return TlsOptions(
+            ca=existing_file("--verifier-ca", args.verifier_ca),
+            cert=existing_file("--verifier-cert", args.verifier_cert),
+            key=existing_file("--verifier-key", args.verifier_key),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def load_slm(args: argparse.Namespace):
@@ -99,26 +158,40 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--http-port: must be in [0, 65535], got {args.http_port}")
     if args.flash_budget_mb is not None and args.flash_budget_mb <= 0:
         raise UsageError(f"--flash-budget-mb: must be > 0, got {args.flash_budget_mb}")
+    if args.drafter != "slm" and args.head is None:
+        raise UsageError(f"--head: needed with --drafter {args.drafter}")
+    tls = verifier_tls(args)
+    link = None
+    if args.verifier:
+        picker = FixedListPicker([VerifierEndpoint(a, args.verifier_model) for a in args.verifier])
+        link = CloudLink(picker, CloudLinkConfig(token=verifier_token(args), tls=tls))
     try:
         model = load_slm(args)
+        head = None
+        if args.head is not None:
+            from lm.draft_head import load_head
+
+            head = load_head(args.head, device=args.device, dtype=torch_dtype(args.dtype))
         tokenizer = (
             Tokenizer.from_dir(args.model) if (args.model / "tokenizer.json").exists() else None
         )
         config = EdgeConfig(
             model_name=args.name or args.verifier_model or args.model.stem,
             max_concurrency=args.max_concurrency,
-            draft=DraftOptions(args.draft_tree, args.draft_width, args.draft_depth),
+            draft=DraftOptions(
+                args.draft_tree,
+                args.draft_width,
+                args.draft_depth,
+                drafter=args.drafter,
+                hidden_encoding=args.hidden_encoding,
+            ),
         )
         server = server_config(args)
+        runtime = EdgeRuntime(model, config, tokenizer=tokenizer, link=link, head=head)
     except (ValueError, CheckpointError) as exc:
         raise UsageError(str(exc)) from exc
-    link = None
-    if args.verifier:
-        picker = FixedListPicker([VerifierEndpoint(a, args.verifier_model) for a in args.verifier])
-        link = CloudLink(picker, CloudLinkConfig(token=verifier_token(args)))
 
     async def main() -> None:
-        runtime = EdgeRuntime(model, config, tokenizer=tokenizer, link=link)
         edge = await start_edge_server(runtime, server)
         edge.server.drain_on_signals()
         print(f"edge {config.model_name!r} listening on {server.host}:{edge.port}", flush=True)

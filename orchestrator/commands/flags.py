@@ -42,24 +42,49 @@ def add_server_flags(parser: argparse.ArgumentParser, *, default_port: int) -> N
         action="store_true",
         help="accept calls without a token (local demos only)",
     )
+    tls_flags(parser)
+    parser.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+
+
+def tls_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain; enables TLS")
     parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     parser.add_argument(
         "--tls-client-ca", type=Path, help="require client certificates signed by this CA"
     )
-    parser.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
 
 
-def server_config(args: argparse.Namespace):
-    """Raises ValueError naming the bad flag."""
-    from serving.auth import AuthConfig
-    from serving.server import ServerConfig, TlsConfig
+def existing_file(flag: str, path: Path | None) -> Path | None:
+    """`path` itself; ValueError naming `flag` when it is given but is no file."""
+    if path is not None and not Path(path).is_file():
+        raise ValueError(f"{flag}: {path} is not a file")
+    return path
+
+
+def tls_config(args: argparse.Namespace):
+    """The `TlsConfig` of `tls_flags`, or None without --tls-cert; ValueError naming the
+    bad flag."""
+    from serving.server import TlsConfig
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key: give both or neither")
     if args.tls_client_ca and not args.tls_cert:
         raise ValueError("--tls-client-ca: needs --tls-cert and --tls-key")
-    tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    if not args.tls_cert:
+        return None
+    return TlsConfig(
+        existing_file("--tls-cert", args.tls_cert),
+        existing_file("--tls-key", args.tls_key),
+        existing_file("--tls-client-ca", args.tls_client_ca),
+    )
+
+
+def server_config(args: argparse.Namespace):
+    """Raises ValueError naming the bad flag."""
+    from serving.auth import AuthConfig
+    from serving.server import ServerConfig
+
+    tls = tls_config(args)
     auth = AuthConfig.from_flags(args.auth_token, args.auth_token_file, args.insecure_no_auth)
     return ServerConfig(
         host=args.host,

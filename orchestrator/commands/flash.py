@@ -4,8 +4,11 @@ pack: MODEL_DIR (a Hugging Face directory) -> OUT_DIR with dram.safetensors (emb
 attention, norms), ffn.bin (row-column bundles, optionally int8/int4) and manifest.json.
 calibrate: trains the per-layer sparsity predictors of a pack on a corpus (default: the
 Python standard library, as `edgecloud train`) and prints held-out recall and
-false-positive rate per layer. info: what a pack holds and the smallest budget it runs in.
-The edge runs a pack with `edgecloud edge serve --model OUT_DIR --flash-budget-mb N`.
+false-positive rate per layer (and, for SwiGLU, what the gate thresholding costs: top-1
+agreement, KL and perplexity against the dense model). info: what a pack holds and the
+smallest budget it runs in. The edge runs a pack with `edgecloud edge serve --model OUT_DIR
+--flash-budget-mb N` (`--dtype float16` halves the resident part of the budget), and
+`edgecloud up` with `--draft OUT_DIR --draft-flash-budget-mb N`.
 """
 
 from __future__ import annotations
@@ -69,6 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     info = sub.add_parser("info", help="a pack's layout and smallest DRAM budget")
     info.add_argument("pack_dir", type=Path, metavar="OUT_DIR")
+    info.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="what the edge runs the resident part in (edge serve --dtype; default float32)",
+    )
     info.set_defaults(run=run_info)
 
 
@@ -166,8 +175,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     for name in ("threshold_cost", "predicted_cost"):
         if name in report:
             cost = report[name]
+            label = name.replace("_", " ")
+            if name == "threshold_cost":
+                label += f" (gate sparsity {report['gate_sparsity']})"
             print(
-                f"{name.replace('_', ' ')}: top-1 agreement {cost['top1_agreement']:.4f}, "
+                f"{label}: top-1 agreement {cost['top1_agreement']:.4f}, "
+                f"KL {cost['kl_nats']:.5f} nats/token, "
                 f"perplexity {cost['dense_perplexity']:.3f} -> {cost['sparse_perplexity']:.3f}"
             )
     return 0
@@ -185,9 +198,13 @@ def run_info(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         raise UsageError(str(exc)) from exc
     config = manifest.config
-    # Resident weights as the CPU runs them (float32), predictors left out; default options.
-    resident = sum(torch.Size(shape).numel() * 4 for shape in manifest.tensors.values())
-    minimum = minimum_budget(manifest, resident, StoreOptions(), 3 * config.dim * 4)
+    # On CPU, predictors left out, default options: the FFN computes in float32
+    # (load_flash_model's ffn_dtype), decoding bundles unless they are float32 already.
+    itemsize = getattr(torch, args.dtype).itemsize
+    resident = sum(torch.Size(shape).numel() * itemsize for shape in manifest.tensors.values())
+    in_place = manifest.bundle.quant is None and manifest.bundle.dtype == torch.float32
+    decoded_row = 0 if in_place else 3 * config.dim * 4
+    minimum = minimum_budget(manifest, resident, StoreOptions(), decoded_row)
     print(
         json.dumps(
             {
@@ -200,7 +217,8 @@ def run_info(args: argparse.Namespace) -> int:
                 "stride": manifest.stride,
                 "ffn_bytes": manifest.ffn.nbytes,
                 "dram_bytes": manifest.dram.nbytes,
-                "resident_float32_bytes": resident,
+                "dtype": args.dtype,
+                "resident_bytes": resident,
                 "minimum_budget_bytes": minimum,
                 "predictor": (args.pack_dir / "predictor.json").is_file(),
             },

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.commands.flags import config_flag
+from orchestrator.commands.flags import config_flag, tls_config, tls_flags
 from orchestrator.usage import UsageError
 
 STATE_FILE = Path(os.environ.get("EDGECLOUD_STATE", Path.home() / ".edgecloud" / "up.json"))
@@ -23,6 +23,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     def stack_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target", type=Path, default=TARGET_DIR, help="target model directory")
         p.add_argument("--draft", type=Path, default=DRAFT_DIR, help="edge SLM directory")
+        p.add_argument(
+            "--draft-flash-budget-mb",
+            type=float,
+            help="--draft is a flash pack (edgecloud flash pack): each edge keeps the SLM's "
+            "weights within this much DRAM, reading FFN neurons from flash as needed",
+        )
+        p.add_argument(
+            "--draft-dtype",
+            choices=["float32", "float16", "bfloat16"],
+            help="the edges' SLM dtype (default: float32 on CPU)",
+        )
         p.add_argument("--edges", type=int, default=2, help="EdgeNode actors (default 2)")
         p.add_argument("--verifiers", type=int, default=1, help="verifier actors (default 1)")
         p.add_argument("--redis-url", help="use this Redis instead of a private one")
@@ -42,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     up.add_argument("--auth-token-file", help="clients' bearer token (default: generated)")
     up.add_argument("--insecure-no-auth", action="store_true", help="no client token (demo only)")
+    tls_flags(up)
     up.set_defaults(run=run_up)
 
     demo = subparsers.add_parser("demo", help="run the whole system on this machine, once")
@@ -68,8 +80,11 @@ def stack_config(args: argparse.Namespace, **extra):
     from orchestrator.stack import StackConfig
 
     for flag in ("target", "draft"):
-        if not (getattr(args, flag) / "config.json").exists():
-            raise UsageError(f"--{flag}: {getattr(args, flag)} holds no model (config.json)")
+        name = "config.json"
+        if flag == "draft" and args.draft_flash_budget_mb is not None:
+            name = "manifest.json"  # a flash pack
+        if not (getattr(args, flag) / name).exists():
+            raise UsageError(f"--{flag}: {getattr(args, flag)} holds no model ({name})")
     try:
         return StackConfig(
             target_dir=args.target,
@@ -78,6 +93,8 @@ def stack_config(args: argparse.Namespace, **extra):
             verifiers=args.verifiers,
             redis_url=args.redis_url,
             ray_address=args.ray_address,
+            draft_flash_budget_mb=args.draft_flash_budget_mb,
+            draft_dtype=args.draft_dtype,
             **extra,
         )
     except ValueError as exc:
@@ -97,11 +114,16 @@ def run_up(args: argparse.Namespace) -> int:
             token = Path(args.auth_token_file).read_text().strip()
         except OSError as exc:
             raise UsageError(f"--auth-token-file: cannot read: {exc.strerror}") from exc
+    try:
+        tls = tls_config(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     config = stack_config(
         args,
         gateway_host=args.host,
         gateway_port=args.port,
         http_port=args.http_port,
+        tls=tls,
         client_token=token,
         insecure_no_auth=args.insecure_no_auth,
     )
@@ -111,11 +133,16 @@ def run_up(args: argparse.Namespace) -> int:
         try:
             await stack.start()
             STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
-            STATE_FILE.write_text(
-                json.dumps({"redis_url": stack.redis_url, "gateway": stack.gateway_address})
-            )
+            state = {
+                "redis_url": stack.redis_url,
+                "gateway": stack.gateway_address,
+                "tls": tls is not None,
+                "mutual_tls": tls is not None and tls.client_ca is not None,
+            }
+            STATE_FILE.write_text(json.dumps(state))
             STATE_FILE.chmod(0o600)
-            print(f"gateway listening on {stack.gateway_address}", flush=True)
+            security = " (mutual TLS)" if state["mutual_tls"] else " (TLS)" if tls else ""
+            print(f"gateway listening on {stack.gateway_address}{security}", flush=True)
             if stack.http is not None:
                 print(f"OpenAI-compatible HTTP on {stack.http.url}/v1", flush=True)
             if token is None and stack.client_token:

@@ -51,6 +51,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     distill.add_argument(
         "--gen-temperature", type=float, default=1.0, help="target sampling temperature (1)"
     )
+    distill.add_argument(
+        "--head",
+        action="store_true",
+        help="train a recurrent draft head (ReDrafter) instead of a draft model; OUT gets "
+        "head_config.json + head.safetensors and the --dim .. --untied flags are unused",
+    )
+    distill.add_argument(
+        "--state-size", type=int, default=256, help="--head: recurrent state width (256)"
+    )
+    distill.add_argument(
+        "--blocks", type=int, default=2, help="--head: residual SiLU blocks over [h ; s] (2)"
+    )
+    distill.add_argument(
+        "--lookahead", type=int, default=6, help="--head: tokens matched ahead per start (6)"
+    )
+    distill.add_argument(
+        "--start-stride", type=int, default=4, help="--head: every Nth position starts (4)"
+    )
     distill.set_defaults(run=run_distill)
 
     evaluate = subparsers.add_parser(
@@ -64,6 +82,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--chains", type=int, default=256, help="prompts for chain acceptance")
     evaluate.add_argument("--prompt-len", type=int, default=64, help="tokens per chain prompt")
     evaluate.add_argument("--max-len", type=int, default=8, help="longest chain measured (8)")
+    evaluate.add_argument(
+        "--head", type=Path, help="draft head directory: also report its acceptance per position"
+    )
+    evaluate.add_argument("--depth", type=int, default=6, help="--head: draft depth (6)")
+    evaluate.add_argument("--width", type=int, default=4, help="--head: beams per tree (4)")
     _device_flags(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=run_eval)
@@ -218,21 +241,39 @@ def run_distill(args: argparse.Namespace) -> int:
     import torch
 
     from lm.distill import DistillConfig, distill_draft
+    from lm.head_distill import distill_head
 
     device, split = _setup(args)
     try:
+        config = _train_config(args)
+        distill = DistillConfig(
+            generated_fraction=args.generated_fraction,
+            pool_size=args.pool_size,
+            prompt_len=args.prompt_len,
+            temperature=args.gen_temperature,
+        )
+        if args.head:
+            return _print_head_summary(
+                args,
+                distill_head(
+                    args.target,
+                    split,
+                    args.out,
+                    _head_shape(args),
+                    config,
+                    distill,
+                    device=device,
+                    save_dtype=getattr(torch, args.save_dtype),
+                    progress=_print_progress,
+                ),
+            )
         summary = distill_draft(
             args.target,
             split,
             args.out,
             _shape(args),
-            _train_config(args),
-            DistillConfig(
-                generated_fraction=args.generated_fraction,
-                pool_size=args.pool_size,
-                prompt_len=args.prompt_len,
-                temperature=args.gen_temperature,
-            ),
+            config,
+            distill,
             device=device,
             save_dtype=getattr(torch, args.save_dtype),
             progress=_print_progress,
@@ -249,6 +290,63 @@ def run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _head_shape(args: argparse.Namespace):
+    """HeadShape from --state-size/--blocks/--lookahead; a bad value names its flag."""
+    from lm.head_distill import HeadShape
+
+    for flag, value, low in (
+        ("--state-size", args.state_size, 1),
+        ("--blocks", args.blocks, 0),
+        ("--lookahead", args.lookahead, 1),
+        ("--start-stride", args.start_stride, 1),
+    ):
+        if value < low:
+            raise UsageError(f"{flag}: must be >= {low}, got {value}")
+    return HeadShape(
+        state_size=args.state_size,
+        n_blocks=args.blocks,
+        lookahead=args.lookahead,
+        start_stride=args.start_stride,
+    )
+
+
+def _print_head_summary(args: argparse.Namespace, summary: dict) -> int:
+    print(
+        f"saved {args.out}: head with {summary['parameters']:,} parameters "
+        f"({summary['trained_parameters']:,} trained), KL {summary['first_loss']:.3f} -> "
+        f"{summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tok/s"
+    )
+    if "head_chain_tau" in summary:
+        print(_head_lines(summary))
+    return 0
+
+
+def _head_lines(report: dict) -> str:
+    """The head's per-position figures, with the SLM draft's beside them when present."""
+
+    def row(values) -> str:
+        return " ".join(f"{v:.3f}" for v in values)
+
+    width = report["head_width"]
+    lines = [
+        f"head lookahead agreement k=1..{len(report['head_lookahead_agreement'])}: "
+        + row(report["head_lookahead_agreement"]),
+        "head chain acceptance: " + row(report["head_chain_acceptance"]),
+        "head chain tau: " + row(report["head_chain_tau"]),
+        f"head tree ({width} beams) acceptance: " + row(report["head_tree_acceptance"]),
+        f"head tree ({width} beams) tau: " + row(report["head_tree_tau"]),
+    ]
+    if "slm_chain_acceptance" in report:
+        lines += [
+            "SLM draft, same prompts: chain acceptance " + row(report["slm_chain_acceptance"]),
+            "SLM draft, same prompts: chain tau " + row(report["slm_chain_tau"]),
+            f"SLM draft, same prompts: tree ({width} beams) acceptance "
+            + row(report["slm_tree_acceptance"]),
+            f"SLM draft, same prompts: tree ({width} beams) tau " + row(report["slm_tree_tau"]),
+        ]
+    return "\n".join(lines)
+
+
 def _pair_lines(report: dict) -> str:
     taus = " ".join(f"{t:.2f}" for t in report["expected_tau"])
     rates = " ".join(f"{a:.3f}" for a in report["chain_acceptance"])
@@ -261,13 +359,38 @@ def _pair_lines(report: dict) -> str:
     )
 
 
+def _load_matching_head(path: Path, target, device):
+    """The head at `path` in the target's dtype; CheckpointError when it was made for another
+    target (its head_config.json names a different vocab_size or hidden_size)."""
+    from lm.draft_head import CONFIG_FILE, load_head
+    from lm.errors import CheckpointError
+
+    head = load_head(path, device=device, dtype=next(target.parameters()).dtype)
+    for field, want in (
+        ("vocab_size", target.config.vocab_size),
+        ("hidden_size", target.config.dim),
+    ):
+        got = getattr(head.config, field)
+        if got != want:
+            raise CheckpointError(
+                f"{Path(path) / CONFIG_FILE}: {field} {got} differs from the target's {want}"
+            )
+    return head
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from lm import corpus
     from lm.bpe import special_ids
     from lm.checkpoint import load_model
     from lm.corpus import sequential_windows
     from lm.distill import load_target
-    from lm.evaluate import check_pair, decode_tokens_per_s, evaluate_pair, perplexity
+    from lm.evaluate import (
+        check_pair,
+        decode_tokens_per_s,
+        evaluate_head,
+        evaluate_pair,
+        perplexity,
+    )
     from lm.train import load_split_streams
 
     if args.model is None:
@@ -281,6 +404,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.draft is not None:
             draft = load_model(args.draft, device=device, dtype=next(model.parameters()).dtype)
             check_pair(args.model, args.draft, model.config.vocab_size, draft.config.vocab_size)
+        head = None if args.head is None else _load_matching_head(args.head, model, device)
         context = args.context or model.config.max_seq_len
         _, stream = load_split_streams(split, tokenizer, *special_ids(tokenizer)[:2])
         if stream is None:
@@ -301,6 +425,21 @@ def run_eval(args: argparse.Namespace) -> int:
             )
             target = pair.target
             report = pair.as_dict()
+        if head is not None:
+            report.update(
+                evaluate_head(
+                    model,
+                    head,
+                    stream,
+                    context,
+                    draft=draft,
+                    windows=args.windows,
+                    chains=args.chains,
+                    prompt_len=args.prompt_len,
+                    depth=args.depth,
+                    width=args.width,
+                ).as_dict()
+            )
     except ValueError as exc:  # CorpusError and CheckpointError name the path or field
         raise UsageError(str(exc)) from exc
     prompt = stream[None, : args.prompt_len]
@@ -320,6 +459,9 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"held-out perplexity: {report['target_perplexity']:.2f}")
     else:
         print(_pair_lines(report))
+    if args.head is not None:
+        print(f"head {args.head}")
+        print(_head_lines(report))
     for kind, how in (("forward", "teacher-forced batches"), ("decode", "batch 1, KV cache")):
         speeds = [
             f"{who} {report[f'{who}_{kind}_tokens_per_s']:,.0f}"

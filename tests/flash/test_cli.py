@@ -60,7 +60,11 @@ def test_pack_info_calibrate(model_dir, corpus_dir, tmp_path, capsys):
     assert main(["flash", "info", str(pack)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["storage"] == "int8" and not info["predictor"]
-    assert info["minimum_budget_bytes"] > info["resident_float32_bytes"]
+    assert info["minimum_budget_bytes"] > info["resident_bytes"]
+    assert main(["flash", "info", str(pack), "--dtype", "float16"]) == 0
+    half = json.loads(capsys.readouterr().out)
+    assert half["resident_bytes"] * 2 == info["resident_bytes"]
+    assert half["minimum_budget_bytes"] == info["minimum_budget_bytes"] - half["resident_bytes"]
     args = ["flash", "calibrate", str(pack), "--corpus", str(corpus_dir), "--heldout-fraction"]
     args += ["0.3", "--tokens", "2048", "--heldout-tokens", "512", "--context", "128"]
     args += ["--rank", "8", "--steps", "20", "--batch", "256", "--json"]

@@ -112,3 +112,59 @@ async def test_edge_only_from_a_pack_through_the_actor(draft, draft_pack):
         await node.runtime.close()
     assert tokens[:10] == greedy
     assert stats.cloud_forward_passes == 0
+
+
+@pytest.mark.slow
+async def test_up_runs_every_edge_from_the_flash_pack(target, draft, draft_pack, tmp_path):
+    """`edgecloud up --draft PACK --draft-flash-budget-mb 8 --draft-dtype float16` on a real
+    local Ray: each edge actor holds the pack within 8 MiB with a float16 resident part,
+    and edge_only output equals the dense draft's greedy decoding."""
+    import ray
+
+    import edgecloud
+    from orchestrator.cli import build_parser
+    from orchestrator.commands.stack import stack_config
+    from orchestrator.stack import Stack
+
+    target_dir = tmp_path / MODEL_NAME
+    save_model(target, target_dir)
+    argv = ["up", "--target", str(target_dir), "--draft", str(draft_pack), "--edges", "2"]
+    argv += ["--draft-flash-budget-mb", "8", "--draft-dtype", "float16", "--port", "0"]
+    config = stack_config(build_parser().parse_args(argv))
+    assert (config.draft_flash_budget_mb, config.draft_dtype) == (8.0, "float16")
+    greedy, ids = [], torch.tensor([PROMPT])
+    with torch.no_grad():
+        for _ in range(8):
+            greedy.append(int(draft(ids)[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[greedy[-1]]])], dim=1)
+
+    stack = await Stack(config).start()
+    try:
+
+        def store_state(node):
+            model = node.runtime.model
+            return flash_store(model).plan.budget, str(model.tok_embeddings.weight.dtype)
+
+        for actor in stack.edge_actors:
+            assert await actor.__ray_call__.remote(store_state) == (8 << 20, "torch.float16")
+        async with edgecloud.AsyncClient(stack.gateway_address, token=stack.client_token) as c:
+            result = await c.generate(list(PROMPT), max_tokens=8, mode="edge_only")
+        assert list(result.tokens) == greedy
+    finally:
+        await stack.stop()
+    assert not ray.is_initialized()
+
+
+def test_stack_config_checks_the_flash_fields(draft_pack, tmp_path):
+    from orchestrator.stack import StackConfig
+
+    model_dir = tmp_path / "model"
+    save_model(make_model(seed=3), model_dir)
+    base = {"target_dir": model_dir, "draft_dir": draft_pack}
+    with pytest.raises(ValueError, match="draft_flash_budget_mb: must be > 0, got 0"):
+        StackConfig(**base, draft_flash_budget_mb=0)
+    with pytest.raises(ValueError, match="draft_dir: .* is not a flash pack"):
+        StackConfig(**base | {"draft_dir": model_dir}, draft_flash_budget_mb=8)
+    with pytest.raises(ValueError, match="draft_dtype: must be float32, float16 or bfloat16"):
+        StackConfig(**base, draft_dtype="float64")
+    assert StackConfig(**base, draft_flash_budget_mb=8).draft_flash_budget_mb == 8

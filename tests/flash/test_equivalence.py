@@ -12,7 +12,8 @@ import torch
 from edge_node.flash.ffn import flash_store, load_flash_model
 from edge_node.flash.pack import load_dense, pack_model
 from edge_node.flash.predictors import load_predictors, save_predictors
-from edge_node.flash.store import StoreOptions
+from edge_node.flash.store import BudgetError, StoreOptions
+from lm.checkpoint import load_model
 from lm.kv_cache import KVCache
 from lm.quantize import QuantSpec
 from lm.sparsity import LowRankPredictor, sparsify
@@ -25,7 +26,8 @@ ATOL = 1e-5
 def decode(model, prompt: torch.Tensor, steps: int, forced: list[int] | None = None):
     """Logits of a prefill of `prompt` (1, n) and of `steps` single-token steps after it,
     feeding `forced` tokens (or the model's own greedy ones): ((steps + 1, vocab), tokens)."""
-    cache = KVCache(model.config, 1, prompt.shape[1] + steps + 1)
+    dtype = model.tok_embeddings.weight.dtype
+    cache = KVCache(model.config, 1, prompt.shape[1] + steps + 1, dtype=dtype)
     logits = model(prompt, cache=cache)[0, -1:]
     cache.commit(0, range(prompt.shape[1]))
     rows, tokens = [logits], []
@@ -70,6 +72,43 @@ def test_exact_predictor_for_relu_equals_dense(predicted_pack, prompt, dense_run
     torch.testing.assert_close(logits, dense_run[0], atol=ATOL, rtol=0)
     metrics = flash_store(model).totals.metrics
     assert metrics.needed < 13 * 3 * 256  # the predictor really skipped neurons
+
+
+@pytest.mark.parametrize(
+    ("dtype", "ulp"),
+    # Same weights; but the flash FFN multiplies in float32 (the CPU default, see
+    # load_flash_model) in cache-sized chunks and rounds its output once, where the dense
+    # half model rounds after each matmul. So the logits (|logit| < 4 here) differ by a
+    # few units in the last place at [2, 4): 2 ** -9 in float16 (10 mantissa bits),
+    # 2 ** -6 in bfloat16 (7). Measured: 2.5 and 2.25 ulps; the test allows 16. A float32
+    # resident part would pass this too: the budget assertions catch that.
+    [(torch.float16, 2.0**-9), (torch.bfloat16, 2.0**-6)],
+)
+def test_half_precision_resident_part_matches_the_dense_half_model(
+    relu_dir, tmp_path, prompt, dtype, ulp
+):
+    """Pack and run in float16/bfloat16: embeddings, attention and norms stay in that dtype
+    (half the float32 bytes), so a budget below the float32 minimum works."""
+    pack_model(relu_dir, tmp_path, dtype=dtype)
+    minimum, everything = budget_info(tmp_path, dtype=dtype)
+    minimum32, _ = budget_info(tmp_path, dtype=torch.float32)
+    small = (minimum + minimum32) // 2  # enough in half precision, too little in float32
+    with pytest.raises(BudgetError):
+        load_flash_model(tmp_path, small, device="cpu", options=OPTIONS)  # float32
+    dense = load_model(relu_dir, device="cpu", dtype=dtype)
+    expected, tokens = decode(dense, prompt, 12)
+    resident = sum(t.numel() for n, t in dense.state_dict().items() if "feed_forward" not in n)
+    resident -= dense.output.weight.numel() if dense.config.tie_embeddings else 0
+    for budget in (small, everything):
+        model = load_flash_model(tmp_path, budget, device="cpu", dtype=dtype, options=OPTIONS)
+        assert {p.dtype for p in model.parameters()} == {dtype}
+        assert flash_store(model).compute_dtype == torch.float32
+        plan = flash_store(model).plan
+        assert plan.resident == resident * dtype.itemsize and plan.total <= budget
+        logits, _ = decode(model, prompt, 12, forced=tokens)
+        torch.testing.assert_close(logits.float(), expected.float(), atol=16 * ulp, rtol=0)
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+        assert plan.resident + flash_store(model).allocated_bytes() <= budget
 
 
 @pytest.fixture(scope="module")

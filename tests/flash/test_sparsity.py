@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -110,6 +112,7 @@ def test_calibrate_a_silu_pack_reports_the_accuracy_cost(tmp_path):
     for name in ("threshold_cost", "predicted_cost"):
         cost = report[name]
         assert 0 <= cost["top1_agreement"] <= 1 and cost["sparse_perplexity"] > 1
+        assert cost["kl_nats"] > 0  # skipping half the gate activations costs something
     loaded = load_predictors(pack, _manifest(pack), torch.device("cpu"), torch.float32)
     assert loaded.meta["report"]["layers"] == report["layers"]
     assert len(loaded.meta["gate_thresholds"]) == 3
@@ -117,6 +120,43 @@ def test_calibrate_a_silu_pack_reports_the_accuracy_cost(tmp_path):
     flash(random_windows(9, 1, 4))
     assert flash_store(flash).totals.metrics.needed < 3 * 128
     assert (pack / PREDICTOR_META).is_file()
+
+
+class _FixedLogits(torch.nn.Module):
+    """A "model" whose next-token logits are `logits` (vocab,) at every position."""
+
+    def __init__(self, logits: list[float]) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(logits))
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(*batch.shape, -1)
+
+
+def test_accuracy_cost_example_from_the_docstring():
+    dense = _FixedLogits([0.0, 0.0])  # probabilities (0.5, 0.5)
+    sparse = _FixedLogits([math.log(3.0), 0.0])  # (0.75, 0.25)
+    cost = accuracy_cost(dense, sparse, torch.tensor([[0, 1, 0]]))  # next tokens 1, 0
+    assert cost["top1_agreement"] == 1.0
+    assert cost["kl_nats"] == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(2))
+    assert cost["dense_perplexity"] == pytest.approx(2.0)
+    assert cost["sparse_perplexity"] == pytest.approx(math.sqrt(1 / (0.25 * 0.75)))
+
+
+def test_silu_threshold_cost_grows_with_the_gate_sparsity():
+    """The cost calibrate reports for SwiGLU: none without thresholding, then more KL and
+    less top-1 agreement the larger the share of gate activations treated as zero."""
+    model = make_model(seed=6, activation="silu", hidden=128)
+    train, heldout = random_windows(7, 8, 32), random_windows(8, 4, 32)
+    costs = {
+        sparsity: accuracy_cost(
+            model, sparsify(model, None, gate_thresholds(model, train, sparsity)), heldout
+        )
+        for sparsity in (0.0, 0.3, 0.9)
+    }
+    assert costs[0.0]["top1_agreement"] == 1.0 and costs[0.0]["kl_nats"] < 1e-6
+    assert 0 < costs[0.3]["kl_nats"] < costs[0.9]["kl_nats"]
+    assert costs[0.9]["top1_agreement"] < costs[0.3]["top1_agreement"] <= 1.0
 
 
 def test_relu_refuses_gate_sparsity(relu_pack):

@@ -13,7 +13,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from orchestrator.heartbeat import HeartbeatTask
-from orchestrator.placement import Placement
+from orchestrator.placement import AsyncPlacement, Placement, RegistryUnavailable
 from orchestrator.redis_server import RedisServer
 from orchestrator.registry import (
     AsyncRegistry,
@@ -320,3 +320,61 @@ async def test_credentials_work_and_never_reach_the_log(caplog) -> None:
         await client.aclose()
     assert "heartbeat for cloud-0 failed" in caplog.text
     assert password not in caplog.text and "router-secret" not in caplog.text
+
+
+async def test_placement_rides_out_a_redis_outage() -> None:
+    """While Redis is down, picks hand out outage leases on nodes seen before (round-robin,
+    honouring `exclude`), releases forget them, and a renewal after Redis is back (and the
+    node has registered again) turns one into a counted slot."""
+    with RedisServer() as server:
+        client = connect_async(server.url, retry=Retry(NoBackoff(), 0))
+        registry = AsyncRegistry(client)
+        for i in range(2):
+            await registry.register(make_node(f"cloud-{i}", capacity=4), ttl_s=30)
+        placement = AsyncPlacement(client)
+        with pytest.raises(RegistryUnavailable):
+            await AsyncPlacement(connect_async("redis://127.0.0.1:1/0")).pick("cloud", "target")
+        seen = {(await placement.pick("cloud", "target")).node_id for _ in range(4)}
+        assert seen == {"cloud-0", "cloud-1"}
+
+        server.stop()
+        outage = [await placement.pick("cloud", "target") for _ in range(4)]
+        assert all(lease.outage for lease in outage)
+        assert {lease.node_id for lease in outage} == {"cloud-0", "cloud-1"}
+        only = await placement.pick("cloud", "target", exclude=["cloud-0"])
+        assert only.node_id == "cloud-1"
+        assert await placement.pick("cloud", "target", exclude=["cloud-0", "cloud-1"]) is None
+        with pytest.raises(RegistryUnavailable):  # never seen: nothing to fall back on
+            await placement.pick("cloud", "other-model")
+        assert await placement.release(only) is False
+
+        server.start()
+        await registry.register(make_node("cloud-1", capacity=4), ttl_s=30)
+        counted = await placement.renew(only)
+        assert counted.node_id == "cloud-1" and counted.load == 1
+        assert (await registry.get("cloud-1")).load == 1
+        await client.aclose()
+
+
+async def test_a_node_starting_during_a_redis_outage_registers_when_redis_is_back() -> None:
+    with RedisServer() as server:
+        server.stop()
+        client = connect_async(server.url, retry=Retry(NoBackoff(), 0))
+        task = HeartbeatTask(AsyncRegistry(client), make_node("cloud-0"), ttl_s=5)
+        starting = asyncio.ensure_future(task.start())
+        await asyncio.sleep(1.0)
+        assert not starting.done()
+        server.start()
+        await asyncio.wait_for(starting, 5)
+        assert task.registrations == 1
+        assert [n.info.node_id for n in await AsyncRegistry(client).list_nodes()] == ["cloud-0"]
+        await task.stop()
+        await client.aclose()
+
+        stopped = HeartbeatTask(
+            AsyncRegistry(connect_async("redis://127.0.0.1:1/0", retry=Retry(NoBackoff(), 0))),
+            make_node("cloud-1"),
+            start_timeout_s=0.6,
+        )
+        with pytest.raises(redis.ConnectionError):
+            await stopped.start()

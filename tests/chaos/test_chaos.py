@@ -1,0 +1,50 @@
+"""Each fault of the chaos plan, then all of them at once, under a bounded load on a
+real fleet (tests/chaos/harness.py): no request is lost, none outlives its deadline,
+and every completed lossless output equals its fault-free output."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_asyncio
+
+from lm.checkpoint import save_model
+from tests.chaos.harness import FAULTS, ChaosConfig, Fleet
+from tests.edge_node.conftest import noisy_copy
+from tests.tiny import MODEL_NAME, tiny_model
+
+PROMPTS = [[1, 5, 9, 22], [3, 7, 11], [2, 40, 41, 42, 43], [8, 8, 13]]
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chaos")
+    target = tiny_model(seed=21, vocab=64, sharpen=3.0)
+    save_model(target, root / MODEL_NAME)
+    save_model(noisy_copy(target, 0.01, seed=5), root / "draft")
+    config = ChaosConfig(
+        target_dir=root / MODEL_NAME,
+        draft_dir=root / "draft",
+        workdir=root,
+        concurrency=3,
+        max_tokens=24,
+        deadline_s=20.0,
+        phase_s=7.0,
+        inject_at_s=1.5,
+        fault_s=2.0,
+        heartbeat_ttl_s=3.0,
+    )
+    f = await Fleet(config).start()
+    f.reference_outputs = await f.references(PROMPTS)
+    yield f
+    await f.stop()
+
+
+@pytest.mark.parametrize("faults", [[fault] for fault in FAULTS] + [list(FAULTS)], ids=str)
+async def test_no_request_is_lost(fleet, faults):
+    report = await fleet.phase(PROMPTS, faults)
+    summary = report.summary(fleet.reference_outputs, fleet.config.deadline_s)
+    assert summary["lost"] == 0, summary
+    assert summary["hung"] == 0, summary
+    assert summary["lossless_identical"], summary
+    assert summary["completed"] > 0 and summary["recovery_s"] is not None, summary
