@@ -40,6 +40,7 @@ def stats_to_proto(stats: GenerationStats) -> gpb.GenerationStats:
         accepted_tokens=stats.accepted_tokens,
         accepted_per_position=stats.accepted_per_position,
         rollbacks=stats.rollbacks,
+        head_rounds=stats.head_rounds,
     )
 
 

@@ -198,6 +198,7 @@ class GenerationStats:
     # accepted_per_position[i]: rounds in which the draft's (i+1)-th token was accepted
     accepted_per_position: tuple[int, ...]
     rollbacks: int  # rollbacks sent in this stream
+    head_rounds: int  # rounds drafted by the recurrent head (the rest by the edge's SLM)
 
     @property
     def tau(self) -> float:

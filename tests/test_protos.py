@@ -85,6 +85,7 @@ def test_field_numbers_are_stable():
             "draft": 11,
             "adaptive_threshold": 12,
         },
+        generation_pb2.GenerationStats: {"failovers": 11, "rollbacks": 15, "head_rounds": 16},
         generation_pb2.GenerateChunk: {
             "text": 1,
             "tokens": 2,

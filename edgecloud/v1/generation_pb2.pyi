@@ -221,6 +221,7 @@ class GenerationStats(_message.Message):
     ACCEPTED_TOKENS_FIELD_NUMBER: _builtins.int
     ACCEPTED_PER_POSITION_FIELD_NUMBER: _builtins.int
     ROLLBACKS_FIELD_NUMBER: _builtins.int
+    HEAD_ROUNDS_FIELD_NUMBER: _builtins.int
     rounds: _builtins.int
     """Verification rounds sent to the cloud."""
     tokens_per_round: _builtins.float
@@ -243,6 +244,10 @@ class GenerationStats(_message.Message):
     accepted_tokens: _builtins.int
     rollbacks: _builtins.int
     """Rollbacks sent in this stream."""
+    head_rounds: _builtins.int
+    """Rounds drafted by the recurrent head from the verifier's hidden state (the rest
+    by the edge's SLM); see the edge's --drafter.
+    """
     @_builtins.property
     def accepted_per_position(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """accepted_per_position[i]: rounds in which the draft's (i+1)-th token was accepted."""
@@ -265,10 +270,11 @@ class GenerationStats(_message.Message):
         accepted_tokens: _builtins.int = ...,
         accepted_per_position: _abc.Iterable[_builtins.int] | None = ...,
         rollbacks: _builtins.int = ...,
+        head_rounds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_per_position", b"accepted_per_position", "accepted_tokens", b"accepted_tokens", "bytes_from_cloud", b"bytes_from_cloud", "bytes_to_cloud", b"bytes_to_cloud", "cloud_forward_passes", b"cloud_forward_passes", "degraded", b"degraded", "draft_tokens", b"draft_tokens", "failovers", b"failovers", "generated_tokens", b"generated_tokens", "prompt_tokens", b"prompt_tokens", "rollbacks", b"rollbacks", "rounds", b"rounds", "time_to_first_token_ms", b"time_to_first_token_ms", "tokens_per_round", b"tokens_per_round", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_per_position", b"accepted_per_position", "accepted_tokens", b"accepted_tokens", "bytes_from_cloud", b"bytes_from_cloud", "bytes_to_cloud", b"bytes_to_cloud", "cloud_forward_passes", b"cloud_forward_passes", "degraded", b"degraded", "draft_tokens", b"draft_tokens", "failovers", b"failovers", "generated_tokens", b"generated_tokens", "head_rounds", b"head_rounds", "prompt_tokens", b"prompt_tokens", "rollbacks", b"rollbacks", "rounds", b"rounds", "time_to_first_token_ms", b"time_to_first_token_ms", "tokens_per_round", b"tokens_per_round", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -34,6 +34,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             choices=["float32", "float16", "bfloat16"],
             help="the edges' SLM dtype (default: float32 on CPU)",
         )
+        p.add_argument(
+            "--drafter",
+            choices=["slm", "head", "auto"],
+            default="slm",
+            help="lossless drafts from the edge SLM, the recurrent head fed the verifier's "
+            "hidden state, or whichever is faster per session (default slm)",
+        )
+        p.add_argument(
+            "--head",
+            type=Path,
+            help="draft head for --target, for --drafter head/auto (default: the bundled "
+            "head, which fits only the bundled target)",
+        )
         p.add_argument("--edges", type=int, default=2, help="EdgeNode actors (default 2)")
         p.add_argument("--verifiers", type=int, default=1, help="verifier actors (default 1)")
         p.add_argument("--redis-url", help="use this Redis instead of a private one")
@@ -77,6 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def stack_config(args: argparse.Namespace, **extra):
+    from edge_node.types import DraftOptions
+    from orchestrator.demo_models import HEAD_DIR, TARGET_DIR
     from orchestrator.stack import StackConfig
 
     for flag in ("target", "draft"):
@@ -85,10 +100,19 @@ def stack_config(args: argparse.Namespace, **extra):
             name = "manifest.json"  # a flash pack
         if not (getattr(args, flag) / name).exists():
             raise UsageError(f"--{flag}: {getattr(args, flag)} holds no model ({name})")
+    head = args.head
+    if head is None and args.drafter != "slm":
+        if args.target.resolve() != TARGET_DIR.resolve():
+            raise UsageError(f"--head: needed with --drafter {args.drafter} and your own --target")
+        head = HEAD_DIR
+    if head is not None and not (head / "head_config.json").exists():
+        raise UsageError(f"--head: {head} holds no draft head (head_config.json)")
     try:
         return StackConfig(
             target_dir=args.target,
             draft_dir=args.draft,
+            draft=DraftOptions(drafter=args.drafter),
+            head_dir=head,
             edges=args.edges,
             verifiers=args.verifiers,
             redis_url=args.redis_url,
@@ -195,6 +219,8 @@ def run_demo(args: argparse.Namespace) -> int:
             print()
             print(f"tokens generated            {tokens}")
             print(f"tau (tokens per cloud round) {stats.tau:.2f}")
+            if args.drafter != "slm":
+                print(f"rounds drafted by the head  {stats.head_rounds} of {stats.rounds}")
             print(
                 "cloud passes per token      "
                 f"{stats.cloud_forward_passes / max(tokens, 1):.3f} lossless, "
