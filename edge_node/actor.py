@@ -61,7 +61,7 @@ class EdgeNode:
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         link = None if picker_factory is None else CloudLink(picker_factory(), link_config)
         self.node_id = node_id
-        head = None if head_dir is None else load_head(head_dir, device=device)
+        head = None if head_dir is None else load_head(head_dir, device=device, dtype=slm_dtype)
         self.runtime = EdgeRuntime(model, config, tokenizer=tokenizer, link=link, head=head)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:

@@ -82,6 +82,10 @@ class DrafterChoice:
         probed = all(e.rounds >= self.probe_rounds for e in self.estimates.values())
         return probed and self.best() == "slm" and self.idle["head"] + 1 < self.reprobe_every
 
+    def fall_back_to_slm(self) -> None:
+        """No usable hidden state comes from this verifier: the SLM drafts from now on."""
+        self.setting = "slm"
+
     def best(self) -> DrafterKind:
         head, slm = self.estimates["head"], self.estimates["slm"]
         return "head" if head.rate >= slm.rate else "slm"

@@ -72,6 +72,7 @@ class _Speculation:
     bonus: int
     draft: Draft
     previous: EdgeLM  # the view it was forked from: the next spare if adopted
+    draft_ms: float  # what drafting it took, hidden behind the verification
 
     def matches(self, result: pb.RoundResult) -> bool:
         return tuple(result.accepted_nodes) == self.path and result.bonus_token == self.bonus
@@ -150,7 +151,6 @@ class Generation:
         self.choice = DrafterChoice(request.draft.drafter if uses_head else "slm")
         # The target's hidden state before the history's last token, from the last reply.
         self._hidden: torch.Tensor | None = None
-        self._warned_no_hidden = False
         self.generator = (
             None if request.sampling.greedy else make_generator(request.sampling.seed, "cpu")
         )
@@ -230,8 +230,12 @@ class Generation:
             if speculation is not None and speculation.matches(result):
                 yield self._accept(draft, result, adopt=spare)
                 spare = speculation.previous
-                draft = speculation.draft
-                self.counters.pipelined += 1
+                kind = self._pick()  # this reply may have made `auto` prefer the head
+                if kind == "slm":
+                    draft, self._last_draft_ms = speculation.draft, speculation.draft_ms
+                    self.counters.pipelined += 1
+                elif not self.out.done:
+                    draft = await self._draft(kind)
                 continue
             yield self._accept(draft, result)
             if not self.out.done:
@@ -250,8 +254,9 @@ class Generation:
         start = time.perf_counter()
         shape = self.policies["slm"].shape()
         following = self.drafter.draft(spare, shape, self.request.sampling, None)
-        self.counters.draft_ms += (time.perf_counter() - start) * 1000
-        return _Speculation(tuple(path), bonus, following, previous=self.lm)
+        draft_ms = (time.perf_counter() - start) * 1000
+        self.counters.draft_ms += draft_ms
+        return _Speculation(tuple(path), bonus, following, previous=self.lm, draft_ms=draft_ms)
 
     async def _cloud_only(self) -> AsyncIterator[Chunk]:
         while not self.out.done:
@@ -394,9 +399,10 @@ class Generation:
             else:
                 self._hidden = decode_hidden(encoded)
                 return
-        if not self._warned_no_hidden:
-            self._warned_no_hidden = True
-            log.warning("%s; drafting with the SLM", problem, extra={"session": self.session_id})
+        # The rest of the session drafts with the SLM (pipelined like any SLM session), so
+        # this is said once.
+        self.choice.fall_back_to_slm()
+        log.warning("%s; drafting with the SLM", problem, extra={"session": self.session_id})
 
     async def _verify(
         self, draft: Draft | None, new_tokens: list[int] | None = None, wait: bool = True

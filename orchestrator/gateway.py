@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 import ray
 from grpc import aio
 from ray.exceptions import RayActorError, RayTaskError
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from edgecloud.v1 import generation_pb2 as gpb
 from edgecloud.v1 import generation_pb2_grpc as gpb_grpc
@@ -82,7 +83,7 @@ class Gateway(gpb_grpc.GenerationServicer):
                 lease = await self.placement.pick("edge", model, exclude=tried)
                 if lease is None:
                     raise await self._no_edge(model, tried)
-            except (RegistryUnavailable, RedisError) as error:
+            except (RegistryUnavailable, RedisConnectionError, RedisTimeoutError) as error:
                 raise Unavailable("registry: unreachable, retry shortly") from error
             streamed, stream = False, None
             try:

@@ -78,6 +78,7 @@ class HeartbeatTask:
             raise RuntimeError(f"heartbeat for {self.node.node_id} already started")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout_s
+        warned = False
         while True:
             try:
                 await self._register()
@@ -87,8 +88,9 @@ class HeartbeatTask:
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 if loop.time() >= deadline:
                     raise
-                if loop.time() + RETRY_S >= deadline or self._registrations == 0:
+                if not warned:
                     logger.warning("registering %s: %r; retrying", self.node.node_id, exc)
+                    warned = True
                 await asyncio.sleep(RETRY_S)
         self._task = asyncio.create_task(self._run(), name=f"heartbeat:{self.node.node_id}")
 

@@ -61,6 +61,7 @@ Worked example (capacity 2 each, lease TTL 30 s; times are Redis ms):
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -91,10 +92,14 @@ class PlacementConfig:
     window: int = 8
     """Power of two choices samples among this many least utilised nodes (1: least utilised
     wins; larger spreads ties over more nodes)."""
+    outage_memory_s: float = 300.0
+    """While Redis is unreachable, `AsyncPlacement` falls back on the nodes its picks
+    returned within this long."""
 
     def __post_init__(self) -> None:
         check_positive("lease_ttl_s", self.lease_ttl_s)
         check_positive("affinity_ttl_s", self.affinity_ttl_s)
+        check_positive("outage_memory_s", self.outage_memory_s)
         if (
             isinstance(self.window, bool)
             or not isinstance(self.window, int)
@@ -210,7 +215,8 @@ class _PlacementBase:
     def _renewed(lease: Lease, reply: list[str] | None) -> Lease | None:
         if not reply:
             return None
-        return replace(lease, expires_at_ms=int(reply[0]), load=int(reply[1]))
+        # Renewed in Redis, the slot is counted again, even if it was handed out in an outage.
+        return replace(lease, expires_at_ms=int(reply[0]), load=int(reply[1]), outage=False)
 
 
 class Placement(_PlacementBase):
@@ -289,8 +295,8 @@ class AsyncPlacement(_PlacementBase):
         rng: random.Random | None = None,
     ) -> None:
         super().__init__(client, keyspace, config, rng)
-        # (kind, model, labels) -> node id -> the last lease a pick returned on it.
-        self._seen: dict[tuple, dict[str, Lease]] = {}
+        # (kind, model, labels) -> node id -> (monotonic time, the last lease a pick returned).
+        self._seen: dict[tuple, dict[str, tuple[float, Lease]]] = {}
         self._turn = 0
 
     async def pick(
@@ -307,9 +313,13 @@ class AsyncPlacement(_PlacementBase):
         seen = self._seen.setdefault((kind, model, tuple(sorted((labels or {}).items()))), {})
         try:
             reply = await self._scripts["pick"](keys=call.keys, args=call.args)
+        except redis.AuthenticationError:
+            raise  # a refused password is a configuration error, not an outage
         except (redis.ConnectionError, redis.TimeoutError) as error:
-            candidates = [lease for node, lease in seen.items() if node not in exclude]
-            if not seen:
+            recent = time.monotonic() - self.config.outage_memory_s
+            live = {node: lease for node, (at, lease) in seen.items() if at >= recent}
+            candidates = [lease for node, lease in live.items() if node not in exclude]
+            if not live:
                 raise RegistryUnavailable(f"registry unreachable ({error})") from error
             if not candidates:
                 return None
@@ -318,7 +328,7 @@ class AsyncPlacement(_PlacementBase):
             return replace(chosen, lease_id=call.lease_id, affinity=False, outage=True)
         lease = self._lease(call, reply)
         if lease is not None:
-            seen[lease.node_id] = lease
+            seen[lease.node_id] = (time.monotonic(), lease)
         return lease
 
     async def release(self, lease: Lease) -> bool:
@@ -326,6 +336,8 @@ class AsyncPlacement(_PlacementBase):
             return False
         try:
             return await self._scripts["release"](args=self._lease_args(lease)) == 1
+        except redis.AuthenticationError:
+            raise
         except (redis.ConnectionError, redis.TimeoutError):
             return False  # the slot's record went with the outage, or expires by its TTL
 

@@ -140,6 +140,7 @@ class Stack:
         self.verifier_actors: list = []
         self.edge_actors: list = []
         self._started_ray = False
+        self._gateway_redis = None  # the gateway's Redis client, closed with it
 
     @property
     def gateway_address(self) -> str:
@@ -238,10 +239,16 @@ class Stack:
             http_port = self.http.port
             await self.http.stop()
             self.http = None
+        await self._close_gateway_redis()
         await self._start_gateway(port, http_port)
 
+    async def _close_gateway_redis(self) -> None:
+        if self._gateway_redis is not None:
+            await self._gateway_redis.aclose()
+            self._gateway_redis = None
+
     async def _start_gateway(self, port: int | None = None, http_port: int | None = None) -> None:
-        client = connect_async(self.redis_url)
+        client = self._gateway_redis = connect_async(self.redis_url)
         gateway = Gateway(
             AsyncPlacement(client),
             AsyncRegistry(client),
@@ -280,6 +287,7 @@ class Stack:
         if self.gateway is not None:
             await self.gateway.drain()
             self.gateway = None
+        await self._close_gateway_redis()
         for actor in self.edge_actors + self.verifier_actors:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(actor.stop.remote(), 10)

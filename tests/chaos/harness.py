@@ -88,7 +88,8 @@ class PhaseReport:
         wrong = [o for o in ok if o.tokens != references[o.prompt]]
         failed = Counter(o.status for o in self.outcomes if o.status != "OK")
         hung = [o for o in self.outcomes if o.end - o.start > deadline_s + 1.0]
-        lost = len(wrong) + len(hung) + sum(n for s, n in failed.items() if s not in RETRYABLE)
+        refused = [o for o in self.outcomes if o.status not in RETRYABLE | {"OK"}]
+        lost = len({id(o) for o in wrong + hung + refused})
         later = [o for o in ok if o.start >= self.injected_at and o.tokens == references[o.prompt]]
         recovery = min((o.end for o in later), default=None)
         during = [o.end - o.start for o in self.outcomes if o.end >= self.injected_at]
@@ -119,6 +120,7 @@ class VerifierProcess:
         self.port = free_port()
         self.proxy = DelayProxy(self.port, 0.0)
         self.process: ServerProcess | None = None
+        self.starts = 0
 
     async def start(self) -> None:
         if self.proxy.port == 0:
@@ -129,11 +131,13 @@ class VerifierProcess:
         args += ["--auth-token-file", str(self.token_file)]
         args += ["--max-sessions", str(self.config.max_sessions)]
         args += ["--heartbeat-ttl", str(self.config.heartbeat_ttl_s)]
-        log = self.config.workdir / f"{self.node_id}.log"
+        self.starts += 1  # one log per start: a killed process's log stays for reading
+        log = self.config.workdir / f"{self.node_id}.{self.starts}.log"
         self.process = await asyncio.to_thread(ServerProcess, args, log_path=log)
 
     def kill(self) -> None:
         self.process.kill()
+        self.process.stop()  # reaps it and closes its log
 
     def signal(self, sig: int) -> None:
         os.kill(self.process.proc.pid, sig)
@@ -269,14 +273,18 @@ class Fleet:
         from orchestrator.registry import AsyncRegistry, connect_async
 
         expected = self.config.edges + self.config.verifiers
-        registry = AsyncRegistry(connect_async(self.redis.url))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                if len(await registry.list_nodes()) == expected:
-                    return
-            await asyncio.sleep(0.25)
-        raise RuntimeError(f"the fleet did not come back within {timeout_s} s")
+        client = connect_async(self.redis.url)
+        try:
+            registry = AsyncRegistry(client)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                with contextlib.suppress(Exception):
+                    if len(await registry.list_nodes()) == expected:
+                        return
+                await asyncio.sleep(0.25)
+            raise RuntimeError(f"the fleet did not come back within {timeout_s} s")
+        finally:
+            await client.aclose()
 
 
 async def run(

@@ -186,9 +186,11 @@ async def test_auto_picks_the_better_drafter():
     try:
         for expected, (slm, head) in cases.items():
             runtime = edge(slm, head, verifier.port)
-            got, stats = await run(runtime, PROMPTS[0], Mode.LOSSLESS, draft, max_tokens=120)
-            reference, _ = await run(runtime, PROMPTS[0], Mode.CLOUD_ONLY, max_tokens=120)
-            await runtime.close()
+            try:
+                got, stats = await run(runtime, PROMPTS[0], Mode.LOSSLESS, draft, max_tokens=120)
+                reference, _ = await run(runtime, PROMPTS[0], Mode.CLOUD_ONLY, max_tokens=120)
+            finally:
+                await runtime.close()
             assert got == reference
             head_share = stats.head_rounds / stats.rounds
             if expected == "head":

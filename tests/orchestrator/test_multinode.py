@@ -21,6 +21,7 @@ from ray.cluster_utils import Cluster
 
 import edgecloud
 from lm.checkpoint import save_model
+from orchestrator.actors import NodeSpec
 from orchestrator.registry import AsyncRegistry, connect_async
 from orchestrator.stack import Stack, StackConfig
 from tests.edge_node.conftest import noisy_copy
@@ -114,18 +115,25 @@ async def test_a_dead_cloud_node_leaves_routing_and_its_sessions_fail_over(clust
     )
     async with edgecloud.AsyncClient(stack.gateway_address, token=stack.client_token) as client:
         reference = await client.generate(PROMPT, max_tokens=48, mode="cloud_only")
+        before = await stack.verifier_actors[0].forward_passes.remote()
         running = [asyncio.ensure_future(client.generate(PROMPT, max_tokens=48)) for _ in range(4)]
-        await asyncio.sleep(0.3)
+        # Kill only once verifier-0 verifies rounds of these generations.
+        deadline = time.monotonic() + 30
+        while await stack.verifier_actors[0].forward_passes.remote() == before:
+            assert time.monotonic() < deadline, "no generation reached verifier-0"
+            await asyncio.sleep(0.02)
         c.remove_node(nodes[victim], allow_graceful=False)
         killed_at = time.monotonic()
         results = await asyncio.gather(*running)
         assert all(list(r.tokens) == list(reference.tokens) for r in results)
         assert sum(r.stats.failovers for r in results) > 0
 
-        registry = AsyncRegistry(connect_async(stack.redis_url))
-        ttl = 10.0
+        redis_client = connect_async(stack.redis_url)
+        registry = AsyncRegistry(redis_client)
+        ttl = NodeSpec("verifier-0", stack.redis_url).heartbeat_ttl_s  # what the stack uses
         while "verifier-0" in {n.info.node_id for n in await registry.list_nodes(kind="cloud")}:
             assert time.monotonic() - killed_at < ttl + 2, "verifier-0 still registered"
             await asyncio.sleep(0.2)
+        await redis_client.aclose()
         after = await asyncio.gather(*(client.generate(PROMPT, max_tokens=24) for _ in range(3)))
     assert all(list(r.tokens) == list(reference.tokens)[:24] for r in after)

@@ -351,8 +351,10 @@ async def test_placement_rides_out_a_redis_outage() -> None:
         server.start()
         await registry.register(make_node("cloud-1", capacity=4), ttl_s=30)
         counted = await placement.renew(only)
-        assert counted.node_id == "cloud-1" and counted.load == 1
+        assert counted.node_id == "cloud-1" and counted.load == 1 and not counted.outage
         assert (await registry.get("cloud-1")).load == 1
+        assert await placement.release(counted) is True
+        assert (await registry.get("cloud-1")).load == 0
         await client.aclose()
 
 
