@@ -127,3 +127,4 @@ class CloudLink:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        await self.picker.close()

@@ -28,6 +28,10 @@ class VerifierPicker(Protocol):
         """The session no longer uses `endpoint`."""
         ...
 
+    async def close(self) -> None:
+        """Frees what the picker holds (connections, background tasks)."""
+        ...
+
 
 class FixedListPicker:
     """Round-robin over a fixed list, so sessions spread and failover moves on."""
@@ -46,4 +50,7 @@ class FixedListPicker:
         return None
 
     async def release(self, session_id: str, endpoint: VerifierEndpoint) -> None:
+        return None
+
+    async def close(self) -> None:
         return None

@@ -331,6 +331,10 @@ class AsyncPlacement(_PlacementBase):
             seen[lease.node_id] = (time.monotonic(), lease)
         return lease
 
+    async def aclose(self) -> None:
+        """Closes the Redis client this placement was given."""
+        await self._client.aclose()
+
     async def release(self, lease: Lease) -> bool:
         if lease.outage:
             return False

@@ -29,13 +29,14 @@ class RegistryPicker:
         self.model = model
         self.labels = dict(labels or {})
         self._leases: dict[str, Lease] = {}
+        # Address -> node id of every verifier a pick returned: `exclude` names addresses
+        # of verifiers that just failed, whose leases are already released.
+        self._node_ids: dict[str, str] = {}
         self._renewer: asyncio.Task | None = None
 
     async def pick(self, session_id: str, exclude: frozenset[str]) -> VerifierEndpoint | None:
         """`exclude` holds addresses; the registry excludes by node id, so map them."""
-        excluded_ids = {
-            lease.node_id for lease in self._leases.values() if lease.address in exclude
-        }
+        excluded_ids = {self._node_ids[a] for a in exclude if a in self._node_ids}
         try:
             lease = await self.placement.pick(
                 "cloud",
@@ -51,6 +52,7 @@ class RegistryPicker:
                 await self.placement.release(lease)
             return None
         self._leases[session_id] = lease
+        self._node_ids[lease.address] = lease.node_id
         if self._renewer is None:
             self._renewer = asyncio.create_task(self._renew_forever())
         return VerifierEndpoint(lease.address, lease.model)
@@ -59,6 +61,14 @@ class RegistryPicker:
         lease = self._leases.pop(session_id, None)
         if lease is not None:
             await self.placement.release(lease)
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        await self.placement.aclose()
 
     async def _renew_forever(self) -> None:
         interval = self.placement.config.lease_ttl_s / 3

@@ -270,3 +270,26 @@ def test_window_of_one_is_least_utilised_and_larger_windows_spread_ties(
         chosen.add(lease.node_id)
         spread.release(lease)
     assert len(chosen) >= 4 and chosen <= {f"n{i}" for i in range(8)}
+
+
+async def test_edge_picker_skips_a_failed_verifier_after_releasing_it(
+    redis_process, redis_async_client
+) -> None:
+    """The edge's picker: after a session's open on a verifier failed (its lease already
+    released), a pick that excludes that verifier's address never returns it, though the
+    registry still lists it as live until its TTL runs out."""
+    from edge_node.picker import VerifierEndpoint
+    from orchestrator.verifier_picker import RegistryPicker
+
+    registry = AsyncRegistry(redis_async_client)
+    for i in range(2):
+        await registry.register(make_node(f"cloud-{i}"), ttl_s=30)
+    picker = RegistryPicker(f"redis://{redis_process.host}:{redis_process.port}/0", "target")
+    first = await picker.pick("s0", frozenset())
+    await picker.release("s0", first)
+    for i in range(20):
+        endpoint = await picker.pick(f"s{i + 1}", frozenset({first.address}))
+        assert endpoint is not None and endpoint.address != first.address
+        await picker.release(f"s{i + 1}", endpoint)
+    assert isinstance(first, VerifierEndpoint)
+    await picker.close()
