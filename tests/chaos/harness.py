@@ -31,6 +31,7 @@ import ray
 
 import edgecloud
 from orchestrator.redis_server import RedisServer, free_port
+from orchestrator.registry import AsyncRegistry, connect_async
 from orchestrator.stack import Stack, StackConfig
 from serving.delay_proxy import DelayProxy
 from tests.processes import ServerProcess
@@ -270,8 +271,6 @@ class Fleet:
     async def settle(self, timeout_s: float = 60.0) -> None:
         """Waits until every edge and verifier is registered again, so that the next
         phase starts from a whole fleet."""
-        from orchestrator.registry import AsyncRegistry, connect_async
-
         expected = self.config.edges + self.config.verifiers
         client = connect_async(self.redis.url)
         try:
