@@ -10,6 +10,9 @@ variant) never reach users. The codes a caller can act on get their own class:
 | UNAUTHENTICATED      | `Unauthenticated`   | check the token                      |
 | UNAVAILABLE          | `Unavailable`       | retry later (already retried once    |
 |                      |                     | or more before the first token)      |
+| CANCELLED            | `Unavailable`       | the server dropped the call as it    |
+|                      |                     | stopped; retry (`code` stays         |
+|                      |                     | CANCELLED)                           |
 | RESOURCE_EXHAUSTED   | `ResourceExhausted` | back off, or ask for less            |
 | DEADLINE_EXCEEDED    | `DeadlineExceeded`  | raise `timeout`                      |
 | any other            | `ServerError`       | report it                            |
@@ -71,7 +74,7 @@ class DeadlineExceeded(EdgecloudError):
 
 
 class ServerError(EdgecloudError):
-    """Any other status (INTERNAL, NOT_FOUND, CANCELLED, ...), or a server that broke the
+    """Any other status (INTERNAL, NOT_FOUND, ...), or a server that broke the
     protocol (e.g. a stream that ended without its final statistics)."""
 
     code = grpc.StatusCode.INTERNAL
@@ -91,6 +94,10 @@ def from_rpc_error(error: grpc.RpcError) -> EdgecloudError:
     )
     code = error.code() if has_status else grpc.StatusCode.UNKNOWN
     message = (error.details() if has_status else None) or str(error)
+    if code == grpc.StatusCode.CANCELLED:
+        # The SDK ends a stream it cancels itself without reading on, so a CANCELLED that
+        # reaches a caller was the server's: it stopped with the call in flight.
+        return Unavailable(message, code=code)
     cls = _BY_CODE.get(code)
     if cls is None:
         return ServerError(message, code=code)

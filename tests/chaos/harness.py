@@ -44,7 +44,10 @@ FAULTS = (
     "stall_verifier",
     "delay_spike",
 )
-RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+
+
+# What the SDK tells callers to retry (see edgecloud/_errors.py).
+RETRYABLE = (edgecloud.Unavailable, edgecloud.ResourceExhausted)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class Outcome:
     start: float
     end: float
     status: str  # "OK" or the gRPC status name
+    retryable: bool  # OK, or an error the SDK tells callers to retry
     tokens: tuple[int, ...]
     failovers: int  # times the edge moved the session to another verifier
 
@@ -89,7 +93,7 @@ class PhaseReport:
         wrong = [o for o in ok if o.tokens != references[o.prompt]]
         failed = Counter(o.status for o in self.outcomes if o.status != "OK")
         hung = [o for o in self.outcomes if o.end - o.start > deadline_s + 1.0]
-        refused = [o for o in self.outcomes if o.status not in RETRYABLE | {"OK"}]
+        refused = [o for o in self.outcomes if not o.retryable]
         lost = len({id(o) for o in wrong + hung + refused})
         later = [o for o in ok if o.start >= self.injected_at and o.tokens == references[o.prompt]]
         recovery = min((o.end for o in later), default=None)
@@ -244,7 +248,7 @@ class Fleet:
             while loop.time() - start < config.phase_s:
                 n = next(count)
                 began = loop.time()
-                status, tokens, failovers = "OK", (), 0
+                status, tokens, failovers, retryable = "OK", (), 0, True
                 try:
                     result = await client.generate(
                         prompts[n % len(prompts)],
@@ -254,9 +258,12 @@ class Fleet:
                     tokens, failovers = tuple(result.tokens), result.stats.failovers
                 except edgecloud.EdgecloudError as error:
                     status = error.code.name
+                    retryable = isinstance(error, RETRYABLE)
                     await asyncio.sleep(0.2)  # a client backs off before retrying
                 report.outcomes.append(
-                    Outcome(n % len(prompts), began, loop.time(), status, tokens, failovers)
+                    Outcome(
+                        n % len(prompts), began, loop.time(), status, retryable, tokens, failovers
+                    )
                 )
 
         async def inject_all() -> None:

@@ -219,6 +219,7 @@ CODES = [
     (grpc.StatusCode.UNAVAILABLE, Unavailable),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhausted),
     (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceeded),
+    (grpc.StatusCode.CANCELLED, Unavailable),
     (grpc.StatusCode.INTERNAL, ServerError),
     (grpc.StatusCode.NOT_FOUND, ServerError),
     (grpc.StatusCode.PERMISSION_DENIED, ServerError),
