@@ -115,6 +115,18 @@ def model_summary(model: torch.nn.Module, source: str) -> dict[str, object]:
     }
 
 
+def device_flags(parser) -> None:
+    """--device, --dtype and --threads, as the model benchmarks take them."""
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's, one per core); 1 avoids "
+        "oversubscription when other jobs share the cores",
+    )
+
+
 def print_json(summary: dict[str, object]) -> None:
     """The benchmark's last line: one JSON object, for scripts that collect results."""
     print(json.dumps(summary), flush=True)

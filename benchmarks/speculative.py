@@ -47,7 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import REPO_ROOT, Prompt, heldout_prompts, machine, model_summary, print_json, timed
+from common import (
+    REPO_ROOT,
+    Prompt,
+    device_flags,
+    heldout_prompts,
+    machine,
+    model_summary,
+    print_json,
+    timed,
+)
 
 from cloud_node.config import VerifierConfig
 from cloud_node.server import VerifierServer, start_verifier
@@ -430,14 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DraftOptions.pipeline,
         help="draft the next round during verification (the edge's default: on)",
     )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="torch intra-op threads (default: torch's, one per core); 1 avoids "
-        "oversubscription when other jobs share the cores",
-    )
+    device_flags(parser)
     parser.add_argument(
         "--quick", action="store_true", help="2 prompts, 32 tokens, RTT 0 and 50 ms"
     )

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from common import REPO_ROOT, machine, model_summary, print_json, summarize_ms, timed
+from common import REPO_ROOT, device_flags, machine, model_summary, print_json, summarize_ms, timed
 from grpc import aio
 
 from cloud_node.config import VerifierConfig
@@ -401,14 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--pair-tree", type=int, default=16, help="tree size for 8 together vs separate (16)"
     )
     parser.add_argument("--passes", type=int, default=3, help="interleaved slices (3)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="torch intra-op threads (default: torch's, one per core); 1 avoids "
-        "oversubscription when other jobs share the cores",
-    )
+    device_flags(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +98,18 @@ def record_ffn(
 
         return capture
 
+    run_with_ffn_hooks(model, windows, batch_size, hook)
+    return [FFNRecord(torch.cat(x), torch.cat(a)) for x, a in zip(inputs, active, strict=True)]
+
+
+def run_with_ffn_hooks(
+    model: Transformer,
+    windows: torch.Tensor,
+    batch_size: int,
+    hook: Callable[[int], Callable[[FeedForward, tuple[torch.Tensor]], None]],
+) -> None:
+    """Runs `windows` (n, time) through `model` in batches with `hook(layer)` seeing each
+    layer's FFN input, then removes the hooks."""
     handles = [
         block.feed_forward.register_forward_pre_hook(hook(i))
         for i, block in enumerate(model.layers)
@@ -109,7 +121,6 @@ def record_ffn(
     finally:
         for handle in handles:
             handle.remove()
-    return [FFNRecord(torch.cat(x), torch.cat(a)) for x, a in zip(inputs, active, strict=True)]
 
 
 @torch.no_grad()
@@ -132,16 +143,7 @@ def gate_thresholds(
 
         return capture
 
-    handles = [
-        b.feed_forward.register_forward_pre_hook(hook(i)) for i, b in enumerate(model.layers)
-    ]
-    device = next(model.parameters()).device
-    try:
-        for batch in windows.split(batch_size):
-            model(batch.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_ffn_hooks(model, windows, batch_size, hook)
     return [torch.quantile(torch.cat(m), sparsity).item() for m in magnitudes]
 
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 import pytest
 import pytest_asyncio
 
-from lm.checkpoint import save_model
 from tests.chaos.harness import FAULTS, ChaosConfig, Fleet
-from tests.edge_node.conftest import noisy_copy
-from tests.tiny import MODEL_NAME, tiny_model
+from tests.edge_node.conftest import save_model_pair
 
 PROMPTS = [[1, 5, 9, 22], [3, 7, 11], [2, 40, 41, 42, 43], [8, 8, 13]]
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -19,12 +17,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fleet(tmp_path_factory):
     root = tmp_path_factory.mktemp("chaos")
-    target = tiny_model(seed=21, vocab=64, sharpen=3.0)
-    save_model(target, root / MODEL_NAME)
-    save_model(noisy_copy(target, 0.01, seed=5), root / "draft")
+    target_dir, draft_dir = save_model_pair(root)
     config = ChaosConfig(
-        target_dir=root / MODEL_NAME,
-        draft_dir=root / "draft",
+        target_dir=target_dir,
+        draft_dir=draft_dir,
         workdir=root,
         concurrency=3,
         max_tokens=24,

@@ -7,6 +7,7 @@ drafts are often accepted, different enough that they are sometimes rejected.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +17,19 @@ from cloud_node.server import start_verifier
 from edge_node.cloud_link import CloudLink, CloudLinkConfig
 from edge_node.picker import FixedListPicker, VerifierEndpoint
 from edge_node.runtime import EdgeConfig, EdgeRuntime
+from lm.checkpoint import save_model
 from serving.auth import AuthConfig
 from serving.server import ServerConfig
 from tests.tiny import MODEL_NAME, TOKEN, tiny_model
+
+
+def save_model_pair(root: Path) -> tuple[Path, Path]:
+    """The stack tests' tiny target (saved as MODEL_NAME, the name servers default to)
+    and a draft that is a slightly noisy copy of it: (target_dir, draft_dir)."""
+    target = tiny_model(seed=21, vocab=64, sharpen=3.0)
+    save_model(target, root / MODEL_NAME)
+    save_model(noisy_copy(target, 0.01, seed=5), root / "draft")
+    return root / MODEL_NAME, root / "draft"
 
 
 def noisy_copy(model, scale: float, seed: int):

@@ -14,6 +14,9 @@ from lm.config import ModelConfig
 from lm.model import Transformer
 from lm.sparsity import LowRankPredictor
 
+# A verifier of the module's `target` for the edge tests, as the edge suite has it.
+from tests.edge_node.conftest import verifier  # noqa: F401
+
 VOCAB = 96
 STD = 0.125  # 1 / sqrt(dim): each layer keeps the scale of what it is given
 # Small reads and two threads keep the fixed buffers small next to these tiny models.

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloud_node.config import VerifierConfig
-from cloud_node.server import start_verifier
 from edge_node.actor import EdgeNode
 from edge_node.flash.ffn import flash_store, load_flash_model
 from edge_node.flash.pack import pack_model
@@ -15,11 +13,9 @@ from edge_node.runtime import EdgeConfig
 from edge_node.slm import EdgeLM
 from edge_node.types import DraftOptions, GenerationRequest, Mode
 from lm.checkpoint import save_model
-from serving.auth import AuthConfig
-from serving.server import ServerConfig
 from tests.edge_node.conftest import make_runtime, noisy_copy
 from tests.flash.conftest import OPTIONS, budget_info, exact_predictors, make_model
-from tests.tiny import MODEL_NAME, TOKEN
+from tests.tiny import MODEL_NAME
 
 PROMPT = (1, 5, 9, 33, 2)
 
@@ -46,17 +42,6 @@ def draft_pack(draft, tmp_path_factory):
     manifest = pack_model(model_dir, pack)
     save_predictors(pack, manifest, exact_predictors(draft), {"activation": "relu"})
     return pack
-
-
-@pytest.fixture
-async def verifier(target):
-    server = await start_verifier(
-        target,
-        VerifierConfig(model_name=MODEL_NAME, max_context=256),
-        ServerConfig(port=0, auth=AuthConfig(token=TOKEN)),
-    )
-    yield server
-    await server.drain()
 
 
 def flash_draft(pack):

@@ -10,11 +10,10 @@ import pytest_asyncio
 import ray
 
 import edgecloud
-from lm.checkpoint import save_model
 from orchestrator.registry import AsyncRegistry, connect_async
 from orchestrator.stack import Stack, StackConfig
-from tests.edge_node.conftest import noisy_copy
-from tests.tiny import MODEL_NAME, tiny_model
+from tests.edge_node.conftest import save_model_pair
+from tests.tiny import MODEL_NAME
 
 PROMPT = [1, 5, 9, 22]
 # One stack for the module (starting Ray and its actors takes seconds); the test that
@@ -24,11 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    target = tiny_model(seed=21, vocab=64, sharpen=3.0)
-    save_model(target, root / MODEL_NAME)
-    save_model(noisy_copy(target, 0.01, seed=5), root / "draft")
-    return root / MODEL_NAME, root / "draft"
+    return save_model_pair(tmp_path_factory.mktemp("models"))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
