@@ -32,8 +32,10 @@ instead its resident weights plus --store-fraction (0.4) of the FFN for the stor
 FFN is 2.5x the part of the budget it can be read into. Both ratios are reported.
 
 Reported per method: tokens/s (decode steps), FFN bytes read per token (and as % of the
-float16 FFN), reads per token and mean read size, cache hit rate, I/O / predictor /
-compute ms per token, top-1 agreement with dense on the same sequences, peak RSS, and
+float16 FFN), reads per token and mean read size, cache hit rate, I/O ms per token (reads
+in flight) and the part of it the FFN waited for (the rest overlapped the multiplication
+of resident neurons), predictor and compute ms per token, the share of predicted neurons
+found active and multiplied (ReLU), top-1 agreement with dense on the same sequences, peak RSS, and
 bytes the kernel read from storage (/proc/self/io). Per model: predictor recall and
 false-positive rate on the benchmark's own decode tokens, and measured activation sparsity.
 
@@ -331,7 +333,7 @@ def load_method(spec: dict, method: str, result: dict) -> tuple[nn.Module, Calla
         k: getattr(plan, k)
         for k in ("budget", "resident", "rows", "chunk_rows", "cache", "buffers", "scratch")
     }
-    result["cache_rows_fraction"] = plan.rows / model.config.hidden_dim
+    result["cache_rows_fraction"] = [rows / model.config.hidden_dim for rows in plan.rows]
     return model, None
 
 
@@ -418,6 +420,8 @@ def store_metrics(store, new_tokens: int) -> dict:
         "hit_rate": total("hits") / max(1, total("needed")),
         "neurons_per_token": total("needed") / n,
         "io_ms_per_token": 1000 * total("io_s") / n,
+        "io_wait_ms_per_token": 1000 * total("io_wait_s") / n,
+        "computed_fraction": total("computed") / max(1, total("needed")),
         "predictor_ms_per_token": 1000 * total("predictor_s") / n,
         "ffn_compute_ms_per_token": 1000 * total("compute_s") / n,
         "accounted_bytes": store.plan.resident + store.allocated_bytes(),
@@ -585,7 +589,7 @@ def print_table(name: str, summary: dict) -> None:
     )
     print(
         f"{'method':>10} {'tok/s':>8} {'%FFN/tok':>9} {'reads/tok':>10} {'KiB/read':>9} "
-        f"{'hit':>6} {'io ms':>7} {'pred ms':>8} {'top-1':>6} {'peak MiB':>9} "
+        f"{'hit':>6} {'io ms':>7} {'wait ms':>8} {'pred ms':>8} {'top-1':>6} {'peak MiB':>9} "
         f"{'kernel MiB/tok':>15}"
     )
     for method, r in summary["methods"].items():
@@ -593,6 +597,7 @@ def print_table(name: str, summary: dict) -> None:
             f"{method:>10} {r['tokens_per_s']:8.1f} {r.get('pct_of_ffn_bytes', 0):9.1f} "
             f"{r.get('reads_per_token', 0):10.1f} {r.get('mean_read_bytes', 0) / 1024:9.1f} "
             f"{r.get('hit_rate', 0):6.3f} {r.get('io_ms_per_token', 0):7.2f} "
+            f"{r.get('io_wait_ms_per_token', 0):8.2f} "
             f"{r.get('predictor_ms_per_token', 0):8.2f} {r.get('top1_agreement', 1.0):6.3f} "
             f"{r['peak_rss_mb']:9.1f} {r['kernel_read_bytes_per_token'] / 2**20:15.2f}",
             flush=True,

@@ -101,5 +101,9 @@ def dequantize(
     grouped = values.reshape(*values.shape[:-1], n // spec.group_size, spec.group_size)
     if out is None:
         return (grouped.to(dtype) * scales.to(dtype)[..., None]).reshape(values.shape)
-    torch.mul(grouped.to(dtype), scales.to(dtype)[..., None], out=out.view(grouped.shape))
+    # In place in `out`: no temporary as large as the result (each would be a fresh
+    # allocation, page faults included, on every call).
+    decoded = out.view(grouped.shape)
+    decoded.copy_(grouped)
+    decoded.mul_(scales.to(dtype)[..., None])
     return out

@@ -24,6 +24,8 @@ import torch
 from lm.quantize import QuantSpec, dequantize, quantize
 
 SEGMENTS = ("gate", "up", "down")
+# Runs of consecutive segments that can be gathered and decoded on their own.
+GATE, UP_DOWN, ALL_SEGMENTS = slice(0, 1), slice(1, 3), slice(0, 3)
 
 
 @dataclass(frozen=True)
@@ -78,18 +80,19 @@ class BundleFormat:
     def decode(
         self, rows: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """rows: (k, payload) uint8, contiguous -> (k, 3, dim) of `dtype`: gate, up, down.
+        """rows: (k, s * segment_bytes) uint8, contiguous: s consecutive segments of k
+        bundles (all three: the whole payload) -> (k, s, dim) of `dtype`.
 
         A float bundle already in `dtype` is returned as a view of `rows` (no copy);
-        otherwise the values go to `out` ((k, 3, dim) of `dtype`) when given.
+        otherwise the values go to `out` ((k, s, dim) of `dtype`) when given.
         """
-        k = rows.shape[0]
+        k, segments = rows.shape[0], rows.shape[1] // self.segment_bytes
         if self.quant is None:
-            values = rows.view(self.dtype).view(k, 3, self.dim)
+            values = rows.view(self.dtype).view(k, segments, self.dim)
             if values.dtype == dtype:
                 return values
             return values.to(dtype) if out is None else out.copy_(values)
-        per_segment = rows.view(k, 3, self.segment_bytes)
+        per_segment = rows.view(k, segments, self.segment_bytes)
         code_bytes = self.quant.code_bytes(self.dim)
         scales = per_segment[..., code_bytes:].contiguous().view(torch.float16)
         return dequantize(per_segment[..., :code_bytes], scales, self.quant, dtype, out)

@@ -69,24 +69,28 @@ class NeuronCache:
         """Deletes n resident neurons outside `chunk` to make room for it.
 
         needed: every neuron of this step, ascending; `chunk` is the piece of it being
-        loaded. Neurons this step does not need go first, least recently used first.
-        Then Belady's rule, supposing the next step needs the same neurons: the neuron
-        whose next use is farthest goes first. At needed-position p, with the chunk
-        starting at position c, that is p - c steps away if p >= c, else len(needed) - c + p.
+        loaded (all of it when the step fits the cache). Neurons this step does not need
+        go first, least recently used first. Then Belady's rule, supposing the next step
+        needs the same neurons: the neuron whose next use is farthest goes first. At
+        needed-position p, with the chunk starting at position c, that is p - c steps
+        away if p >= c, else len(needed) - c + p.
+
+        Costs O(hidden) whatever the sizes: masks and ranks over all neurons, no sorting
+        of the resident set (this runs on most tokens once the window fills the cache).
         """
+        hidden = len(self.slot_of)
         resident = self.resident()
-        candidates = resident[~torch.isin(resident, chunk)]
-        position = torch.searchsorted(needed, candidates).clamp(max=len(needed) - 1)
-        wanted = (
-            needed[position] == candidates
-            if len(needed)
-            else torch.zeros_like(candidates, dtype=torch.bool)
-        )
-        start = int(torch.searchsorted(needed, chunk[:1])) if len(chunk) else 0
+        in_chunk = torch.zeros(hidden, dtype=torch.bool)
+        in_chunk[chunk] = True
+        candidates = resident[~in_chunk[resident]]
+        rank = torch.full((hidden,), -1, dtype=torch.long)
+        rank[needed] = torch.arange(len(needed))
+        position = rank[candidates]
+        start = int(rank[chunk[0]]) if len(chunk) else 0
         distance = torch.where(position >= start, position - start, len(needed) - start + position)
         unwanted_key = self.step - self.last_used[candidates] + 2 * len(needed) + 1
-        key = torch.where(wanted, distance, unwanted_key)
-        self.delete(candidates[torch.argsort(key, descending=True, stable=True)[:n]])
+        key = torch.where(position >= 0, distance, unwanted_key)
+        self.delete(candidates[torch.topk(key, n, sorted=False).indices])
 
     def end_step(self, window: int) -> None:
         """Deletes the neurons no step of the last `window` used; starts the next step."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_node.flash.bundle import GATE, UP_DOWN
 from edge_node.flash.pack import FFN_PREFIX, load_dram_state, read_manifest, verify_pack
 from edge_node.flash.predictors import has_predictors, load_predictors
 from edge_node.flash.store import FlashStore, StoreOptions, plan_memory
@@ -50,6 +51,9 @@ class FlashFeedForward(nn.Module):
         self.layer = layer
         self.store = store
         self.act = getattr(F, activation)
+        # ReLU gives exact zeros: a neuron whose gate is inactive at every position adds
+        # nothing, so its up and down weights are neither decoded nor multiplied.
+        self.skips_inactive = activation == "relu"
         self.predictor = predictor
         self.register_buffer(
             "all_neurons", torch.arange(store.manifest.config.hidden_dim), persistent=False
@@ -69,15 +73,28 @@ class FlashFeedForward(nn.Module):
             predicted = time.perf_counter()
             flat = flat.to(store.compute_dtype)
             y = torch.zeros_like(flat)
-            for chunk in store.begin(self.layer, needed):
-                gate, up, down = store.load(self.layer, chunk).to(flat.device).unbind(1)
-                h = self.act(flat @ gate.t()) * (flat @ up.t())
-                if mask is not None and len(flat) > 1:
-                    h = h * mask[:, chunk.to(flat.device)]
+            computed = 0
+            for neurons in store.stream(self.layer, needed):
+                if self.skips_inactive:
+                    gate = store.weights(self.layer, neurons, GATE)[:, 0].to(flat.device)
+                    h = self.act(flat @ gate.t())
+                    if mask is not None and len(flat) > 1:
+                        h = h * mask[:, neurons.to(flat.device)]
+                    live = h.ne(0).any(0).nonzero().squeeze(1)
+                    neurons, h = neurons.index_select(0, live.cpu()), h.index_select(1, live)
+                    up, down = store.weights(self.layer, neurons, UP_DOWN).to(flat.device).unbind(1)
+                    h = h * (flat @ up.t())
+                else:
+                    gate, up, down = store.weights(self.layer, neurons).to(flat.device).unbind(1)
+                    h = self.act(flat @ gate.t()) * (flat @ up.t())
+                    if mask is not None and len(flat) > 1:
+                        h = h * mask[:, neurons.to(flat.device)]
+                computed += len(neurons)
                 y += h @ down
             store.finish(
                 self.layer,
                 tokens=len(flat),
+                computed=computed,
                 predictor_s=predicted - start,
                 ffn_s=time.perf_counter() - predicted,
             )
@@ -127,9 +144,10 @@ def load_flash_model(
         raise CheckpointError(f"{pack_dir}: dram tensors missing: {missing}")
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    predictors = None
+    predictors, demand = None, None
     if use_predictor and has_predictors(pack_dir):
-        predictors = load_predictors(pack_dir, manifest, device, dtype).predictors
+        loaded = load_predictors(pack_dir, manifest, device, dtype)
+        predictors, demand = loaded.predictors, predicted_shares(loaded.meta)
     elif use_predictor:
         logger.info("%s: no predictor (edgecloud flash calibrate): using every neuron", pack_dir)
     unique = {t.data_ptr(): t for t in state.values()}
@@ -141,20 +159,29 @@ def load_flash_model(
     in_place = manifest.bundle.quant is None and manifest.bundle.dtype == ffn_dtype
     decoded_row = 0 if in_place else 3 * config.dim * ffn_dtype.itemsize
     options = options or StoreOptions()
-    plan = plan_memory(manifest, budget_bytes, resident, options, decoded_row)
+    plan = plan_memory(manifest, budget_bytes, resident, options, decoded_row, demand)
     store = FlashStore(pack_dir, manifest, plan, options, ffn_dtype)
     weakref.finalize(store, store.reader.close)
     for i, block in enumerate(model.layers):
         predictor = None if predictors is None else predictors[i]
         block.feed_forward = FlashFeedForward(i, store, config.activation, predictor).to(device)
     logger.info(
-        "flash model %s: %d of %d neurons per layer in DRAM, %s reads",
+        "flash model %s: %s of %d neurons per layer in DRAM, %s reads",
         pack_dir,
-        plan.rows,
+        list(plan.rows),
         config.hidden_dim,
         store.io_mode,
     )
     return model.eval()
+
+
+def predicted_shares(meta: dict) -> list[float] | None:
+    """Each layer's predicted share of neurons on held-out text, from the calibration
+    report in predictor.json (None for predictors saved without one)."""
+    layers = meta.get("report", {}).get("layers")
+    if not layers:
+        return None
+    return [max(float(layer["predicted"]), 1e-3) for layer in layers]
 
 
 def flash_store(model: Transformer) -> FlashStore:

@@ -16,8 +16,11 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import time
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,19 +71,39 @@ def plan_reads(
             Extent(int(lo), int(hi - lo), i, i + 1)
             for i, (lo, hi) in enumerate(zip(lows.tolist(), highs.tolist(), strict=True))
         ]
+    lows_list, highs_list = lows.tolist(), highs.tolist()
+    # Pages only grow along the pieces, so a piece touches the read before it when its
+    # first page is at most `gap` past the previous piece's last one.
+    breaks = np.flatnonzero(lows[1:] > highs[:-1] + gap) + 1
     extents = []
-    start = 0
-    lo, hi = 0, 0
-    for i, (piece_lo, piece_hi) in enumerate(zip(lows.tolist(), highs.tolist(), strict=True)):
-        if i and piece_lo <= hi + gap and piece_hi - lo <= max_bytes:
-            hi = max(hi, piece_hi)
-            continue
-        if i:
-            extents.append(Extent(lo, hi - lo, start, i))
-        start, lo, hi = i, piece_lo, piece_hi
-    if len(offsets):
-        extents.append(Extent(lo, hi - lo, start, len(offsets)))
+    for run_start, run_end in zip(
+        [0, *breaks.tolist()], [*breaks.tolist(), len(offsets)], strict=True
+    ):
+        first = run_start
+        while first < run_end:  # split the run where a read would pass max_bytes
+            lo = lows_list[first]
+            last = bisect_right(highs_list, lo + max_bytes, first, run_end)
+            extents.append(Extent(lo, highs_list[last - 1] - lo, first, last))
+            first = last
     return extents
+
+
+class PendingReads:
+    """Reads in flight from `ColdReader.submit`."""
+
+    def __init__(self, start: float, futures: list[Future[float]]) -> None:
+        self.start = start
+        self._futures = futures
+        self.done_at = time.perf_counter() if not futures else 0.0
+
+    def wait(self) -> float:
+        """Blocks until every read is delivered (re-raising a failed read's error);
+        returns the seconds the reads took, from submission to the last delivery."""
+        if self._futures:
+            futures, self._futures = self._futures, []
+            wait_all(futures)  # all of them, so no read still writes when an error is raised
+            self.done_at = max(future.result() for future in futures)
+        return self.done_at - self.start
 
 
 class ColdReader:
@@ -111,23 +134,29 @@ class ColdReader:
         self.memory_bytes = buffer_bytes * threads  # all read buffers together
 
     def read(self, jobs: Sequence[tuple[Extent, Deliver]]) -> None:
-        """Performs every read, `threads` at a time; returns once each is delivered.
+        """Performs every read, `threads` at a time; returns once each is delivered."""
+        self.submit(jobs).wait()
+
+    def submit(self, jobs: Sequence[tuple[Extent, Deliver]]) -> PendingReads:
+        """Starts every read and returns at once (without a pool: after reading), so the
+        caller can compute while the device works; `wait` on the result before using
+        what the reads deliver.
 
         Thread t takes jobs t, t + threads, ... in turn, with its own buffer, so that one
         task per thread (not per read) crosses the pool.
         """
+        start = time.perf_counter()
         lanes = min(len(jobs), len(self._buffers))
         if self._pool is None or lanes <= 1:
             self._read_lane(jobs, self._buffers[0])
-            return
+            return PendingReads(start, [])
         futures = [
             self._pool.submit(self._read_lane, jobs[lane::lanes], self._buffers[lane])
             for lane in range(lanes)
         ]
-        for future in futures:
-            future.result()
+        return PendingReads(start, futures)
 
-    def _read_lane(self, jobs: Sequence[tuple[Extent, Deliver]], buffer: mmap.mmap) -> None:
+    def _read_lane(self, jobs: Sequence[tuple[Extent, Deliver]], buffer: mmap.mmap) -> float:
         with memoryview(buffer) as whole:
             for extent, deliver in jobs:
                 view = whole[: extent.length]
@@ -141,6 +170,7 @@ class ColdReader:
                     )
                 deliver(extent, view)
                 view.release()
+        return time.perf_counter()
 
     def close(self) -> None:
         if self._pool is not None:

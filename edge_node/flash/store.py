@@ -16,7 +16,7 @@ Step 2 needs {4, 5}: reads 5; afterwards 1 and 3 (last used at step 0) are delet
 Budget: the store sizes everything it allocates (caches, read buffers, the scratch of one
 compute chunk) when it is built, from `budget_bytes` minus the model's resident weights,
 and never allocates more. When a step needs more neurons than a layer's cache holds, the
-layer is computed in chunks that fit (`begin`), streaming through the cache.
+layer is computed in chunks that fit (`stream`), streaming through the cache.
 """
 
 from __future__ import annotations
@@ -24,15 +24,17 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edge_node.flash.bundle import ALL_SEGMENTS
 from edge_node.flash.cache import NeuronCache
 from edge_node.flash.pack import PAGE, FlashManifest
-from edge_node.flash.reader import ColdReader, Extent, plan_reads
+from edge_node.flash.reader import ColdReader, Extent, PendingReads, plan_reads
 
 MiB = 1 << 20
 
@@ -73,8 +75,8 @@ class MemoryPlan:
 
     budget: int
     resident: int  # model weights outside the store: dram.safetensors tensors, predictors
-    rows: int  # neuron cache rows per layer
-    chunk_rows: int  # neurons per compute chunk: chunk_rows option, at most rows // 2
+    rows: tuple[int, ...]  # neuron cache rows of each layer
+    chunk_rows: int  # neurons per compute chunk: chunk_rows option, at most min(rows) // 2
     cache: int  # all layers' neuron caches
     buffers: int  # read buffers
     scratch: int  # one chunk's gathered bundles and decoded weights
@@ -85,12 +87,21 @@ class MemoryPlan:
 
 
 def plan_memory(
-    manifest: FlashManifest, budget: int, resident: int, options: StoreOptions, decoded_row: int
+    manifest: FlashManifest,
+    budget: int,
+    resident: int,
+    options: StoreOptions,
+    decoded_row: int,
+    demand: Sequence[float] | None = None,
 ) -> MemoryPlan:
-    """The largest per-layer cache that fits `budget`; BudgetError names the minimum.
+    """The largest neuron caches that fit `budget`; BudgetError names the minimum.
 
     decoded_row: bytes one neuron's weights take once decoded into the compute dtype
     (0 when bundles are used in place).
+    demand: each layer's share of neurons used per token (the predictors' calibration
+    report); the cache rows are split in proportion, so a layer that uses 60% of its
+    neurons is not starved while one that uses 15% keeps rows it never fills. None:
+    the same for every layer.
     """
     layers, payload = manifest.config.n_layers, manifest.payload
     need = -(-payload // PAGE) * PAGE + PAGE
@@ -106,29 +117,63 @@ def plan_memory(
             f"read buffers {options.io_threads * options.read_bytes:,}, and one "
             f"{payload}-byte neuron per layer"
         )
+    if demand is not None and (len(demand) != layers or min(demand) <= 0):
+        raise ValueError(f"demand: must be {layers} positive shares, got {list(demand)}")
     buffers = options.io_threads * options.read_bytes
     scratch_row = payload + decoded_row
     free = budget - resident - buffers
+    hidden = manifest.config.hidden_dim
+    shares = demand or [1.0] * layers
 
-    def chunk_for(rows: int) -> int:  # at most half the cache, so a stream can keep half
-        return min(options.chunk_rows, max(1, rows // 2))
+    def rows_for(chunk: int) -> tuple[int, ...]:
+        return split_rows((free - chunk * scratch_row) // payload, shares, hidden)
 
-    rows = (free - options.chunk_rows * scratch_row) // (layers * payload)
-    if chunk_for(rows) < options.chunk_rows:
-        rows = int(free // (layers * payload + scratch_row / 2))
-    rows = min(rows, manifest.config.hidden_dim)
-    while rows > 1 and rows * layers * payload + chunk_for(rows) * scratch_row > free:
-        rows -= 1
-    chunk = chunk_for(rows)
+    def fits(chunk: int) -> bool:  # a chunk is at most half the smallest cache
+        rows = rows_for(chunk)
+        return bool(rows) and min(rows) // 2 >= chunk
+
+    # The largest chunk that fits: fewer chunk rows leave more cache rows, so binary search.
+    low, high = 1, options.chunk_rows
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    chunk = low
+    rows = rows_for(chunk)
     return MemoryPlan(
         budget=budget,
         resident=resident,
         rows=rows,
         chunk_rows=chunk,
-        cache=layers * rows * payload,
+        cache=sum(rows) * payload,
         buffers=buffers,
         scratch=chunk * scratch_row,
     )
+
+
+def split_rows(total: int, shares: Sequence[float], hidden: int) -> tuple[int, ...]:
+    """`total` cache rows over layers in proportion to `shares`, one at least and `hidden`
+    (the whole layer) at most each; what a full layer cannot take goes to the others.
+
+    Example: total 10, shares [3, 1, 1], hidden 4 -> [4, 3, 3].
+    """
+    layers = len(shares)
+    if total < layers:
+        return ()
+    rows = [1] * layers
+    open_layers = set(range(layers))
+    left = total - layers
+    while left > 0 and open_layers:
+        weight = sum(shares[i] for i in open_layers)
+        full = {i for i in open_layers if rows[i] + left * shares[i] / weight >= hidden}
+        if not full:
+            for i in open_layers:
+                rows[i] += int(left * shares[i] / weight)
+            break
+        for i in full:
+            left -= hidden - rows[i]
+            rows[i] = hidden
+        open_layers -= full
+    return tuple(rows)
 
 
 def minimum_budget(
@@ -146,13 +191,15 @@ class StepMetrics:
 
     tokens: int = 0  # positions in the forward pass (batch * time)
     needed: int = 0  # neuron uses asked for
+    computed: int = 0  # of which multiplied: the rest were inactive (ReLU zero) once seen
     hits: int = 0  # of which already resident
     neurons_read: int = 0
     bytes_read: int = 0
     reads: int = 0
-    io_s: float = 0.0
+    io_s: float = 0.0  # reads in flight, from submission to the last delivery
+    io_wait_s: float = 0.0  # of which the FFN waited (the rest overlapped compute)
     predictor_s: float = 0.0
-    compute_s: float = 0.0  # FFN decode and matmuls
+    compute_s: float = 0.0  # FFN decode and matmuls, bookkeeping
 
     @property
     def hit_rate(self) -> float:
@@ -172,7 +219,7 @@ class StoreTotals:
 class FlashStore:
     """Neuron caches for every layer of one pack, filled from its ffn.bin.
 
-    Not re-entrant: a layer's `begin`/`load`/`finish` sequence runs under `lock` (the
+    Not re-entrant: a layer's `stream`/`finish` sequence runs under `lock` (the
     flash FFN takes it), so concurrent generations share the store safely.
     """
 
@@ -197,10 +244,7 @@ class FlashStore:
             buffer_bytes=options.read_bytes,
             direct=options.direct_io,
         )
-        self.caches = [
-            NeuronCache(config.hidden_dim, plan.rows, manifest.payload)
-            for _ in range(config.n_layers)
-        ]
+        self.caches = [NeuronCache(config.hidden_dim, rows, manifest.payload) for rows in plan.rows]
         self._gathered = torch.empty(plan.chunk_rows, manifest.payload, dtype=torch.uint8)
         decodes = plan.scratch > plan.chunk_rows * manifest.payload
         self._decoded = (
@@ -210,8 +254,7 @@ class FlashStore:
         self.history: deque[StepMetrics] = deque(maxlen=history)
         self.totals = StoreTotals()
         self._step = StepMetrics()
-        self._layer_io_s = 0.0
-        self._needed = torch.empty(0, dtype=torch.long)
+        self._layer_wait_s = 0.0
 
     @property
     def io_mode(self) -> str:
@@ -228,51 +271,102 @@ class FlashStore:
     def resident(self, layer: int) -> set[int]:
         return set(self.caches[layer].resident().tolist())
 
-    def begin(self, layer: int, needed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Starts `layer`'s part of a step that uses `needed` ((n,) ascending ids).
+    def stream(self, layer: int, needed: torch.Tensor) -> Iterator[torch.Tensor]:
+        """`layer`'s part of a step that uses `needed` ((n,) ascending ids), in pieces.
 
-        Returns consecutive pieces of `needed`, chunk_rows at most (half the cache or
-        less), to `load` and multiply one after another. When a step needs more than
-        the cache holds, its pieces stream through one half of the cache while the
-        other half keeps what the next step will want first (`NeuronCache.evict`).
-        """
-        self._needed = needed
-        return needed.split(self.plan.chunk_rows)
+        Yields consecutive pieces of chunk_rows neurons at most, each resident by then:
+        take its weights with `weights` before asking for the next piece.
 
-    def load(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
-        """Weights (k, 3, dim) [gate, up, down] of `neurons` (a piece from `begin`) in the
-        compute dtype, reading the ones that are not resident.
-
-        The result lives in the store's scratch: use it before the next `load`.
+        When the step fits the cache (decoding, small batches), the neurons not resident
+        are read in the background while the resident ones are yielded (and multiplied),
+        so reading overlaps compute; the neurons just read come last. When it does not,
+        its pieces stream through one half of the cache while the other half keeps what
+        the next step will want first (`NeuronCache.evict`), each read before it is used.
         """
         cache = self.caches[layer]
-        slots = cache.slot_of[neurons]
-        missing = neurons[slots < 0]
-        self._step.needed += len(neurons)
-        self._step.hits += len(neurons) - len(missing)
+        self._step.needed += len(needed)
+        if len(needed) > cache.capacity:
+            for piece in needed.split(self.plan.chunk_rows):
+                missing = piece[cache.slot_of[piece] < 0]
+                self._step.hits += len(piece) - len(missing)
+                if len(missing):
+                    self._make_room(cache, len(missing), piece, needed)
+                    self._wait(self._read(layer, cache, missing, cache.insert(missing)))
+                cache.last_used[piece] = cache.step
+                yield piece
+            return
+        resident = cache.slot_of.index_select(0, needed) >= 0
+        hits, missing = needed[resident], needed[~resident]
+        self._step.hits += len(hits)
+        pending = None
         if len(missing):
-            overflow = cache.count + len(missing) - cache.capacity
-            if overflow > 0:
-                cache.evict(overflow, neurons, self._needed)
-            self._read(layer, cache, missing, cache.insert(missing))
-            slots = cache.slot_of[neurons]
-        cache.last_used[neurons] = cache.step
-        k = len(neurons)
-        rows = torch.index_select(cache.rows, 0, slots, out=self._gathered[:k])
-        out = None if self._decoded is None else self._decoded[:k]
-        return self.manifest.bundle.decode(rows, self.compute_dtype, out)
+            self._make_room(cache, len(missing), needed, needed)
+            pending = self._read(layer, cache, missing, cache.insert(missing))
+        cache.last_used.index_fill_(0, needed, cache.step)
+        try:
+            yield from hits.split(self.plan.chunk_rows)
+        finally:  # also when the caller stops early: no read may still write into the cache
+            if pending is not None:
+                self._wait(pending)
+        yield from missing.split(self.plan.chunk_rows)
+
+    def weights(
+        self, layer: int, neurons: torch.Tensor, segments: slice = ALL_SEGMENTS
+    ) -> torch.Tensor:
+        """Weights (k, segments, dim) of resident `neurons` (at most chunk_rows) in the
+        compute dtype: `segments` of [gate, up, down]. Only those segments' bytes are
+        gathered and decoded, so a caller that learns from the gate which neurons are
+        inactive decodes up and down for the others only.
+
+        The result lives in the store's scratch: use it before the next `weights`.
+        """
+        bundle = self.manifest.bundle
+        size = bundle.segment_bytes
+        start, stop, _ = segments.indices(3)
+        k, nbytes = len(neurons), (stop - start) * size
+        rows = torch.index_select(
+            self.caches[layer].rows[:, start * size : stop * size],
+            0,
+            self.caches[layer].slot_of.index_select(0, neurons),
+            out=self._gathered.view(-1)[: k * nbytes].view(k, nbytes),
+        )
+        out = None
+        if self._decoded is not None:
+            dim = self.manifest.config.dim
+            out = self._decoded.view(-1)[: k * (stop - start) * dim].view(k, stop - start, dim)
+        return bundle.decode(rows, self.compute_dtype, out)
+
+    def _make_room(
+        self, cache: NeuronCache, incoming: int, keep: torch.Tensor, needed: torch.Tensor
+    ) -> None:
+        overflow = cache.count + incoming - cache.capacity
+        if overflow > 0:
+            cache.evict(overflow, keep, needed)
+
+    def _wait(self, pending: PendingReads) -> None:
+        start = time.perf_counter()
+        self._step.io_s += pending.wait()
+        self._layer_wait_s += time.perf_counter() - start
 
     def finish(
-        self, layer: int, *, tokens: int = 0, predictor_s: float = 0.0, ffn_s: float = 0.0
+        self,
+        layer: int,
+        *,
+        tokens: int = 0,
+        computed: int = 0,
+        predictor_s: float = 0.0,
+        ffn_s: float = 0.0,
     ) -> None:
         """Ends `layer`'s part of a step: windowing, and metrics (a step ends at the last
         layer). ffn_s: the layer's time in `load` and its matmuls; reads are taken out."""
         self.caches[layer].end_step(self.options.window)
         step = self._step
         step.tokens = max(step.tokens, tokens)
+        step.computed += computed
         step.predictor_s += predictor_s
-        step.compute_s += max(0.0, ffn_s - self._layer_io_s)
-        self._layer_io_s = 0.0
+        step.io_wait_s += self._layer_wait_s
+        step.compute_s += max(0.0, ffn_s - self._layer_wait_s)
+        self._layer_wait_s = 0.0
         if layer == len(self.caches) - 1:
             self.history.append(step)
             self._add_to_totals(step)
@@ -286,8 +380,8 @@ class FlashStore:
 
     def _read(
         self, layer: int, cache: NeuronCache, neurons: torch.Tensor, slots: torch.Tensor
-    ) -> None:
-        """Reads `neurons`' bundles into cache rows `slots` (both ascending)."""
+    ) -> PendingReads:
+        """Starts reading `neurons`' bundles into cache rows `slots` (both ascending)."""
         manifest = self.manifest
         bases = manifest.layer_offsets[layer] + neurons.numpy() * manifest.stride
         slots_np = slots.numpy()
@@ -309,15 +403,11 @@ class FlashStore:
                 cache.rows.numpy(), offsets, slots_np, extents, dst, nbytes, manifest.stride
             )
             jobs.extend((extent, copier) for extent in extents)
-        start = time.perf_counter()
-        self.reader.read(jobs)
-        elapsed = time.perf_counter() - start
-        self._layer_io_s += elapsed
         step = self._step
-        step.io_s += elapsed
         step.reads += len(jobs)
         step.bytes_read += sum(extent.length for extent, _ in jobs)
         step.neurons_read += len(neurons)
+        return self.reader.submit(jobs)
 
     def close(self) -> None:
         self.reader.close()

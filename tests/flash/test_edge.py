@@ -83,7 +83,7 @@ async def test_lossless_with_a_flash_drafter_equals_cloud_only(draft_pack, verif
 
 async def test_edge_only_from_a_pack_through_the_actor(draft, draft_pack):
     node = EdgeNode("edge-0", str(draft_pack), EdgeConfig(model_name="d"), None, flash_budget_mb=64)
-    assert flash_store(node.runtime.model).plan.rows == 256  # 64 MiB holds everything
+    assert set(flash_store(node.runtime.model).plan.rows) == {256}  # 64 MiB holds it all
     expected = EdgeLM(draft)
     expected.reset(PROMPT)
     greedy = []

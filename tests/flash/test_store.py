@@ -7,9 +7,11 @@ import torch
 
 from edge_node.flash.cache import NeuronCache
 from edge_node.flash.ffn import flash_store, load_flash_model
-from edge_node.flash.store import BudgetError, StoreOptions
+from edge_node.flash.pack import pack_model, read_manifest
+from edge_node.flash.predictors import save_predictors
+from edge_node.flash.store import BudgetError, StoreOptions, plan_memory, split_rows
 from lm.kv_cache import KVCache
-from tests.flash.conftest import OPTIONS, budget_info, random_windows
+from tests.flash.conftest import OPTIONS, budget_info, exact_predictors, random_windows
 
 
 def ids(*values: int) -> torch.Tensor:
@@ -53,9 +55,10 @@ def test_windowing_example_from_the_docstring(relu_pack):
     read_per_step, resident_after = [], []
     for needed in ((1, 2, 3), (2, 4), (4, 5)):
         before = store.resident(layer)
-        [chunk] = store.begin(layer, ids(*needed))
-        weights = store.load(layer, chunk)
+        pieces = [(n, store.weights(layer, n).clone()) for n in store.stream(layer, ids(*needed))]
         read_per_step.append(store.resident(layer) - before)
+        neurons = torch.cat([n for n, _ in pieces])  # resident ones first, then those read
+        weights = torch.cat([w for _, w in pieces])[neurons.argsort()]
         ffn = model.layers[layer].feed_forward
         expected_gate = load_reference_gate(relu_pack, layer)[list(needed)]
         assert torch.equal(weights[:, 0], expected_gate)  # the right rows came back
@@ -77,7 +80,7 @@ def test_budget_below_the_resident_part_is_refused_with_the_minimum(relu_pack):
     with pytest.raises(BudgetError, match=f"below the minimum {minimum:,} bytes"):
         load_flash_model(relu_pack, minimum - 1, device="cpu", options=OPTIONS)
     model = load_flash_model(relu_pack, minimum, device="cpu", options=OPTIONS)
-    assert flash_store(model).plan.rows == 1
+    assert flash_store(model).plan.rows == (1, 1, 1)
 
 
 def test_budget_is_never_exceeded_over_a_long_generation(predicted_pack):
@@ -86,7 +89,7 @@ def test_budget_is_never_exceeded_over_a_long_generation(predicted_pack):
     model = load_flash_model(predicted_pack, budget, device="cpu", options=OPTIONS)
     store = flash_store(model)
     plan = store.plan
-    assert plan.total <= budget and 1 < plan.rows < model.config.hidden_dim
+    assert plan.total <= budget and 1 < min(plan.rows) <= max(plan.rows) < 256
     pointers = [c.rows.data_ptr() for c in store.caches]
     cache = KVCache(model.config, 1, 400)
     token = random_windows(5, 1, 8)
@@ -110,17 +113,56 @@ def test_a_step_larger_than_the_cache_streams_through_it_and_still_hits(relu_pac
     # About 40 rows per layer (3 layers) beyond the minimum's one.
     model = load_flash_model(relu_pack, minimum + 130 * payload, device="cpu", options=OPTIONS)
     store = flash_store(model)
-    rows = store.plan.rows
+    rows = store.plan.rows[0]
     assert 8 < rows < 100
     needed = torch.arange(0, 200)
     hits = []
     for _ in range(3):
         step_hits = 0
-        for piece in store.begin(0, needed):
+        resident = store.resident(0)
+        for piece in store.stream(0, needed):
             assert len(piece) <= rows // 2
-            step_hits += len(store.resident(0) & set(piece.tolist()))
-            store.load(0, piece)
+            step_hits += len(resident & set(piece.tolist()))
+            resident = store.resident(0)
         store.finish(0)
         hits.append(step_hits)
     # Half the cache streams; what stays is what the next step needs soonest.
     assert hits[0] == 0 and min(hits[1:]) >= rows // 2 - 1
+
+
+def test_split_rows_example_and_limits():
+    assert split_rows(10, [3, 1, 1], hidden=4) == (4, 3, 3)
+    assert split_rows(3, [5, 1, 1], hidden=100) == (1, 1, 1)  # one row each, always
+    assert split_rows(2, [1, 1, 1], hidden=100) == ()  # not even that
+    # Layer 0 fills up; so does layer 2 from what is left; layer 1 takes the rest.
+    assert split_rows(1000, [0.6, 0.1, 0.3], hidden=400) == (400, 200, 400)
+
+
+def test_cache_rows_follow_each_layers_demand(relu_pack):
+    """A layer that uses four times the neurons gets (about) four times the rows, in the
+    same total, and the plan still fits the budget."""
+    manifest = read_manifest(relu_pack)
+    minimum, everything = budget_info(relu_pack)
+    budget = minimum + (everything - minimum) // 8
+    uniform = plan_memory(manifest, budget, 0, OPTIONS, 0)
+    skewed = plan_memory(manifest, budget, 0, OPTIONS, 0, demand=[0.4, 0.1, 0.1])
+    assert len(set(uniform.rows)) == 1 and uniform.total <= budget >= skewed.total
+    assert abs(sum(skewed.rows) - sum(uniform.rows)) <= 3 + 2 * skewed.chunk_rows
+    assert skewed.rows[0] == pytest.approx(4 * skewed.rows[1], abs=4)
+    with pytest.raises(ValueError, match="demand: must be 3 positive shares"):
+        plan_memory(manifest, budget, 0, OPTIONS, 0, demand=[1.0, 0.0, 1.0])
+
+
+def test_the_calibration_report_sets_each_layers_rows(relu_model, relu_dir, tmp_path):
+    """load_flash_model splits the cache by the predicted shares predictor.json reports."""
+    manifest = pack_model(relu_dir, tmp_path)
+    report = {"layers": [{"predicted": share} for share in (0.1, 0.5, 0.2)]}
+    meta = {"activation": "relu", "report": report}
+    save_predictors(tmp_path, manifest, exact_predictors(relu_model), meta)
+    minimum, everything = budget_info(tmp_path)
+    budget = (7 * minimum + everything) // 8
+    model = load_flash_model(tmp_path, budget, device="cpu", options=OPTIONS)
+    rows = flash_store(model).plan.rows
+    assert rows[1] == pytest.approx(5 * rows[0], abs=5) and rows[2] == pytest.approx(
+        2 * rows[0], abs=5
+    )
