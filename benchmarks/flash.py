@@ -1,6 +1,6 @@
 """Flash-offloaded FFN weights ("LLM in a Flash") against DRAM, naive reads and mmap.
 
-For each model the benchmark packs the weights (float16 and int8 bundles), calibrates the
+For each model the benchmark packs the weights (float16, int8, int4 bundles), calibrates the
 sparsity predictors on the standard library's training split, and writes the FFN matrices
 unbundled (gate, up, down, as Hugging Face stores them) for the mmap baseline. The dense
 model then generates greedily from held-out prompts (the first --prompt-tokens tokens of
@@ -18,6 +18,7 @@ of every model file has been dropped (POSIX_FADV_DONTNEED):
     +window     ... and neurons used in the last --window tokens stay resident
     +bundle     ... and row-column bundles, neighbours merged into larger reads (full method)
     +int8       ... and int8 bundles (group-wise scales) with their own predictors
+    +int4       ... int4 bundles instead (group-wise scales), their own predictors
     +gap        ... and reads merged across up to 32 KiB of unneeded bytes (read, dropped):
                 fewer, larger reads for devices where latency costs more than bytes
 
@@ -83,7 +84,8 @@ from lm.sparsity import PredictorTraining, active_mask, rates
 from lm.tokenizer import Tokenizer
 
 DEMO_DIR = REPO_ROOT / "orchestrator" / "demo_models"
-METHODS = ("dense", "naive", "mmap", "predictor", "+window", "+bundle", "+int8", "+gap")
+METHODS = ("dense", "naive", "mmap", "predictor", "+window", "+bundle", "+int8", "+int4", "+gap")
+QUANT = {"int8": QuantSpec(8, 64), "int4": QuantSpec(4, 64)}
 GAP_BYTES = 32 * 1024
 PAGE = 4096
 
@@ -162,12 +164,11 @@ def main() -> None:
 
 def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
     work = args.work / model_dir.name
-    packs = {"float16": work / "pack_f16", "int8": work / "pack_int8"}
+    packs = {"float16": work / "pack_f16", "int8": work / "pack_int8", "int4": work / "pack_int4"}
     tokenizer = Tokenizer.from_dir(model_dir)
     for name, pack in packs.items():
         if not (pack / "predictor.json").exists():
-            quant = QuantSpec(8, 64) if name == "int8" else None
-            pack_model(model_dir, pack, quant=quant, dtype=torch.float16)
+            pack_model(model_dir, pack, quant=QUANT.get(name), dtype=torch.float16)
             calibrate_pack(pack, tokenizer, args.calibration_tokens)
     unbundled = work / "ffn_unbundled.bin"
     if not unbundled.exists():
@@ -316,9 +317,10 @@ def load_method(spec: dict, method: str, result: dict) -> tuple[nn.Module, Calla
         "+window": replace(base, window=window, bundled_reads=False, merge_reads=False),
         "+bundle": replace(base, window=window),
         "+int8": replace(base, window=window),
+        "+int4": replace(base, window=window),
         "+gap": replace(base, window=window, merge_gap=GAP_BYTES),
     }[method]
-    pack = spec["packs"]["int8" if method in ("+int8", "+gap") else "float16"]
+    pack = spec["packs"][{"+int8": "int8", "+int4": "int4", "+gap": "int4"}.get(method, "float16")]
     model = load_flash_model(
         pack,
         spec["budget"],

@@ -43,8 +43,8 @@ class NeuronCache:
         if self.count + n > self.capacity:
             raise RuntimeError(f"neuron cache: {self.count} + {n} rows exceed {self.capacity}")
         slots = torch.arange(self.count, self.count + n)
-        self.neuron_at[slots] = neurons
-        self.slot_of[neurons] = slots
+        self.neuron_at[self.count : self.count + n] = neurons
+        self.slot_of.index_copy_(0, neurons, slots)
         self.count += n
         return slots
 
@@ -54,14 +54,15 @@ class NeuronCache:
             return
         keep = self.count - len(neurons)
         dead = torch.zeros(self.count, dtype=torch.bool)
-        dead[self.slot_of[neurons]] = True
+        dead.index_fill_(0, self.slot_of.index_select(0, neurons), True)
         holes = dead[:keep].nonzero().squeeze(1)
         movers = (~dead[keep:]).nonzero().squeeze(1) + keep
-        self.rows[holes] = self.rows[movers]
-        moved = self.neuron_at[movers]
-        self.neuron_at[holes] = moved
-        self.slot_of[moved] = holes
-        self.slot_of[neurons] = -1
+        # index_select / index_copy_ / index_fill_: the fast paths for whole rows.
+        self.rows.index_copy_(0, holes, self.rows.index_select(0, movers))
+        moved = self.neuron_at.index_select(0, movers)
+        self.neuron_at.index_copy_(0, holes, moved)
+        self.slot_of.index_copy_(0, moved, holes)
+        self.slot_of.index_fill_(0, neurons, -1)
         self.neuron_at[keep : self.count] = -1
         self.count = keep
 
@@ -80,20 +81,20 @@ class NeuronCache:
         """
         hidden = len(self.slot_of)
         resident = self.resident()
-        in_chunk = torch.zeros(hidden, dtype=torch.bool)
-        in_chunk[chunk] = True
-        candidates = resident[~in_chunk[resident]]
+        in_chunk = torch.zeros(hidden, dtype=torch.bool).index_fill_(0, chunk, True)
+        candidates = resident[~in_chunk.index_select(0, resident)]
         rank = torch.full((hidden,), -1, dtype=torch.long)
-        rank[needed] = torch.arange(len(needed))
-        position = rank[candidates]
+        rank.index_copy_(0, needed, torch.arange(len(needed)))
+        position = rank.index_select(0, candidates)
         start = int(rank[chunk[0]]) if len(chunk) else 0
         distance = torch.where(position >= start, position - start, len(needed) - start + position)
-        unwanted_key = self.step - self.last_used[candidates] + 2 * len(needed) + 1
+        last_used = self.last_used.index_select(0, candidates)
+        unwanted_key = self.step - last_used + 2 * len(needed) + 1
         key = torch.where(position >= 0, distance, unwanted_key)
         self.delete(candidates[torch.topk(key, n, sorted=False).indices])
 
     def end_step(self, window: int) -> None:
         """Deletes the neurons no step of the last `window` used; starts the next step."""
         resident = self.resident()
-        self.delete(resident[self.last_used[resident] <= self.step - window])
+        self.delete(resident[self.last_used.index_select(0, resident) <= self.step - window])
         self.step += 1

@@ -287,12 +287,12 @@ class FlashStore:
         self._step.needed += len(needed)
         if len(needed) > cache.capacity:
             for piece in needed.split(self.plan.chunk_rows):
-                missing = piece[cache.slot_of[piece] < 0]
+                missing = piece[cache.slot_of.index_select(0, piece) < 0]
                 self._step.hits += len(piece) - len(missing)
                 if len(missing):
                     self._make_room(cache, len(missing), piece, needed)
                     self._wait(self._read(layer, cache, missing, cache.insert(missing)))
-                cache.last_used[piece] = cache.step
+                cache.last_used.index_fill_(0, piece, cache.step)
                 yield piece
             return
         resident = cache.slot_of.index_select(0, needed) >= 0
