@@ -21,24 +21,31 @@ of every model file has been dropped (POSIX_FADV_DONTNEED):
     +int4       ... int4 bundles instead (group-wise scales), their own predictors
     +gap        ... and reads merged across up to 32 KiB of unneeded bytes (read, dropped):
                 fewer, larger reads for devices where latency costs more than bytes
+    int8 tight  +gap on the int8 pack, its store cut to the float16 FFN/store ratio
+    int4 tight  +gap (int4), its store cut likewise
 
 All flash methods (and mmap) keep the resident weights (embeddings, attention, norms,
 predictors) in --dtype (float16) and run the FFN matmuls in float32 (load_flash_model's
 CPU default); dense, the reference for speed and top-1 agreement, runs in float32. They
-get the same DRAM budget, which covers every weight the process holds: resident weights,
-neuron caches, read buffers and scratch. It is --budget-fraction (0.5) of the float16
-FFN size, so the FFN is at least twice the budget. A model whose resident weights alone
-exceed half of that (the demo models: their embeddings outweigh their small FFNs) gets
-instead its resident weights plus --store-fraction (0.4) of the FFN for the store: its
-FFN is 2.5x the part of the budget it can be read into. Both ratios are reported.
+get the same DRAM budget (but see the tight methods below), which covers every
+weight the process holds: resident weights, neuron caches, read buffers and scratch. It
+is --budget-fraction (0.5) of the float16 FFN size, so the FFN is at least twice the
+budget. A model whose resident weights alone exceed half of that (the demo models: their
+embeddings outweigh their small FFNs) gets instead its resident weights plus
+--store-fraction (0.4) of the FFN for the store: its FFN is 2.5x the part of the budget
+it can be read into. Both ratios are reported. A quantized FFN is smaller, so the same
+budget holds more of it (the int4 one whole, on the wide model: FFN/store in the table
+says how many times its store each method's FFN is); the tight methods cut their store
+in proportion, keeping the float16 rows' FFN/store ratio.
 
 Reported per method: tokens/s (decode steps), FFN bytes read per token (and as % of the
 float16 FFN), reads per token and mean read size, cache hit rate, I/O ms per token (reads
 in flight) and the part of it the FFN waited for (the rest overlapped the multiplication
 of resident neurons), predictor and compute ms per token, the share of predicted neurons
-found active and multiplied (ReLU), top-1 agreement with dense on the same sequences, peak RSS, and
-bytes the kernel read from storage (/proc/self/io). Per model: predictor recall and
-false-positive rate on the benchmark's own decode tokens, and measured activation sparsity.
+found active and multiplied (ReLU), top-1 agreement with dense on the same sequences,
+peak RSS, and bytes the kernel read from storage (/proc/self/io). Per model: predictor
+recall and false-positive rate on the benchmark's own decode tokens, and measured
+activation sparsity.
 
 The larger model (`--wide-from`) is the demo target with each FFN neuron replaced by
 --wide-factor noisy copies (gate rows perturbed by 5% noise, down columns divided by the
@@ -84,8 +91,25 @@ from lm.sparsity import PredictorTraining, active_mask, rates
 from lm.tokenizer import Tokenizer
 
 DEMO_DIR = REPO_ROOT / "orchestrator" / "demo_models"
-METHODS = ("dense", "naive", "mmap", "predictor", "+window", "+bundle", "+int8", "+int4", "+gap")
+METHODS = (
+    "dense",
+    "naive",
+    "mmap",
+    "predictor",
+    "+window",
+    "+bundle",
+    "+int8",
+    "+int4",
+    "+gap",
+    "int8 tight",
+    "int4 tight",
+)
 QUANT = {"int8": QuantSpec(8, 64), "int4": QuantSpec(4, 64)}
+# The pack each method reads (the rest read float16), and whether its store shrinks with
+# the pack's FFN ("tight": the FFN is as many times the store as the float16 one).
+PACK_OF = {"+int8": "int8", "+int4": "int4", "+gap": "int4", "int8 tight": "int8"}
+PACK_OF["int4 tight"] = "int4"
+TIGHT = ("int8 tight", "int4 tight")
 GAP_BYTES = 32 * 1024
 PAGE = 4096
 
@@ -202,12 +226,28 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
         store_budget = int(args.store_fraction * ffn_bytes)
         spec["budget"] = resident + store_budget
     spec["read_bytes"] = 128 * 1024 if store_budget > 8 * 2**20 else 16 * 1024
+    # The tight methods' store shrinks with their pack's smaller FFN: it is as many times
+    # their store as the float16 FFN is (with the float16 budget, int4 fits in DRAM whole).
+    pack_ffn = {
+        name: read_manifest(pack).payload * config.hidden_dim * config.n_layers
+        for name, pack in packs.items()
+    }
+    spec["budgets"] = {method: spec["budget"] for method in METHODS}
+    for method in TIGHT:
+        shrink = pack_ffn[PACK_OF[method]] / pack_ffn["float16"]
+        spec["budgets"][method] = resident + int(store_budget * shrink)
     methods = {"dense": dense} | {m: worker(spec, m) for m in METHODS[1:]}
     for result in methods.values():
         for key in ("sequences", "argmax"):
             result.pop(key, None)
         if "bytes_read_per_token" in result:
             result["pct_of_ffn_bytes"] = 100 * result["bytes_read_per_token"] / ffn_bytes
+            method = result["method"]
+            result["pack_ffn_bytes"] = pack_ffn[PACK_OF.get(method, "float16")]
+            result["budget_bytes"] = spec["budgets"][method]
+            result["pack_ffn_to_store"] = result["pack_ffn_bytes"] / (
+                spec["budgets"][method] - resident
+            )
     model_bytes = dense["resident_elements"] * 2 + ffn_bytes
     summary = {
         "model": {**model_summary(meta_model(config), str(model_dir)), "dtype": "float16"},
@@ -319,11 +359,12 @@ def load_method(spec: dict, method: str, result: dict) -> tuple[nn.Module, Calla
         "+int8": replace(base, window=window),
         "+int4": replace(base, window=window),
         "+gap": replace(base, window=window, merge_gap=GAP_BYTES),
+        "int8 tight": replace(base, window=window, merge_gap=GAP_BYTES),
+        "int4 tight": replace(base, window=window, merge_gap=GAP_BYTES),
     }[method]
-    pack = spec["packs"][{"+int8": "int8", "+int4": "int4", "+gap": "int4"}.get(method, "float16")]
     model = load_flash_model(
-        pack,
-        spec["budget"],
+        spec["packs"][PACK_OF.get(method, "float16")],
+        spec["budgets"][method],
         device="cpu",
         dtype=dtype,
         options=options,
@@ -591,13 +632,15 @@ def print_table(name: str, summary: dict) -> None:
     )
     print(
         f"{'method':>10} {'tok/s':>8} {'%FFN/tok':>9} {'reads/tok':>10} {'KiB/read':>9} "
-        f"{'hit':>6} {'io ms':>7} {'wait ms':>8} {'pred ms':>8} {'top-1':>6} {'peak MiB':>9} "
+        f"{'FFN/store':>9} {'hit':>6} {'io ms':>7} {'wait ms':>8} {'pred ms':>8} {'top-1':>6} "
+        f"{'peak MiB':>9} "
         f"{'kernel MiB/tok':>15}"
     )
     for method, r in summary["methods"].items():
         print(
             f"{method:>10} {r['tokens_per_s']:8.1f} {r.get('pct_of_ffn_bytes', 0):9.1f} "
             f"{r.get('reads_per_token', 0):10.1f} {r.get('mean_read_bytes', 0) / 1024:9.1f} "
+            f"{r.get('pack_ffn_to_store', 0):9.2f} "
             f"{r.get('hit_rate', 0):6.3f} {r.get('io_ms_per_token', 0):7.2f} "
             f"{r.get('io_wait_ms_per_token', 0):8.2f} "
             f"{r.get('predictor_ms_per_token', 0):8.2f} {r.get('top1_agreement', 1.0):6.3f} "
