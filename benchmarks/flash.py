@@ -18,11 +18,11 @@ of every model file has been dropped (POSIX_FADV_DONTNEED):
     +window     ... and neurons used in the last --window tokens stay resident
     +bundle     ... and row-column bundles, neighbours merged into larger reads (full method)
     +int8       ... and int8 bundles (group-wise scales) with their own predictors
-    +int4       ... int4 bundles instead (group-wise scales), their own predictors
     +gap        ... and reads merged across up to 32 KiB of unneeded bytes (read, dropped):
                 fewer, larger reads for devices where latency costs more than bytes
-    int8 tight  +gap on the int8 pack, its store cut to the float16 FFN/store ratio
-    int4 tight  +gap (int4), its store cut likewise
+    int4        +gap with int4 bundles instead (group-wise scales), their own predictors
+    int8 tight  +gap, its store cut to keep the float16 rows' FFN/store ratio
+    int4 tight  int4, its store cut likewise
 
 All flash methods (and mmap) keep the resident weights (embeddings, attention, norms,
 predictors) in --dtype (float16) and run the FFN matmuls in float32 (load_flash_model's
@@ -99,16 +99,16 @@ METHODS = (
     "+window",
     "+bundle",
     "+int8",
-    "+int4",
     "+gap",
+    "int4",
     "int8 tight",
     "int4 tight",
 )
 QUANT = {"int8": QuantSpec(8, 64), "int4": QuantSpec(4, 64)}
-# The pack each method reads (the rest read float16), and whether its store shrinks with
-# the pack's FFN ("tight": the FFN is as many times the store as the float16 one).
-PACK_OF = {"+int8": "int8", "+int4": "int4", "+gap": "int4", "int8 tight": "int8"}
+# The pack each method reads (the rest read float16).
+PACK_OF = {"+int8": "int8", "+gap": "int8", "int4": "int4", "int8 tight": "int8"}
 PACK_OF["int4 tight"] = "int4"
+# Their store shrinks with their pack's FFN: it is as many times the store as float16's.
 TIGHT = ("int8 tight", "int4 tight")
 GAP_BYTES = 32 * 1024
 PAGE = 4096
@@ -357,11 +357,7 @@ def load_method(spec: dict, method: str, result: dict) -> tuple[nn.Module, Calla
         "+window": replace(base, window=window, bundled_reads=False, merge_reads=False),
         "+bundle": replace(base, window=window),
         "+int8": replace(base, window=window),
-        "+int4": replace(base, window=window),
-        "+gap": replace(base, window=window, merge_gap=GAP_BYTES),
-        "int8 tight": replace(base, window=window, merge_gap=GAP_BYTES),
-        "int4 tight": replace(base, window=window, merge_gap=GAP_BYTES),
-    }[method]
+    }.get(method, replace(base, window=window, merge_gap=GAP_BYTES))
     model = load_flash_model(
         spec["packs"][PACK_OF.get(method, "float16")],
         spec["budgets"][method],
