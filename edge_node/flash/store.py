@@ -37,6 +37,7 @@ from edge_node.flash.pack import PAGE, FlashManifest
 from edge_node.flash.reader import ColdReader, Extent, PendingReads, plan_reads
 
 MiB = 1 << 20
+MIN_CHUNK = 128  # rows: smaller chunks cost more in per-chunk overhead than they save
 
 
 class BudgetError(ValueError):
@@ -76,7 +77,7 @@ class MemoryPlan:
     budget: int
     resident: int  # model weights outside the store: dram.safetensors tensors, predictors
     rows: tuple[int, ...]  # neuron cache rows of each layer
-    chunk_rows: int  # neurons per compute chunk: chunk_rows option, at most min(rows) // 2
+    chunk_rows: int  # neurons per compute chunk: the option, at most min(rows) // 2
     cache: int  # all layers' neuron caches
     buffers: int  # read buffers
     scratch: int  # one chunk's gathered bundles and decoded weights
@@ -133,7 +134,9 @@ def plan_memory(
         return bool(rows) and min(rows) // 2 >= chunk
 
     # The largest chunk that fits: fewer chunk rows leave more cache rows, so binary search.
-    low, high = 1, options.chunk_rows
+    # The scratch takes at most an eighth of the store, down to 128-row chunks: past that,
+    # cache rows (fewer reads) are worth more than larger chunks (fewer, larger products).
+    low, high = 1, min(options.chunk_rows, max(MIN_CHUNK, free // 8 // scratch_row))
     while low < high:
         middle = (low + high + 1) // 2
         low, high = (middle, high) if fits(middle) else (low, middle - 1)
@@ -381,10 +384,10 @@ class FlashStore:
     def _read(
         self, layer: int, cache: NeuronCache, neurons: torch.Tensor, slots: torch.Tensor
     ) -> PendingReads:
-        """Starts reading `neurons`' bundles into cache rows `slots` (both ascending)."""
+        """Starts reading `neurons`' bundles (ascending) into cache rows `slots`
+        (consecutive, from `NeuronCache.insert`)."""
         manifest = self.manifest
         bases = manifest.layer_offsets[layer] + neurons.numpy() * manifest.stride
-        slots_np = slots.numpy()
         if self.options.bundled_reads:
             groups = [(bases, 0, manifest.payload)]
         else:
@@ -399,9 +402,7 @@ class FlashStore:
                 merge=self.options.merge_reads,
                 gap=self.options.merge_gap,
             )
-            copier = _Copier(
-                cache.rows.numpy(), offsets, slots_np, extents, dst, nbytes, manifest.stride
-            )
+            copier = _Copier(cache.rows.numpy(), offsets, int(slots[0]), dst, nbytes)
             jobs.extend((extent, copier) for extent in extents)
         step = self._step
         step.reads += len(jobs)
@@ -416,47 +417,22 @@ class FlashStore:
 class _Copier:
     """Copies the pieces an extent brought in into their cache rows (a `Deliver`).
 
-    Pieces go in runs: neighbouring neurons bound for neighbouring slots, found once for
-    all extents, are one strided copy each.
+    The slots of one read are consecutive (insertion appends), so an extent's pieces go
+    in one gather from the read buffer (at their byte positions in it) straight into a
+    slice of the rows: C loops on the reading thread, no Python per piece.
     """
 
     def __init__(
-        self,
-        rows: np.ndarray,
-        offsets: np.ndarray,
-        slots: np.ndarray,
-        extents: list[Extent],
-        dst: int,
-        nbytes: int,
-        stride: int,
+        self, rows: np.ndarray, offsets: np.ndarray, first_slot: int, dst: int, nbytes: int
     ) -> None:
-        self.rows, self.dst, self.nbytes, self.stride = rows, dst, nbytes, stride
-        starts = np.zeros(len(offsets), dtype=bool)
-        starts[0] = True
-        starts[1:] = (np.diff(offsets) != stride) | (np.diff(slots) != 1)
-        starts[[e.first for e in extents]] = True
-        firsts = np.flatnonzero(starts)
-        counts = np.diff(np.append(firsts, len(offsets)))
-        runs = zip(
-            firsts.tolist(),
-            offsets[firsts].tolist(),
-            slots[firsts].tolist(),
-            counts.tolist(),
-            strict=True,
-        )
-        self.runs: dict[int, list[tuple[int, int, int]]] = {e.first: [] for e in extents}
-        owner = 0
-        for first, offset, slot, count in runs:
-            owner = first if first in self.runs else owner
-            self.runs[owner].append((offset, slot, count))
+        self.rows, self.offsets, self.first_slot = rows, offsets, first_slot
+        self.dst, self.nbytes = dst, nbytes
 
     def __call__(self, extent: Extent, view: memoryview) -> None:
-        for offset, slot, count in self.runs[extent.first]:
-            source = np.ndarray(
-                (count, self.nbytes),
-                dtype=np.uint8,
-                buffer=view,
-                offset=offset - extent.offset,
-                strides=(self.stride, 1),
-            )
-            self.rows[slot : slot + count, self.dst : self.dst + self.nbytes] = source
+        # Row r of `windows` is the nbytes starting at byte r of what was read.
+        windows = np.ndarray(
+            (extent.length - self.nbytes + 1, self.nbytes), np.uint8, buffer=view, strides=(1, 1)
+        )
+        slots = slice(self.first_slot + extent.first, self.first_slot + extent.last)
+        starts = self.offsets[extent.first : extent.last] - extent.offset
+        self.rows[slots, self.dst : self.dst + self.nbytes] = windows[starts]
