@@ -159,17 +159,19 @@ class ColdReader:
     def _read_lane(self, jobs: Sequence[tuple[Extent, Deliver]], buffer: mmap.mmap) -> float:
         with memoryview(buffer) as whole:
             for extent, deliver in jobs:
-                view = whole[: extent.length]
-                if self.mode == COLD_CACHE:
-                    os.posix_fadvise(self.fd, extent.offset, extent.length, os.POSIX_FADV_DONTNEED)
-                got = os.preadv(self.fd, [view], extent.offset)
-                if got != extent.length:
-                    raise OSError(
-                        f"{self.path}: short read at {extent.offset}: {got} of {extent.length} "
-                        "bytes (truncated pack?)"
-                    )
-                deliver(extent, view)
-                view.release()
+                # Released even when the read fails, or the buffer could never be closed.
+                with whole[: extent.length] as view:
+                    if self.mode == COLD_CACHE:
+                        os.posix_fadvise(
+                            self.fd, extent.offset, extent.length, os.POSIX_FADV_DONTNEED
+                        )
+                    got = os.preadv(self.fd, [view], extent.offset)
+                    if got != extent.length:
+                        raise OSError(
+                            f"{self.path}: short read at {extent.offset}: {got} of "
+                            f"{extent.length} bytes (truncated pack?)"
+                        )
+                    deliver(extent, view)
         return time.perf_counter()
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -67,4 +68,27 @@ def test_short_read_names_the_file(tmp_path):
     reader = ColdReader(path, threads=1, buffer_bytes=8192, direct=False)
     with pytest.raises(OSError, match="short.bin: short read"):
         reader.read([(Extent(0, 8192, 0, 1), lambda extent, view: None)])
+    reader.close()
+
+
+def test_submit_returns_while_reads_are_in_flight_and_wait_delivers(tmp_path):
+    """The store multiplies resident neurons between `submit` and `wait`: submit must not
+    block on delivery, and wait must return only once every piece is in place."""
+    path = tmp_path / "blob.bin"
+    path.write_bytes(os.urandom(8 * 4096))
+    reader = ColdReader(path, threads=2, buffer_bytes=4096, direct=False)
+    release, delivered = threading.Event(), []
+
+    def deliver(extent, view):
+        release.wait(timeout=10)
+        delivered.append(extent.first)
+
+    pending = reader.submit([(Extent(i * 4096, 4096, i, i + 1), deliver) for i in range(4)])
+    assert delivered == []  # both lanes are held in deliver: submit did not wait for them
+    release.set()
+    assert pending.wait() > 0 and sorted(delivered) == [0, 1, 2, 3]
+    beyond = Extent(8 * 4096, 4096, 1, 2)  # past the end of the file
+    failing = reader.submit([(Extent(0, 4096, 0, 1), deliver), (beyond, deliver)])
+    with pytest.raises(OSError, match="short read at 32768"):
+        failing.wait()
     reader.close()
