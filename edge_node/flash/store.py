@@ -13,10 +13,14 @@ needs {2, 4}: reads only 4; afterwards 1 and 3 stay (used at step 0, within the 
 Step 2 needs {4, 5}: reads 5; afterwards 1 and 3 (last used at step 0) are deleted and
 {2, 4, 5} stay resident.
 
+Reads overlap compute: when a step fits the cache, the missing neurons are read in the
+background while the resident ones are multiplied, and come last (`stream`).
+
 Budget: the store sizes everything it allocates (caches, read buffers, the scratch of one
 compute chunk) when it is built, from `budget_bytes` minus the model's resident weights,
-and never allocates more. When a step needs more neurons than a layer's cache holds, the
-layer is computed in chunks that fit (`stream`), streaming through the cache.
+and never allocates more. The cache rows are split across layers by how many neurons
+each uses (`plan_memory`'s demand). When a step needs more neurons than a layer's cache
+holds, the layer is computed in chunks that fit, streaming through the cache.
 """
 
 from __future__ import annotations
