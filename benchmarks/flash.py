@@ -106,8 +106,13 @@ METHODS = (
 )
 QUANT = {"int8": QuantSpec(8, 64), "int4": QuantSpec(4, 64)}
 # The pack each method reads (the rest read float16).
-PACK_OF = {"+int8": "int8", "+gap": "int8", "int4": "int4", "int8 tight": "int8"}
-PACK_OF["int4 tight"] = "int4"
+PACK_OF = {
+    "+int8": "int8",
+    "+gap": "int8",
+    "int4": "int4",
+    "int8 tight": "int8",
+    "int4 tight": "int4",
+}
 # Their store shrinks with their pack's FFN: it is as many times the store as float16's.
 TIGHT = ("int8 tight", "int4 tight")
 GAP_BYTES = 32 * 1024

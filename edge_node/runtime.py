@@ -80,7 +80,7 @@ class EdgeRuntime:
                 f"head: its vocabulary has {head.config.vocab_size} tokens, the SLM's "
                 f"{model.config.vocab_size}"
             )
-        check_drafter(config.draft.drafter, head, "draft.drafter")
+        check_drafter(config.draft.drafter, head)
         self.model = model
         self.head = head
         self.config = config
@@ -155,7 +155,7 @@ class EdgeRuntime:
                 f"mode: {request.mode.value} needs a verifier; this edge has none"
             )
         try:
-            check_drafter(request.draft.drafter, self.head, "draft.drafter")
+            check_drafter(request.draft.drafter, self.head)
         except ValueError as error:
             raise InvalidArgument(str(error)) from error
         generation = Generation(
@@ -190,6 +190,6 @@ class EdgeRuntime:
         await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown)
 
 
-def check_drafter(drafter: str, head: DraftHead | None, field: str) -> None:
+def check_drafter(drafter: str, head: DraftHead | None) -> None:
     if drafter != "slm" and head is None:
-        raise ValueError(f"{field}: {drafter!r} needs a draft head on this edge (--head DIR)")
+        raise ValueError(f"draft.drafter: {drafter!r} needs a draft head on this edge (--head DIR)")

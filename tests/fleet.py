@@ -16,10 +16,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgecloud._channel import bearer_metadata
-from lm.checkpoint import save_model
-from tests.edge_node.conftest import noisy_copy
+from tests.edge_node.conftest import save_model_pair
 from tests.processes import ServerProcess
-from tests.tiny import MODEL_NAME, tiny_model
+from tests.tiny import MODEL_NAME
 
 VOCAB = 64
 # Context of the saved models: the edge's limit; the verifier's is this minus one round.
@@ -43,14 +42,10 @@ class Files:
 
 
 def write_files(root: Path) -> Files:
-    target = tiny_model(seed=21, vocab=VOCAB, sharpen=3.0, max_seq_len=MAX_SEQ_LEN)
-    save_model(target, root / MODEL_NAME)
-    save_model(noisy_copy(target, 0.01, seed=5), root / "draft")
+    target, draft = save_model_pair(root, max_seq_len=MAX_SEQ_LEN)
     (root / "client.token").write_text(CLIENT_TOKEN + "\n")
     (root / "verifier.token").write_text(VERIFIER_TOKEN + "\n")
-    return Files(
-        root / MODEL_NAME, root / "draft", root / "client.token", root / "verifier.token", root
-    )
+    return Files(target, draft, root / "client.token", root / "verifier.token", root)
 
 
 def start_verifier(files: Files, *extra: str, log_level: str = "INFO") -> ServerProcess:

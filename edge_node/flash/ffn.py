@@ -75,22 +75,16 @@ class FlashFeedForward(nn.Module):
             y = torch.zeros_like(flat)
             computed = 0
             for neurons in store.stream(self.layer, needed):
+                gate = store.weights(self.layer, neurons, GATE)[:, 0].to(flat.device)
+                h = self.act(flat @ gate.t())
+                if mask is not None and len(flat) > 1:
+                    h = h * mask[:, neurons.to(flat.device)]
                 if self.skips_inactive:
-                    gate = store.weights(self.layer, neurons, GATE)[:, 0].to(flat.device)
-                    h = self.act(flat @ gate.t())
-                    if mask is not None and len(flat) > 1:
-                        h = h * mask[:, neurons.to(flat.device)]
                     live = h.ne(0).any(0).nonzero().squeeze(1)
                     neurons, h = neurons.index_select(0, live.cpu()), h.index_select(1, live)
-                    up, down = store.weights(self.layer, neurons, UP_DOWN).to(flat.device).unbind(1)
-                    h = h * (flat @ up.t())
-                else:
-                    gate, up, down = store.weights(self.layer, neurons).to(flat.device).unbind(1)
-                    h = self.act(flat @ gate.t()) * (flat @ up.t())
-                    if mask is not None and len(flat) > 1:
-                        h = h * mask[:, neurons.to(flat.device)]
+                up, down = store.weights(self.layer, neurons, UP_DOWN).to(flat.device).unbind(1)
+                y += (h * (flat @ up.t())) @ down
                 computed += len(neurons)
-                y += h @ down
             store.finish(
                 self.layer,
                 tokens=len(flat),

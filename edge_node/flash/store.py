@@ -297,18 +297,14 @@ class FlashStore:
                 missing = piece[cache.slot_of.index_select(0, piece) < 0]
                 self._step.hits += len(piece) - len(missing)
                 if len(missing):
-                    self._make_room(cache, len(missing), piece, needed)
-                    self._wait(self._read(layer, cache, missing, cache.insert(missing)))
+                    self._wait(self._fetch(layer, missing, piece, needed))
                 cache.last_used.index_fill_(0, piece, cache.step)
                 yield piece
             return
         resident = cache.slot_of.index_select(0, needed) >= 0
         hits, missing = needed[resident], needed[~resident]
         self._step.hits += len(hits)
-        pending = None
-        if len(missing):
-            self._make_room(cache, len(missing), needed, needed)
-            pending = self._read(layer, cache, missing, cache.insert(missing))
+        pending = self._fetch(layer, missing, needed, needed) if len(missing) else None
         cache.last_used.index_fill_(0, needed, cache.step)
         try:
             yield from hits.split(self.plan.chunk_rows)
@@ -327,14 +323,14 @@ class FlashStore:
 
         The result lives in the store's scratch: use it before the next `weights`.
         """
-        bundle = self.manifest.bundle
+        bundle, cache = self.manifest.bundle, self.caches[layer]
         size = bundle.segment_bytes
         start, stop, _ = segments.indices(3)
         k, nbytes = len(neurons), (stop - start) * size
         rows = torch.index_select(
-            self.caches[layer].rows[:, start * size : stop * size],
+            cache.rows[:, start * size : stop * size],
             0,
-            self.caches[layer].slot_of.index_select(0, neurons),
+            cache.slot_of.index_select(0, neurons),
             out=self._gathered.view(-1)[: k * nbytes].view(k, nbytes),
         )
         out = None
@@ -343,12 +339,16 @@ class FlashStore:
             out = self._decoded.view(-1)[: k * (stop - start) * dim].view(k, stop - start, dim)
         return bundle.decode(rows, self.compute_dtype, out)
 
-    def _make_room(
-        self, cache: NeuronCache, incoming: int, keep: torch.Tensor, needed: torch.Tensor
-    ) -> None:
-        overflow = cache.count + incoming - cache.capacity
+    def _fetch(
+        self, layer: int, missing: torch.Tensor, keep: torch.Tensor, needed: torch.Tensor
+    ) -> PendingReads:
+        """Makes room for `missing` (evicting outside `keep`), gives them slots and starts
+        reading them into those."""
+        cache = self.caches[layer]
+        overflow = cache.count + len(missing) - cache.capacity
         if overflow > 0:
             cache.evict(overflow, keep, needed)
+        return self._read(layer, cache, missing, cache.insert(missing))
 
     def _wait(self, pending: PendingReads) -> None:
         start = time.perf_counter()
@@ -365,7 +365,8 @@ class FlashStore:
         ffn_s: float = 0.0,
     ) -> None:
         """Ends `layer`'s part of a step: windowing, and metrics (a step ends at the last
-        layer). ffn_s: the layer's time in `load` and its matmuls; reads are taken out."""
+        layer). ffn_s: the layer's time in `stream`, `weights` and its matmuls; the time spent
+        waiting for reads is taken out."""
         self.caches[layer].end_step(self.options.window)
         step = self._step
         step.tokens = max(step.tokens, tokens)

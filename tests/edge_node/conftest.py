@@ -23,10 +23,11 @@ from serving.server import ServerConfig
 from tests.tiny import MODEL_NAME, TOKEN, tiny_model
 
 
-def save_model_pair(root: Path) -> tuple[Path, Path]:
+def save_model_pair(root: Path, **shape: int) -> tuple[Path, Path]:
     """The stack tests' tiny target (saved as MODEL_NAME, the name servers default to)
-    and a draft that is a slightly noisy copy of it: (target_dir, draft_dir)."""
-    target = tiny_model(seed=21, vocab=64, sharpen=3.0)
+    and a draft that is a slightly noisy copy of it: (target_dir, draft_dir). shape:
+    other `tiny_model` sizes (max_seq_len, ...)."""
+    target = tiny_model(seed=21, vocab=64, sharpen=3.0, **shape)
     save_model(target, root / MODEL_NAME)
     save_model(noisy_copy(target, 0.01, seed=5), root / "draft")
     return root / MODEL_NAME, root / "draft"

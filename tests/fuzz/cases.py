@@ -1,4 +1,5 @@
-"""Fuzz tests every `Generation` server shares (the edge server and the gateway).
+"""Fuzz tests every `Generation` server shares (the edge server and the gateway); the
+random-bytes-on-the-port test and `check_survived` serve the verifier too.
 
 A module that imports them provides the fixtures `server` (a
 `tests.processes.ServerProcess`), `channel` (a blocking channel to it), `baseline`

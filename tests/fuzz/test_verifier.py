@@ -11,10 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgecloud.v1 import verification_pb2 as pb
-from tests.fleet import VERIFIER_METADATA, is_serving, start_verifier, write_files
+from tests.fleet import VERIFIER_METADATA, start_verifier, write_files
 from tests.fuzz import calls
-from tests.fuzz.cases import check_survived
-from tests.fuzz.strategies import EDITS, FUZZ, mutate, send_raw, verify_streams
+from tests.fuzz.cases import (
+    check_survived,
+    test_random_bytes_to_the_port,  # noqa: F401
+)
+from tests.fuzz.strategies import EDITS, FUZZ, mutate, verify_streams
 from tests.tiny import MODEL_NAME
 
 pytestmark = pytest.mark.slow
@@ -70,17 +73,6 @@ def test_mutated_verify_streams(channel, baseline, tally):
 
     run()
     healthy_verify(channel)
-
-
-def test_random_bytes_to_the_port(server, baseline, tally):
-    @FUZZ
-    @given(data=st.binary(max_size=2048), preface=st.booleans())
-    def run(data, preface):
-        send_raw(server.address, data, preface)
-        tally.note("raw TCP bytes", "sent")
-
-    run()
-    assert is_serving(server.address)
 
 
 def test_verifier_survived_healthy_and_memory_bounded(server, channel, baseline, tally, capsys):
