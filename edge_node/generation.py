@@ -154,7 +154,8 @@ class Generation:
         self.generator = (
             None if request.sampling.greedy else make_generator(request.sampling.seed, "cpu")
         )
-        self.max_tree_nodes = max_tree_nodes
+        # This edge's limit; max_tree_nodes also honours the open session's verifier.
+        self.edge_max_tree_nodes = self.max_tree_nodes = max_tree_nodes
         self.counters = _Counters()
         self._session: VerifierSession | None = None
         self._endpoint: VerifierEndpoint | None = None
@@ -213,8 +214,9 @@ class Generation:
     async def _lossless(self) -> AsyncIterator[Chunk]:
         pipeline = self.generator is None and self.request.draft.pipeline
         spare = self.lm.spare() if pipeline else None
-        if self.choice.setting != "slm":
-            await self._open(self.lm.tokens, wait=True)  # its hidden state drafts round one
+        # Open before drafting: the verifier's max_tree_nodes bounds round one too, and the
+        # head drafts round one from the hidden state the opening returns.
+        await self._open(self.lm.tokens, wait=True)
         draft = await self._draft(self._pick())
         while not self.out.done:
             verify = asyncio.ensure_future(self._verify(draft))
@@ -301,6 +303,16 @@ class Generation:
                 continue
             unseen = []
             yield self._accept(draft, result)
+
+    def _fit_trees(self, verifier_max: int) -> None:
+        """Drafts no larger than the session's verifier takes (SessionOpened.max_tree_nodes,
+        0 when it does not say) nor this edge's own limit."""
+        limit = self.edge_max_tree_nodes
+        if verifier_max > 0:
+            limit = min(limit, verifier_max)
+        self.max_tree_nodes = limit
+        for policy in self.policies.values():
+            policy.max_nodes = limit
 
     async def _catch_up(self, start: int) -> AsyncIterator[Chunk]:
         """Verifies history[start:] (made while offline) in chain rounds; on the first
@@ -452,6 +464,7 @@ class Generation:
                     return_hidden=self._hidden_encoding(),
                 )
                 opened = self._session.opened
+                self._fit_trees(opened.max_tree_nodes)
                 if len(context) > 1:  # one token has nothing before it to send
                     self._take_hidden(opened.hidden if opened.HasField("hidden") else None)
                 return

@@ -55,7 +55,7 @@ class ShapePolicy:
     initial: DraftShape
     max_depth: int = 12
     max_width: int = 8
-    # The verifiers' --max-tree-nodes: width * depth never exceeds it.
+    # The verifier's --max-tree-nodes (and the edge's): width * depth never exceeds it.
     max_nodes: int = 64
     adapt: bool = True
     smoothing: float = 0.2
@@ -78,7 +78,8 @@ class ShapePolicy:
             depth = best_depth(
                 self.acceptance, self.round_trip_ms, self.draft_ms_per_level, self.max_depth
             )
-        return DraftShape(self.width, max(1, min(depth, self.max_nodes // self.width)))
+        width = min(self.width, self.max_nodes)
+        return DraftShape(width, max(1, min(depth, self.max_nodes // width)))
 
     def observe(
         self,

@@ -239,3 +239,12 @@ async def test_messages_above_the_size_limit(edge, verifier, channels):
     await bystander_round(bystander)
     await bystander.close()
     await healthy_generate(edge_channel)
+
+
+async def test_the_edge_fits_its_trees_to_the_verifiers_max_tree_nodes(edge, channels):
+    """The edge allows 64-node trees, the verifier 16 (it says so when a session opens):
+    a request for 2 x 12 = 24-node drafts must still complete, in trees of 16 at most."""
+    channel = channels(edge.port)
+    draft = gpb.DraftOptions(tree="beam", width=2, depth=12)
+    request = gpb.GenerateRequest(prompt_tokens=[1, 5, 9], max_tokens=24, draft=draft)
+    assert await generate_status(channel, request) == (grpc.StatusCode.OK, "")
