@@ -17,7 +17,8 @@ of every model file has been dropped (POSIX_FADV_DONTNEED):
     predictor   ours: predicted neurons only; unbundled reads (gate, up, down apart), unmerged
     +window     ... and neurons used in the last --window tokens stay resident
     +bundle     ... and row-column bundles, neighbours merged into larger reads (full method)
-    +int8       ... and int8 bundles (group-wise scales) with their own predictors
+    +int8       ... and int8 bundles (a scale per row: the fused int8 kernels multiply
+                the codes as they lie, edge_node.flash.fused) with their own predictors
     +gap        ... and reads merged across up to 32 KiB of unneeded bytes (read, dropped):
                 fewer, larger reads for devices where latency costs more than bytes
     int4        +gap with int4 bundles instead (group-wise scales), their own predictors
@@ -83,7 +84,7 @@ from edge_node.flash.pack import pack_model, read_manifest
 from edge_node.flash.predictors import load_predictors
 from edge_node.flash.store import StoreOptions
 from lm import corpus
-from lm.checkpoint import load_model, save_model
+from lm.checkpoint import load_model, read_hf_config, save_model
 from lm.kv_cache import KVCache
 from lm.model import Transformer
 from lm.quantize import QuantSpec
@@ -104,7 +105,7 @@ METHODS = (
     "int8 tight",
     "int4 tight",
 )
-QUANT = {"int8": QuantSpec(8, 64), "int4": QuantSpec(4, 64)}
+INT4_GROUP = 64  # int8 packs take a scale per row (the model's dim), as the CLI does
 # The pack each method reads (the rest read float16).
 PACK_OF = {
     "+int8": "int8",
@@ -195,9 +196,11 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
     work = args.work / model_dir.name
     packs = {"float16": work / "pack_f16", "int8": work / "pack_int8", "int4": work / "pack_int4"}
     tokenizer = Tokenizer.from_dir(model_dir)
+    dim = read_hf_config(model_dir / "config.json").dim
+    quant = {"int8": QuantSpec(8, dim), "int4": QuantSpec(4, INT4_GROUP)}
     for name, pack in packs.items():
-        if not (pack / "predictor.json").exists():
-            pack_model(model_dir, pack, quant=QUANT.get(name), dtype=torch.float16)
+        if not (pack / "predictor.json").exists() or not is_current(pack):
+            pack_model(model_dir, pack, quant=quant.get(name), dtype=torch.float16)
             calibrate_pack(pack, tokenizer, args.calibration_tokens)
     unbundled = work / "ffn_unbundled.bin"
     if not unbundled.exists():
@@ -555,6 +558,15 @@ def build_wide(source: Path, out: Path, factor: int, noise: float = 0.05) -> Non
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (source / name).exists():
             shutil.copy(source / name, out / name)
+
+
+def is_current(pack: Path) -> bool:
+    """Whether `pack` is in this version's format (packs from an older one are rewritten)."""
+    try:
+        read_manifest(pack)
+    except ValueError:
+        return False
+    return True
 
 
 def calibrate_pack(pack: Path, tokenizer: Tokenizer, tokens: int) -> None:

@@ -80,7 +80,7 @@ def load_model(
     dtype = dtype if dtype is not None else default_dtype(device)
     with ExitStack() as stack:
         if path.is_dir():
-            config = _read_hf_config(path / "config.json")
+            config = read_hf_config(path / "config.json")
             listing, tensors = _open_safetensors(path, stack)
         elif path.suffix == ".bin" and path.is_file():
             config, raw = read_llama2c(path)
@@ -118,7 +118,7 @@ def save_model(model: Transformer, out_dir: str | Path) -> None:
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
-def _read_hf_config(file: Path) -> ModelConfig:
+def read_hf_config(file: Path) -> ModelConfig:
     try:
         hf_config = json.loads(file.read_text())
     except FileNotFoundError as e:

@@ -5,9 +5,15 @@ column i of down, each `dim` values. A bundle stores the three one after another
 segments gate, up, down), so one contiguous read fetches everything the neuron needs
 ("LLM in a Flash", Alizadeh et al. 2023, section 3.2).
 
-Float bundles hold the three vectors in the storage dtype. Quantized bundles hold, per
-segment, the int8/int4 codes followed by their float16 group scales (lm.quantize), so a
-segment decodes on its own.
+Float bundles hold the three vectors in the storage dtype. Quantized segments decode on
+their own (lm.quantize gives the codes and group scales):
+
+- int4: the packed codes, then their float16 group scales.
+- int8: fbgemm's byte-rowwise rows, one per group: the codes plus 128 as uint8, then a
+  float32 scale and a float32 bias (-128 * scale), so a value is code * scale + bias.
+  Same size as codes plus float16 scales at 64-value groups, and it is the layout
+  `torch.ops.quantized.embedding_bag_byte_rowwise_offsets` reads: the flash FFN sums down
+  columns straight out of the neuron cache, no gather or decode (edge_node.flash.fused).
 
 Bundles sit at a fixed `stride` in the file: the payload rounded up so that a bundle
 never straddles a 4 KiB page (stride divides the page) or starts a page (the page
@@ -26,6 +32,7 @@ from lm.quantize import QuantSpec, dequantize, quantize
 SEGMENTS = ("gate", "up", "down")
 # Runs of consecutive segments that can be gathered and decoded on their own.
 GATE, UP_DOWN, ALL_SEGMENTS = slice(0, 1), slice(1, 3), slice(0, 3)
+ROW_TAIL = 8  # int8 rows: float32 scale and bias after the codes
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,14 @@ class BundleFormat:
     def segment_bytes(self) -> int:
         if self.quant is None:
             return self.dim * self.dtype.itemsize
+        if self.quant.bits == 8:
+            return self.groups * (self.quant.group_size + ROW_TAIL)
         return self.quant.nbytes(self.dim)
+
+    @property
+    def groups(self) -> int:
+        """Quantization groups per segment (1 for float bundles)."""
+        return 1 if self.quant is None else self.dim // self.quant.group_size
 
     @property
     def payload(self) -> int:
@@ -72,6 +86,13 @@ class BundleFormat:
         vectors = torch.stack((gate, up, down.t()), dim=1)  # (hidden, 3, dim)
         if self.quant is None:
             packed = vectors.to(self.dtype).contiguous().view(torch.uint8)
+        elif self.quant.bits == 8:
+            codes, scales = quantize(vectors, self.quant)
+            grouped = (*vectors.shape[:2], self.groups, self.quant.group_size)
+            shifted = codes.reshape(grouped) ^ 0x80  # q + 128
+            scale = scales.float()[..., None]
+            tail = torch.cat((scale, -128 * scale), dim=-1).view(torch.uint8)
+            packed = torch.cat((shifted, tail), dim=-1)
         else:
             codes, scales = quantize(vectors, self.quant)
             packed = torch.cat((codes, scales.contiguous().view(torch.uint8)), dim=-1)
@@ -92,6 +113,15 @@ class BundleFormat:
             if values.dtype == dtype:
                 return values
             return values.to(dtype) if out is None else out.copy_(values)
+        if self.quant.bits == 8:
+            rows8 = rows.view(k, segments, self.groups, self.quant.group_size + ROW_TAIL)
+            codes, tail = rows8[..., :-ROW_TAIL], rows8[..., -ROW_TAIL:].contiguous()
+            scale, bias = tail.view(torch.float32).to(dtype).unsqueeze(-2).unbind(-1)
+            if out is None:
+                return torch.addcmul(bias, codes.to(dtype), scale).view(k, segments, self.dim)
+            decoded = out.view(codes.shape)
+            decoded.copy_(codes)
+            return decoded.mul_(scale).add_(bias).view(k, segments, self.dim)
         per_segment = rows.view(k, segments, self.segment_bytes)
         code_bytes = self.quant.code_bytes(self.dim)
         scales = per_segment[..., code_bytes:].contiguous().view(torch.float16)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_node.flash import fused
 from edge_node.flash.bundle import GATE, UP_DOWN
 from edge_node.flash.pack import FFN_PREFIX, load_dram_state, read_manifest, verify_pack
 from edge_node.flash.predictors import has_predictors, load_predictors
@@ -37,7 +38,9 @@ class FlashFeedForward(nn.Module):
     loads the union over positions. For a ReLU model and a predictor of perfect recall
     this is the dense result, as inactive neurons contribute exactly zero. The matmuls
     run in the store's compute dtype (`ffn_dtype` of `load_flash_model`); the predictor
-    and the result are in x's dtype.
+    and the result are in x's dtype. Except for decoding on CPU from an int8 pack with a
+    scale per row: up to `fused.MAX_POSITIONS` positions multiply the int8 codes in the
+    cache directly, activations in bfloat16 (edge_node.flash.fused).
     """
 
     def __init__(
@@ -72,18 +75,32 @@ class FlashFeedForward(nn.Module):
                 needed = mask.any(0).nonzero().squeeze(1).cpu()
             predicted = time.perf_counter()
             flat = flat.to(store.compute_dtype)
+            on_codes = (
+                store.fused and len(flat) <= fused.MAX_POSITIONS and flat.device.type == "cpu"
+            )
+            xb = flat.bfloat16() if on_codes else None
             y = torch.zeros_like(flat)
             computed = 0
-            for neurons in store.stream(self.layer, needed):
-                gate = store.weights(self.layer, neurons, GATE)[:, 0].to(flat.device)
-                h = self.act(flat @ gate.t())
+            pieces = store.stream(self.layer, needed, store.code_rows if on_codes else None)
+            for neurons in pieces:
+                if on_codes:
+                    gate = fused.project(xb, *store.codes(self.layer, neurons, 0))
+                else:
+                    gate = flat @ store.weights(self.layer, neurons, GATE)[:, 0].to(flat.device).t()
+                h = self.act(gate)
                 if mask is not None and len(flat) > 1:
                     h = h * mask[:, neurons.to(flat.device)]
                 if self.skips_inactive:
                     live = h.ne(0).any(0).nonzero().squeeze(1)
                     neurons, h = neurons.index_select(0, live.cpu()), h.index_select(1, live)
-                up, down = store.weights(self.layer, neurons, UP_DOWN).to(flat.device).unbind(1)
-                y += (h * (flat @ up.t())) @ down
+                    if not len(neurons):
+                        continue
+                if on_codes:
+                    h = h * fused.project(xb, *store.codes(self.layer, neurons, 1))
+                    y += store.down_products(self.layer, neurons, h)
+                else:
+                    up, down = store.weights(self.layer, neurons, UP_DOWN).to(flat.device).unbind(1)
+                    y += (h * (flat @ up.t())) @ down
                 computed += len(neurons)
             store.finish(
                 self.layer,

@@ -41,7 +41,7 @@ from lm.quantize import QuantSpec
 logger = logging.getLogger(__name__)
 
 FORMAT = "edgecloud-flash"
-VERSION = 1
+VERSION = 2  # 2: int8 segments in fbgemm's byte-rowwise layout
 MANIFEST_FILE = "manifest.json"
 DRAM_FILE = "dram.safetensors"
 FFN_FILE = "ffn.bin"
@@ -91,9 +91,7 @@ class FlashManifest:
             "version": VERSION,
             "config": self.config.to_hf(),
             "dtype": _dtype_name(self.bundle.dtype),
-            "quantization": None
-            if quant is None
-            else {"bits": quant.bits, "group_size": quant.group_size, "scale_dtype": "float16"},
+            "quantization": None if quant is None else _quant_json(quant),
             "ffn": {
                 "file": self.ffn.name,
                 "bytes": self.ffn.nbytes,
@@ -226,6 +224,15 @@ def read_manifest(pack_dir: str | Path) -> FlashManifest:
         if size != entry.nbytes:
             raise CheckpointError(f"{path}: {size} bytes, {MANIFEST_FILE} says {entry.nbytes}")
     return manifest
+
+
+def _quant_json(quant: QuantSpec) -> dict[str, Any]:
+    layout = (
+        "per group: codes + 128 as uint8, float32 scale, float32 bias (fbgemm byte rowwise)"
+        if quant.bits == 8
+        else "codes, then a float16 scale per group"
+    )
+    return {"bits": quant.bits, "group_size": quant.group_size, "layout": layout}
 
 
 def _parse(raw: dict[str, Any]) -> FlashManifest:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_node.flash import fused
 from edge_node.flash.bundle import ALL_SEGMENTS
 from edge_node.flash.cache import NeuronCache
 from edge_node.flash.pack import PAGE, FlashManifest
@@ -257,6 +258,7 @@ class FlashStore:
         self._decoded = (
             torch.empty(plan.chunk_rows, 3, config.dim, dtype=compute_dtype) if decodes else None
         )
+        self.fused = fused.supported(manifest.bundle)  # codes(), down_products() work
         self.lock = threading.Lock()
         self.history: deque[StepMetrics] = deque(maxlen=history)
         self.totals = StoreTotals()
@@ -278,11 +280,20 @@ class FlashStore:
     def resident(self, layer: int) -> set[int]:
         return set(self.caches[layer].resident().tolist())
 
-    def stream(self, layer: int, needed: torch.Tensor) -> Iterator[torch.Tensor]:
+    @property
+    def code_rows(self) -> int:
+        """The most neurons `codes` takes at once (its scratch holds codes only)."""
+        return self._gathered.numel() // self.manifest.config.dim
+
+    def stream(
+        self, layer: int, needed: torch.Tensor, piece_rows: int | None = None
+    ) -> Iterator[torch.Tensor]:
         """`layer`'s part of a step that uses `needed` ((n,) ascending ids), in pieces.
 
         Yields consecutive pieces of chunk_rows neurons at most, each resident by then:
-        take its weights with `weights` before asking for the next piece.
+        take its weights with `weights` before asking for the next piece. piece_rows:
+        larger pieces when the step fits the cache (`code_rows` for `codes`): fewer,
+        larger products.
 
         When the step fits the cache (decoding, small batches), the neurons not resident
         are read in the background while the resident ones are yielded (and multiplied),
@@ -306,12 +317,13 @@ class FlashStore:
         self._step.hits += len(hits)
         pending = self._fetch(layer, missing, needed, needed) if len(missing) else None
         cache.last_used.index_fill_(0, needed, cache.step)
+        rows = piece_rows or self.plan.chunk_rows
         try:
-            yield from hits.split(self.plan.chunk_rows)
+            yield from hits.split(rows)
         finally:  # also when the caller stops early: no read may still write into the cache
             if pending is not None:
                 self._wait(pending)
-        yield from missing.split(self.plan.chunk_rows)
+        yield from missing.split(rows)
 
     def weights(
         self, layer: int, neurons: torch.Tensor, segments: slice = ALL_SEGMENTS
@@ -338,6 +350,34 @@ class FlashStore:
             dim = self.manifest.config.dim
             out = self._decoded.view(-1)[: k * (stop - start) * dim].view(k, stop - start, dim)
         return bundle.decode(rows, self.compute_dtype, out)
+
+    def codes(self, layer: int, neurons: torch.Tensor, segment: int) -> tuple[torch.Tensor, ...]:
+        """int8 codes (k, dim) and float32 scales (k,) of `segment` (0 gate, 1 up) of
+        resident `neurons` (at most code_rows), for packs the fused path takes (`fused`):
+        the codes are gathered into the scratch and not decoded. Use them before the next
+        `codes` or `weights`."""
+        cache, dim = self.caches[layer], self.manifest.config.dim
+        start = segment * self.manifest.bundle.segment_bytes
+        slots = cache.slot_of.index_select(0, neurons)
+        k = len(neurons)
+        codes = torch.index_select(
+            cache.rows[:, start : start + dim],
+            0,
+            slots,
+            out=self._gathered.view(-1)[: k * dim].view(k, dim),
+        )
+        scales = cache.rows[:, start + dim : start + dim + 4].index_select(0, slots)
+        codes.bitwise_xor_(fused.MIXED_SIGN)
+        return codes.view(torch.int8), scales.view(torch.float32)[:, 0]
+
+    def down_products(
+        self, layer: int, neurons: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """sum_i weights[:, i] * down_i over resident `neurons` (k,), weights (m, k): (m, dim)
+        float32, computed on the cache rows in place (packs the fused path takes)."""
+        cache = self.caches[layer]
+        table = cache.rows.view(-1, self.manifest.bundle.segment_bytes)
+        return fused.weighted_rows(table, cache.slot_of.index_select(0, neurons) * 3 + 2, weights)
 
     def _fetch(
         self, layer: int, missing: torch.Tensor, keep: torch.Tensor, needed: torch.Tensor

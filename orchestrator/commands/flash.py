@@ -31,7 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pack.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     pack.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     pack.add_argument("--quantize", choices=sorted(QUANTIZE), help="FFN codes (default: floats)")
-    pack.add_argument("--group-size", type=int, default=64, help="values per scale (64)")
+    pack.add_argument(
+        "--group-size",
+        type=int,
+        help="values per scale (default: a whole row for int8, the fused kernels' layout; 64 "
+        "for int4)",
+    )
     pack.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
@@ -92,7 +97,8 @@ def run_pack(args: argparse.Namespace) -> int:
     try:
         quant = None
         if args.quantize:
-            quant = QuantSpec(bits=QUANTIZE[args.quantize], group_size=args.group_size)
+            group_size = args.group_size or _default_group_size(args)
+            quant = QuantSpec(bits=QUANTIZE[args.quantize], group_size=group_size)
         dtype = getattr(torch, args.dtype) if args.dtype else None
         manifest = pack_model(
             args.model_dir, args.out_dir, quant=quant, dtype=dtype, align=args.align
@@ -108,6 +114,14 @@ def run_pack(args: argparse.Namespace) -> int:
         f"dram.safetensors {manifest.dram.nbytes / 2**20:.1f} MiB"
     )
     return 0
+
+
+def _default_group_size(args: argparse.Namespace) -> int:
+    from lm.checkpoint import read_hf_config
+
+    if args.quantize == "int4":
+        return 64  # a scale per row is too coarse for 15 levels
+    return read_hf_config(args.model_dir / "config.json").dim
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

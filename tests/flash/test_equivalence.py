@@ -161,9 +161,9 @@ def record_neurons_used(store) -> list[tuple[int, list[int]]]:
     used: list[tuple[int, list[int]]] = []
     stream = store.stream
 
-    def recording(layer, needed):
+    def recording(layer, needed, *rest):
         pieces = []
-        for neurons in stream(layer, needed):
+        for neurons in stream(layer, needed, *rest):
             pieces.append(neurons)
             yield neurons
         used.append((layer, sorted(torch.cat(pieces).tolist())))

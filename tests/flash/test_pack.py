@@ -69,7 +69,7 @@ def test_quantized_bundles_decode_to_the_dequantized_weights(relu_model, relu_di
     assert json.loads((tmp_path / MANIFEST_FILE).read_text())["quantization"] == {
         "bits": 4,
         "group_size": 32,
-        "scale_dtype": "float16",
+        "layout": "codes, then a float16 scale per group",
     }
     dense = load_dense(tmp_path, device="cpu")
     ffn, got = relu_model.layers[0].feed_forward, dense.layers[0].feed_forward
