@@ -366,9 +366,10 @@ class FlashStore:
             slots,
             out=self._gathered.view(-1)[: k * dim].view(k, dim),
         )
-        scales = cache.rows[:, start + dim : start + dim + 4].index_select(0, slots)
+        # The rows as float32 (fused packs keep dim % 4 == 0): one column is the scales.
+        scales = cache.rows.view(torch.float32)[:, (start + dim) // 4].index_select(0, slots)
         codes.bitwise_xor_(fused.MIXED_SIGN)
-        return codes.view(torch.int8), scales.view(torch.float32)[:, 0]
+        return codes.view(torch.int8), scales
 
     def down_products(
         self, layer: int, neurons: torch.Tensor, weights: torch.Tensor

@@ -10,8 +10,10 @@ from edge_node.flash import fused
 from edge_node.flash.bundle import BundleFormat
 from edge_node.flash.ffn import flash_store, load_flash_model
 from edge_node.flash.pack import load_dense, pack_model
+from edge_node.flash.predictors import save_predictors
 from lm.quantize import QuantSpec, dequantize, quantize
-from tests.flash.conftest import OPTIONS, budget_info, random_windows
+from lm.sparsity import LowRankPredictor
+from tests.flash.conftest import OPTIONS, budget_info, exact_predictors, random_windows
 from tests.flash.test_equivalence import ATOL, decode
 
 DIM = 64
@@ -90,3 +92,41 @@ def test_decode_steps_take_the_fused_path_and_stay_close(relu_dir, tmp_path):
     store.fused = False
     logits, _ = decode(model, prompt, 12, forced=tokens)
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+
+
+def test_int8_predictor_moves_only_decisions_within_its_error_bound():
+    torch.manual_seed(5)
+    predictor = LowRankPredictor(DIM, 512, 16).half()
+    predictor.cut.fill_(0.05)
+    quantized = fused.Int8Predictor(predictor)
+    x = torch.randn(40, DIM).half()
+    with torch.no_grad():
+        z, logits, got = predictor.down(x).float(), predictor(x).float(), quantized(x)
+    weight = predictor.up.weight.float()
+    # Half a step per weight, plus bfloat16 rounding of z and of the product (2^-9 each).
+    bound = z.abs().sum(1, keepdim=True) * quantized.scales.float() / 2
+    bound += 2.0**-8 * (z.abs() @ weight.abs().t()) + 1e-3  # + float16 rounding of logits
+    assert ((got - logits).abs() <= bound).all()
+    far = (logits - predictor.cut.float()).abs() > bound
+    assert far.float().mean() > 0.9
+    assert torch.equal(quantized.predict(x)[far], predictor.predict(x)[far])
+    size = lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values())  # noqa: E731
+    # One byte per up weight instead of two, plus a bfloat16 scale per row.
+    assert size(quantized) == size(predictor) - 512 * 16 + 512 * 2
+
+
+def test_fused_packs_load_int8_predictors(relu_model, relu_dir, tmp_path):
+    manifest = pack_model(relu_dir, tmp_path, quant=QuantSpec(8, DIM))
+    save_predictors(tmp_path, manifest, exact_predictors(relu_model), {"activation": "relu"})
+    minimum, everything = budget_info(tmp_path)
+    model = load_flash_model(tmp_path, (minimum + everything) // 2, options=OPTIONS)
+    assert all(isinstance(b.feed_forward.predictor, fused.Int8Predictor) for b in model.layers)
+    prompt = random_windows(12, 1, 8)
+    expected, tokens = decode(load_dense(tmp_path, device="cpu"), prompt, 12)
+    logits, _ = decode(model, prompt, 12, forced=tokens)
+    # As test_decode_steps_take_the_fused_path_and_stay_close, with the neurons whose
+    # gate is within the int8 predictor's error of 0 left out (they add almost nothing).
+    error = (logits - expected).norm() / expected.norm()
+    assert error < 0.02
+    metrics = flash_store(model).totals.metrics
+    assert metrics.needed < 13 * 3 * 256  # the predictor skipped neurons
