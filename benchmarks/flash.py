@@ -56,6 +56,7 @@ dominates. Its measured sparsity is printed.
 
     python benchmarks/flash.py                                  # demo draft, target, wide
     python benchmarks/flash.py --model DIR --quick
+    python benchmarks/flash.py --model WORK/wide16 --methods mmap,+gap --repeat 5
 """
 
 from __future__ import annotations
@@ -149,6 +150,12 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     parser.add_argument("--quick", action="store_true", help="2 prompts, 8 new tokens")
+    parser.add_argument(
+        "--methods", help=f"comma-separated subset of {','.join(METHODS[1:])} (dense always runs)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per method; the median is reported (1)"
+    )
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
@@ -158,6 +165,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.quick:
         args.prompts, args.new_tokens, args.calibration_tokens = 2, 8, 4096
+    if args.repeat < 1:
+        parser.error(f"--repeat: must be >= 1, got {args.repeat}")
+    args.methods = args.methods.split(",") if args.methods else list(METHODS[1:])
+    unknown = [m for m in args.methods if m not in METHODS[1:]]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {','.join(METHODS[1:])}")
     models = args.model
     if models is None:
         models = [DEMO_DIR / "draft", DEMO_DIR / "target"]
@@ -185,6 +198,7 @@ def main() -> None:
                     "dtype",
                     "window",
                     "threads",
+                    "repeat",
                 )
             },
             "models": results,
@@ -221,7 +235,7 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "files": files,
     }
-    dense = worker(spec, "dense")
+    dense = repeated(spec, "dense", args.repeat)
     spec["sequences"] = dense["sequences"]
     spec["dense_argmax"] = dense["argmax"]
     itemsize = getattr(torch, args.dtype).itemsize
@@ -244,7 +258,7 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
     for method in TIGHT:
         shrink = pack_ffn[PACK_OF[method]] / pack_ffn["float16"]
         spec["budgets"][method] = resident + int(store_budget * shrink)
-    methods = {"dense": dense} | {m: worker(spec, m) for m in METHODS[1:]}
+    methods = {"dense": dense} | {m: repeated(spec, m, args.repeat) for m in args.methods}
     for result in methods.values():
         for key in ("sequences", "argmax"):
             result.pop(key, None)
@@ -272,7 +286,7 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
         "activation_sparsity": dense["sparsity"],
         "predictor": dense["predictor"],
         "calibration": json.loads((packs["float16"] / "predictor.json").read_text())["report"],
-        "io_mode": methods["+bundle"]["io_mode"],
+        "io_mode": next((r["io_mode"] for r in methods.values() if "io_mode" in r), None),
         "methods": methods,
     }
     print_table(model_dir.name, summary)
@@ -282,6 +296,16 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
 def meta_model(config) -> Transformer:
     with torch.device("meta"):
         return Transformer(config)
+
+
+def repeated(spec: dict, method: str, repeat: int) -> dict:
+    """The median run (by tokens/s) of `repeat` fresh-process runs, with every run's
+    tokens/s when there are several: this machine's I/O varies from run to run."""
+    runs = sorted((worker(spec, method) for _ in range(repeat)), key=lambda r: r["tokens_per_s"])
+    result = runs[len(runs) // 2]
+    if repeat > 1:
+        result["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
+    return result
 
 
 def worker(spec: dict, method: str) -> dict:
@@ -660,6 +684,10 @@ def print_table(name: str, summary: dict) -> None:
             f"{r['peak_rss_mb']:9.1f} {r['kernel_read_bytes_per_token'] / 2**20:15.2f}",
             flush=True,
         )
+    for method, r in summary["methods"].items():
+        if "tokens_per_s_runs" in r:
+            runs = ", ".join(f"{t:.1f}" for t in r["tokens_per_s_runs"])
+            print(f"{method:>10} tokens/s over {len(r['tokens_per_s_runs'])} runs: {runs}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import queue
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
@@ -109,8 +110,10 @@ class PendingReads:
 class ColdReader:
     """Reads extents of `path` into page-aligned buffers from `threads` threads at once.
 
-    Each thread owns one buffer of `buffer_bytes` (the largest single read); each job's
-    `deliver` copies out of it before the buffer is reused, on the reading thread.
+    There are `threads` buffers of `buffer_bytes` (the largest single read). A lane of
+    reads takes a free one for its run and gives it back after, so several `submit`s
+    can be in flight at once; each job's `deliver` copies out of it before the buffer is
+    reused, on the reading thread.
 
     direct: True needs O_DIRECT, False uses the cold-cache mode, None tries O_DIRECT first.
     """
@@ -128,6 +131,9 @@ class ColdReader:
         self.fd, self.mode = _open_cold(self.path, direct)
         # Anonymous mappings are page-aligned, as O_DIRECT needs.
         self._buffers = [mmap.mmap(-1, buffer_bytes) for _ in range(threads)]
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        for buffer in self._buffers:
+            self._free.put(buffer)
         self._pool = (
             ThreadPoolExecutor(threads, thread_name_prefix="flash-read") if threads > 1 else None
         )
@@ -142,21 +148,27 @@ class ColdReader:
         caller can compute while the device works; `wait` on the result before using
         what the reads deliver.
 
-        Thread t takes jobs t, t + threads, ... in turn, with its own buffer, so that one
-        task per thread (not per read) crosses the pool.
+        Lane t takes jobs t, t + threads, ... in turn, so that one task per thread (not
+        per read) crosses the pool.
         """
         start = time.perf_counter()
         lanes = min(len(jobs), len(self._buffers))
         if self._pool is None or lanes <= 1:
-            self._read_lane(jobs, self._buffers[0])
+            self._read_lane(jobs)
             return PendingReads(start, [])
-        futures = [
-            self._pool.submit(self._read_lane, jobs[lane::lanes], self._buffers[lane])
-            for lane in range(lanes)
-        ]
+        futures = [self._pool.submit(self._read_lane, jobs[lane::lanes]) for lane in range(lanes)]
         return PendingReads(start, futures)
 
-    def _read_lane(self, jobs: Sequence[tuple[Extent, Deliver]], buffer: mmap.mmap) -> float:
+    def _read_lane(self, jobs: Sequence[tuple[Extent, Deliver]]) -> float:
+        # At most `threads` lanes run at once (pool workers, or the caller without a
+        # pool), so a free buffer comes at once or when a running lane ends.
+        buffer = self._free.get()
+        try:
+            return self._read_into(jobs, buffer)
+        finally:
+            self._free.put(buffer)
+
+    def _read_into(self, jobs: Sequence[tuple[Extent, Deliver]], buffer: mmap.mmap) -> float:
         with memoryview(buffer) as whole:
             for extent, deliver in jobs:
                 # Released even when the read fails, or the buffer could never be closed.

@@ -92,3 +92,34 @@ def test_submit_returns_while_reads_are_in_flight_and_wait_delivers(tmp_path):
     with pytest.raises(OSError, match="short read at 32768"):
         failing.wait()
     reader.close()
+
+
+def test_submits_in_flight_together_never_share_a_buffer(tmp_path):
+    """Two submits in flight at once (a read-ahead of the next layer's neurons while the
+    current layer's are read makes them). A lane must own its buffer until it is done;
+    sharing one hands a deliver another read's bytes (this failed so while buffers went
+    by lane number)."""
+    data = np.random.default_rng(1).integers(0, 256, 64 * 4096, dtype=np.uint8)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data.tobytes())
+    reader = ColdReader(path, threads=4, buffer_bytes=4096, direct=False)
+    got, lock = {}, threading.Lock()
+
+    def deliver(extent, view, pause=0.0):
+        seen = bytes(view)  # what the buffer holds now...
+        threading.Event().wait(pause)  # ...and after the other submit's lanes ran
+        with lock:
+            got[extent.offset] = (seen, bytes(view))
+
+    def slow(extent, view):
+        deliver(extent, view, pause=0.2)
+
+    pages = [Extent(i * 4096, 4096, 0, 1) for i in range(64)]
+    # Two slow lanes, then four more lanes while two workers are still free.
+    first = reader.submit([(e, slow) for e in pages[:2]])
+    second = reader.submit([(e, deliver) for e in pages[2:]])
+    first.wait(), second.wait()
+    reader.close()
+    expected = {e.offset: data[e.offset : e.offset + 4096].tobytes() for e in pages}
+    assert {offset: seen for offset, (seen, _) in got.items()} == expected
+    assert {offset: later for offset, (_, later) in got.items()} == expected
