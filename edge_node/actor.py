@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from edge_node.cloud_link import CloudLink, CloudLinkConfig
 from edge_node.picker import VerifierPicker
@@ -45,24 +44,20 @@ class EdgeNode:
         `dtype`: the SLM's float32/float16/bfloat16 (None: the device's default)."""
         import torch
 
-        from lm.checkpoint import load_model
-        from lm.draft_head import load_head
-        from lm.tokenizer import Tokenizer
+        from edge_node.models import load_edge_models
 
-        path = Path(model_dir)
-        slm_dtype = None if dtype is None else getattr(torch, dtype)
-        if flash_budget_mb is None:
-            model = load_model(path, device=device, dtype=slm_dtype)
-        else:  # model_dir is a flash pack: FFN weights stay on flash
-            from edge_node.flash.ffn import load_flash_model
-
-            budget = int(flash_budget_mb * 2**20)
-            model = load_flash_model(path, budget, device=device, dtype=slm_dtype)
-        tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        models = load_edge_models(
+            model_dir,
+            device=device,
+            dtype=None if dtype is None else getattr(torch, dtype),
+            flash_budget_mb=flash_budget_mb,
+            head_dir=head_dir,
+        )
         link = None if picker_factory is None else CloudLink(picker_factory(), link_config)
         self.node_id = node_id
-        head = None if head_dir is None else load_head(head_dir, device=device, dtype=slm_dtype)
-        self.runtime = EdgeRuntime(model, config, tokenizer=tokenizer, link=link, head=head)
+        self.runtime = EdgeRuntime(
+            models.slm, config, tokenizer=models.tokenizer, link=link, head=models.head
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         async for chunk in self.runtime.generate(request):

@@ -120,31 +120,15 @@ def verifier_tls(args: argparse.Namespace):
         raise UsageError(str(exc)) from exc
 
 
-def load_slm(args: argparse.Namespace):
-    """The SLM: a checkpoint in DRAM, or a flash pack within --flash-budget-mb."""
-    from lm.checkpoint import load_model
-
-    dtype = torch_dtype(args.dtype)
-    if args.flash_budget_mb is None:
-        return load_model(args.model, device=args.device, dtype=dtype)
-    from edge_node.flash.ffn import load_flash_model
-    from edge_node.flash.store import BudgetError
-
-    try:
-        budget = int(args.flash_budget_mb * 2**20)
-        return load_flash_model(args.model, budget, device=args.device, dtype=dtype)
-    except BudgetError as exc:
-        raise UsageError(f"--flash-budget-mb: {exc}") from exc
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from edge_node.cloud_link import CloudLink, CloudLinkConfig
+    from edge_node.flash.store import BudgetError
+    from edge_node.models import load_edge_models
     from edge_node.picker import FixedListPicker, VerifierEndpoint
     from edge_node.runtime import EdgeConfig, EdgeRuntime
     from edge_node.server import start_edge_server
     from edge_node.types import DraftOptions
     from lm.errors import CheckpointError
-    from lm.tokenizer import Tokenizer
 
     if not args.model.exists():
         raise UsageError(f"--model: {args.model} does not exist")
@@ -166,14 +150,12 @@ def run_serve(args: argparse.Namespace) -> int:
         picker = FixedListPicker([VerifierEndpoint(a, args.verifier_model) for a in args.verifier])
         link = CloudLink(picker, CloudLinkConfig(token=verifier_token(args), tls=tls))
     try:
-        model = load_slm(args)
-        head = None
-        if args.head is not None:
-            from lm.draft_head import load_head
-
-            head = load_head(args.head, device=args.device, dtype=torch_dtype(args.dtype))
-        tokenizer = (
-            Tokenizer.from_dir(args.model) if (args.model / "tokenizer.json").exists() else None
+        models = load_edge_models(
+            args.model,
+            device=args.device,
+            dtype=torch_dtype(args.dtype),
+            flash_budget_mb=args.flash_budget_mb,
+            head_dir=args.head,
         )
         config = EdgeConfig(
             model_name=args.name or args.verifier_model or args.model.stem,
@@ -187,7 +169,11 @@ def run_serve(args: argparse.Namespace) -> int:
             ),
         )
         server = server_config(args)
-        runtime = EdgeRuntime(model, config, tokenizer=tokenizer, link=link, head=head)
+        runtime = EdgeRuntime(
+            models.slm, config, tokenizer=models.tokenizer, link=link, head=models.head
+        )
+    except BudgetError as exc:
+        raise UsageError(f"--flash-budget-mb: {exc}") from exc
     except (ValueError, CheckpointError) as exc:
         raise UsageError(str(exc)) from exc
 
