@@ -146,7 +146,7 @@ def main() -> None:
         default="float16",
         help="resident weights of the flash and mmap runs (float16)",
     )
-    parser.add_argument("--window", type=int, default=5)
+    parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     parser.add_argument("--quick", action="store_true", help="2 prompts, 8 new tokens")
