@@ -81,14 +81,13 @@ from torch import nn
 
 from edge_node.flash.calibrate import text_windows
 from edge_node.flash.ffn import flash_store, load_flash_model
-from edge_node.flash.pack import pack_model, read_manifest
+from edge_node.flash.pack import default_quant, pack_model, read_manifest
 from edge_node.flash.predictors import load_predictors
 from edge_node.flash.store import StoreOptions
 from lm import corpus
 from lm.checkpoint import load_model, read_hf_config, save_model
 from lm.kv_cache import KVCache
 from lm.model import Transformer
-from lm.quantize import QuantSpec
 from lm.sparsity import PredictorTraining, active_mask, rates
 from lm.tokenizer import Tokenizer
 
@@ -106,7 +105,6 @@ METHODS = (
     "int8 tight",
     "int4 tight",
 )
-INT4_GROUP = 64  # int8 packs take a scale per row (the model's dim), as the CLI does
 # The pack each method reads (the rest read float16).
 PACK_OF = {
     "+int8": "int8",
@@ -211,7 +209,7 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
     packs = {"float16": work / "pack_f16", "int8": work / "pack_int8", "int4": work / "pack_int4"}
     tokenizer = Tokenizer.from_dir(model_dir)
     dim = read_hf_config(model_dir / "config.json").dim
-    quant = {"int8": QuantSpec(8, dim), "int4": QuantSpec(4, INT4_GROUP)}
+    quant = {"int8": default_quant(8, dim), "int4": default_quant(4, dim)}
     for name, pack in packs.items():
         if not (pack / "predictor.json").exists() or not is_current(pack):
             pack_model(model_dir, pack, quant=quant.get(name), dtype=torch.float16)
@@ -255,9 +253,13 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
         for name, pack in packs.items()
     }
     spec["budgets"] = {method: spec["budget"] for method in METHODS}
+    # The tight stores are cut from what each pack's own resident part leaves (int8 packs
+    # keep int8 predictors: a smaller resident part than the float16 one).
+    dtype = getattr(torch, args.dtype)
     for method in TIGHT:
         shrink = pack_ffn[PACK_OF[method]] / pack_ffn["float16"]
-        spec["budgets"][method] = resident + int(store_budget * shrink)
+        own = pack_resident(packs[PACK_OF[method]], dtype)
+        spec["budgets"][method] = own + int(store_budget * shrink)
     methods = {"dense": dense} | {m: repeated(spec, m, args.repeat) for m in args.methods}
     for result in methods.values():
         for key in ("sequences", "argmax"):
@@ -268,7 +270,7 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
             result["pack_ffn_bytes"] = pack_ffn[PACK_OF.get(method, "float16")]
             result["budget_bytes"] = spec["budgets"][method]
             result["pack_ffn_to_store"] = result["pack_ffn_bytes"] / (
-                spec["budgets"][method] - resident
+                spec["budgets"][method] - result["plan"]["resident"]
             )
     model_bytes = dense["resident_elements"] * 2 + ffn_bytes
     summary = {
@@ -298,9 +300,16 @@ def meta_model(config) -> Transformer:
         return Transformer(config)
 
 
+def pack_resident(pack: Path, dtype: torch.dtype) -> int:
+    """Bytes of a pack's resident part as the flash model loads it (predictors included)."""
+    model = load_flash_model(pack, 1 << 40, device="cpu", dtype=dtype, verify=False)
+    return flash_store(model).plan.resident
+
+
 def repeated(spec: dict, method: str, repeat: int) -> dict:
-    """The median run (by tokens/s) of `repeat` fresh-process runs, with every run's
-    tokens/s when there are several: this machine's I/O varies from run to run."""
+    """The median run (by tokens/s; the upper middle one for an even count) of `repeat`
+    fresh-process runs, with every run's tokens/s when there are several: this machine's
+    I/O varies from run to run."""
     runs = sorted((worker(spec, method) for _ in range(repeat)), key=lambda r: r["tokens_per_s"])
     result = runs[len(runs) // 2]
     if repeat > 1:

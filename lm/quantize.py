@@ -35,8 +35,8 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise ValueError(f"bits: must be 4 or 8, got {self.bits!r}")
-        if not (2 <= self.group_size <= 4096 and self.group_size % 2 == 0):
-            raise ValueError(f"group_size: must be even and in [2, 4096], got {self.group_size}")
+        if not (2 <= self.group_size <= 65536 and self.group_size % 2 == 0):
+            raise ValueError(f"group_size: must be even and in [2, 65536], got {self.group_size}")
 
     @property
     def qmax(self) -> int:

@@ -11,7 +11,8 @@ their own (lm.quantize gives the codes and group scales):
 - int4: the packed codes, then their float16 group scales.
 - int8: fbgemm's byte-rowwise rows, one per group: the codes plus 128 as uint8, then a
   float32 scale and a float32 bias (-128 * scale), so a value is code * scale + bias.
-  Same size as codes plus float16 scales at 64-value groups, and it is the layout
+  8 bytes per group (a 256-value segment with one scale takes 264, as 64-value groups
+  with float16 scales did), and it is the layout
   `torch.ops.quantized.embedding_bag_byte_rowwise_offsets` reads: the flash FFN sums down
   columns straight out of the neuron cache, no gather or decode (edge_node.flash.fused).
 
@@ -114,14 +115,13 @@ class BundleFormat:
                 return values
             return values.to(dtype) if out is None else out.copy_(values)
         if self.quant.bits == 8:
+            # (code - 128) * scale, which equals code * scale + bias: subtracting first is
+            # exact (small integers), where adding the bias last rounds twice in half types.
             rows8 = rows.view(k, segments, self.groups, self.quant.group_size + ROW_TAIL)
             codes, tail = rows8[..., :-ROW_TAIL], rows8[..., -ROW_TAIL:].contiguous()
-            scale, bias = tail.view(torch.float32).to(dtype).unsqueeze(-2).unbind(-1)
-            if out is None:
-                return torch.addcmul(bias, codes.to(dtype), scale).view(k, segments, self.dim)
-            decoded = out.view(codes.shape)
-            decoded.copy_(codes)
-            return decoded.mul_(scale).add_(bias).view(k, segments, self.dim)
+            scale = tail.view(torch.float32)[..., :1].to(dtype)
+            decoded = codes.to(dtype) if out is None else out.view(codes.shape).copy_(codes)
+            return decoded.sub_(128).mul_(scale).view(k, segments, self.dim)
         per_segment = rows.view(k, segments, self.segment_bytes)
         code_bytes = self.quant.code_bytes(self.dim)
         scales = per_segment[..., code_bytes:].contiguous().view(torch.float16)

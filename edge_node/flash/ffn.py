@@ -173,7 +173,10 @@ def load_flash_model(
         loaded = load_predictors(pack_dir, manifest, device, dtype)
         predictors, demand = list(loaded.predictors), predicted_shares(loaded.meta)
         if fused.supported(manifest.bundle) and device.type == "cpu":
-            predictors = [fused.Int8Predictor(p) for p in predictors]
+            predictors = [
+                fused.Int8Predictor(p) if fused.int8pack_fits(p.down.out_features) else p
+                for p in predictors
+            ]
     elif use_predictor:
         logger.info("%s: no predictor (edgecloud flash calibrate): using every neuron", pack_dir)
     unique = {t.data_ptr(): t for t in state.values()}

@@ -11,10 +11,11 @@ passes over every weight. With int8 bundles whose scale covers a whole segment
   sum_i a_i * down_i straight from the cache rows, no gather either: the int8 segment
   layout is its table format (edge_node.flash.bundle).
 
-bfloat16 rounds x and the gate and up products to 8 significant bits (relative error
-2^-9), below the int8 rounding of the weights (about 0.7% of a row's RMS with one scale
-per row). int8pack runs one row of x at a time, so its cost grows with the positions;
-prefill and large draft trees take the generic path (`MAX_POSITIONS`).
+bfloat16 rounds x, the per-row scales and the gate and up products to 8 significant
+bits (relative error 2^-9 each), below the int8 rounding of the weights (about 0.7% of a
+row's RMS with one scale per row). int8pack runs one row of x at a time, so its cost
+grows with the positions: the FFN of prefill and large draft trees takes the generic path
+(`MAX_POSITIONS`); the int8 predictors use int8pack at every size.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from lm.sparsity import LowRankPredictor
 
 MAX_POSITIONS = 16  # beyond this, decode-and-matmul is faster than int8pack (one row at a time)
 MIXED_SIGN = 0x80  # int8 segments store code + 128: xor gives the two's-complement code
+# int8pack's CPU kernel reads rows in blocks of 16 values: other lengths crash it or give
+# garbage (segfaults at 4 to 56 values off the multiple, on this AVX-512 machine).
+INT8PACK_MULTIPLE = 16
+
+
+def int8pack_fits(length: int) -> bool:
+    """Whether int8pack can multiply rows of `length` values (see INT8PACK_MULTIPLE)."""
+    return length % INT8PACK_MULTIPLE == 0 and hasattr(torch, "_weight_int8pack_mm")
 
 
 def supported(bundle: BundleFormat) -> bool:
@@ -36,8 +45,7 @@ def supported(bundle: BundleFormat) -> bool:
         quant is not None
         and quant.bits == 8
         and quant.group_size == bundle.dim
-        and bundle.dim % 4 == 0  # the scales are float32 columns of the cache rows
-        and hasattr(torch, "_weight_int8pack_mm")
+        and int8pack_fits(bundle.dim)  # also keeps the scales float32 columns of the rows
         and hasattr(torch.ops.quantized, "embedding_bag_byte_rowwise_offsets")
     )
 

@@ -122,6 +122,12 @@ class FlashManifest:
         }
 
 
+def default_quant(bits: int, dim: int) -> QuantSpec:
+    """int8: one scale per row, the layout the fused kernels multiply (edge_node.flash.fused);
+    int4: 64-value groups, as a scale per row is too coarse for 15 levels."""
+    return QuantSpec(bits=bits, group_size=dim if bits == 8 else 64)
+
+
 def pack_model(
     model_dir: str | Path,
     out_dir: str | Path,

@@ -160,8 +160,9 @@ class ColdReader:
         return PendingReads(start, futures)
 
     def _read_lane(self, jobs: Sequence[tuple[Extent, Deliver]]) -> float:
-        # At most `threads` lanes run at once (pool workers, or the caller without a
-        # pool), so a free buffer comes at once or when a running lane ends.
+        # As many buffers as pool workers. A lane (on a worker, or on the calling thread
+        # for a one-lane submit) waits at most until some running lane ends, and running
+        # lanes wait on nothing else: no deadlock.
         buffer = self._free.get()
         try:
             return self._read_into(jobs, buffer)

@@ -89,7 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_pack(args: argparse.Namespace) -> int:
     import torch
 
-    from edge_node.flash.pack import pack_model
+    from edge_node.flash.pack import default_quant, pack_model
+    from lm.checkpoint import read_hf_config
     from lm.quantize import QuantSpec
 
     if not args.model_dir.exists():
@@ -97,8 +98,11 @@ def run_pack(args: argparse.Namespace) -> int:
     try:
         quant = None
         if args.quantize:
-            group_size = args.group_size or _default_group_size(args)
-            quant = QuantSpec(bits=QUANTIZE[args.quantize], group_size=group_size)
+            bits = QUANTIZE[args.quantize]
+            if args.group_size is None:
+                quant = default_quant(bits, read_hf_config(args.model_dir / "config.json").dim)
+            else:
+                quant = QuantSpec(bits=bits, group_size=args.group_size)
         dtype = getattr(torch, args.dtype) if args.dtype else None
         manifest = pack_model(
             args.model_dir, args.out_dir, quant=quant, dtype=dtype, align=args.align
@@ -114,14 +118,6 @@ def run_pack(args: argparse.Namespace) -> int:
         f"dram.safetensors {manifest.dram.nbytes / 2**20:.1f} MiB"
     )
     return 0
-
-
-def _default_group_size(args: argparse.Namespace) -> int:
-    from lm.checkpoint import read_hf_config
-
-    if args.quantize == "int4":
-        return 64  # a scale per row is too coarse for 15 levels
-    return read_hf_config(args.model_dir / "config.json").dim
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

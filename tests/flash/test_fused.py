@@ -38,6 +38,11 @@ def test_int8_segments_are_byte_rowwise_rows_that_fbgemm_reads(group):
     assert fmt.decode(rows, torch.float32, out) is not None
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
     assert fmt.decode(rows[:0], torch.float32).shape == (0, 3, DIM)  # a piece none survive
+    # In half types too the decode is lm.quantize's, exactly: code - 128 first, then scale
+    # (quantizing the dequantized weights again gives back the same codes and scales).
+    codes, scales = quantize(expected, fmt.quant)
+    half = dequantize(codes, scales, fmt.quant, torch.bfloat16)
+    assert torch.equal(fmt.decode(rows, torch.bfloat16), half.view(5, 3, DIM))
     # fbgemm's table: every group a row; bags of one row give that row back decoded.
     table = rows.view(-1, group + 8)
     one_each = torch.arange(len(table))
@@ -48,6 +53,9 @@ def test_int8_segments_are_byte_rowwise_rows_that_fbgemm_reads(group):
 def test_fused_kernels_match_the_decoded_weights():
     fmt, rows, weights = encoded(40, DIM)
     assert fused.supported(fmt) and not fused.supported(encoded(1, 16)[0])
+    # int8pack's CPU kernel crashes on rows that are not a multiple of 16 values long.
+    odd = BundleFormat(dim=40, dtype=torch.float32, quant=QuantSpec(8, 40))
+    assert not fused.supported(odd) and not fused.int8pack_fits(24)
     x = torch.randn(3, DIM)
     segment = rows.view(40, 3, DIM + 8)
     for s in (0, 1):  # gate, up: codes as int8 (xor 128) with their float32 scales

@@ -95,10 +95,9 @@ def test_submit_returns_while_reads_are_in_flight_and_wait_delivers(tmp_path):
 
 
 def test_submits_in_flight_together_never_share_a_buffer(tmp_path):
-    """Two submits in flight at once (a read-ahead of the next layer's neurons while the
-    current layer's are read makes them). A lane must own its buffer until it is done;
-    sharing one hands a deliver another read's bytes (this failed so while buffers went
-    by lane number)."""
+    """Two submits in flight at once, which `submit`'s contract allows. A lane must own
+    its buffer until it is done; sharing one hands a deliver another read's bytes (this
+    failed so while buffers went by lane number)."""
     data = np.random.default_rng(1).integers(0, 256, 64 * 4096, dtype=np.uint8)
     path = tmp_path / "blob.bin"
     path.write_bytes(data.tobytes())
