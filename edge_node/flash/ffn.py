@@ -85,7 +85,8 @@ class FlashFeedForward(nn.Module):
             pieces = store.stream(self.layer, needed, store.code_rows if on_codes else None)
             for neurons in pieces:
                 if on_codes:
-                    gate = fused.project(xb, *store.codes(self.layer, neurons, 0))
+                    slots = store.slots(self.layer, neurons)
+                    gate = fused.project(xb, *store.codes(self.layer, slots, 0))
                 else:
                     gate = flat @ store.weights(self.layer, neurons, GATE)[:, 0].to(flat.device).t()
                 h = self.act(gate)
@@ -94,11 +95,13 @@ class FlashFeedForward(nn.Module):
                 if self.skips_inactive:
                     live = true_ids(h.ne(0).any(0))
                     neurons, h = neurons.index_select(0, live.cpu()), h.index_select(1, live)
+                    if on_codes:
+                        slots = slots.index_select(0, live)
                     if not len(neurons):
                         continue
                 if on_codes:
-                    h = h * fused.project(xb, *store.codes(self.layer, neurons, 1))
-                    y += store.down_products(self.layer, neurons, h)
+                    h = h * fused.project(xb, *store.codes(self.layer, slots, 1))
+                    y += store.down_products(self.layer, slots, h)
                 else:
                     up, down = store.weights(self.layer, neurons, UP_DOWN).to(flat.device).unbind(1)
                     y += (h * (flat @ up.t())) @ down

@@ -355,34 +355,35 @@ class FlashStore:
             out = self._decoded.view(-1)[: k * (stop - start) * dim].view(k, stop - start, dim)
         return bundle.decode(rows, self.compute_dtype, out)
 
-    def codes(self, layer: int, neurons: torch.Tensor, segment: int) -> tuple[torch.Tensor, ...]:
-        """int8 codes (k, dim) and float32 scales (k,) of `segment` (0 gate, 1 up) of
-        resident `neurons` (at most code_rows), for packs the fused path takes (`fused`):
-        the codes are gathered into the scratch and not decoded. Use them before the next
-        `codes` or `weights`."""
+    def slots(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
+        """Cache rows of resident `neurons`, for `codes` and `down_products` (a piece asks
+        for them once)."""
+        return self.caches[layer].slot_of.index_select(0, neurons)
+
+    def codes(self, layer: int, slots: torch.Tensor, segment: int) -> tuple[torch.Tensor, ...]:
+        """int8 codes (k, dim) and float32 scales (k,) of `segment` (0 gate, 1 up) of the
+        neurons in cache rows `slots` (at most code_rows), for packs the fused path takes
+        (`fused`): the codes are gathered into the scratch and not decoded. Use them
+        before the next `codes` or `weights`."""
         cache, dim = self.caches[layer], self.manifest.config.dim
         start = segment * self.manifest.bundle.segment_bytes
-        slots = cache.slot_of.index_select(0, neurons)
-        k = len(neurons)
+        k = len(slots)
         codes = torch.index_select(
             cache.rows[:, start : start + dim],
             0,
             slots,
             out=self._gathered.view(-1)[: k * dim].view(k, dim),
         )
-        # The rows as float32 (fused packs keep dim % 4 == 0): one column is the scales.
+        # The rows as float32 (fused packs keep dim % 16 == 0): one column is the scales.
         scales = cache.rows.view(torch.float32)[:, (start + dim) // 4].index_select(0, slots)
         codes.bitwise_xor_(fused.MIXED_SIGN)
         return codes.view(torch.int8), scales
 
-    def down_products(
-        self, layer: int, neurons: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
-        """sum_i weights[:, i] * down_i over resident `neurons` (k,), weights (m, k): (m, dim)
-        float32, computed on the cache rows in place (packs the fused path takes)."""
-        cache = self.caches[layer]
-        table = cache.rows.view(-1, self.manifest.bundle.segment_bytes)
-        return fused.weighted_rows(table, cache.slot_of.index_select(0, neurons) * 3 + 2, weights)
+    def down_products(self, layer: int, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_i weights[:, i] * down_i over the neurons in cache rows `slots` (k,), weights
+        (m, k): (m, dim) float32, computed on the cache rows in place (fused packs)."""
+        table = self.caches[layer].rows.view(-1, self.manifest.bundle.segment_bytes)
+        return fused.weighted_rows(table, slots * 3 + 2, weights)
 
     def _fetch(
         self, layer: int, missing: torch.Tensor, keep: torch.Tensor, needed: torch.Tensor
