@@ -16,7 +16,8 @@ completed and failed by status code, whether every completed output equals the
 fault-free (cloud-only) output of its prompt, requests past their deadline ("hung"),
 failovers, and the recovery time: from the injection to the first correct completion of
 a request sent after it. A request is lost when it completes wrong, fails with a status
-a client cannot retry, or hangs; the goal is zero.
+a client cannot retry, hangs, or fails at all without having met a fault (before the
+injection, or once the fleet healed and routing noticed); the goal is zero.
 
     python benchmarks/chaos.py                         # bundled demo pair, every fault
     python benchmarks/chaos.py --faults kill_verifier,stall_verifier --phase-s 20

@@ -15,6 +15,14 @@ session through a real gRPC server on loopback (the `Verifier.Verify` stream the
 so the transport's overhead is visible, and 8 sessions verified in one pass against the same
 8 rounds as 8 separate passes (an engine with `max_batch` 1).
 
+Acceptance alone (`--acceptance`, or `--acceptance-only`): the time to turn one pass's
+logits into accepted paths and bonus tokens, for vocabularies of 32k and 152k, batches of 1
+and 16 sessions, trees of 16 and 64 nodes (4 beams whose first beam is the target's own
+choice, so the walk goes deep), greedy and seeded sampling at temperature 0.7. "before" is
+the per-session path the engine ran until the batched one (a warped float32 distribution
+per session, then `verify_tree`, which copies every visited row to the host in float64);
+"after" is `lm.acceptance.accept_batch` (one batched step per warping, one host transfer).
+
 Every configuration is measured in `--passes` slices interleaved with the others, so a
 neighbour's load on a shared machine spreads over all of them instead of skewing one ratio.
 
@@ -44,11 +52,12 @@ from cloud_node.server import start_verifier
 from cloud_node.validation import OpenRequest, RoundRequest
 from edge_node.verifier_client import VerifierSession
 from edgecloud._channel import open_aio_channel
+from lm.acceptance import PendingRound, accept_batch, verify_tree
 from lm.checkpoint import load_model
 from lm.config import ModelConfig
 from lm.device import default_device, default_dtype
 from lm.model import Transformer
-from lm.sampling import SamplingParams
+from lm.sampling import SamplingParams, make_generator, probs_from_logits
 from lm.tree import TokenTree
 from serving.server import ServerConfig
 
@@ -251,6 +260,7 @@ async def run(model: Transformer, args: argparse.Namespace, budget: Budget) -> d
             max_sessions=max(BATCHES),
             max_context=limit,
             max_batch=max_batch,
+            batch_invariant=INVARIANT[args.batch_invariant],
             # Generous: the window closes as soon as every open session has a round queued.
             batch_window_ms=1000.0,
         )
@@ -261,7 +271,12 @@ async def run(model: Transformer, args: argparse.Namespace, budget: Budget) -> d
     single.start()
     server = await start_verifier(
         model,
-        VerifierConfig(model_name=MODEL_NAME, max_sessions=1, max_context=limit),
+        VerifierConfig(
+            model_name=MODEL_NAME,
+            max_sessions=1,
+            max_context=limit,
+            batch_invariant=INVARIANT[args.batch_invariant],
+        ),
         ServerConfig(port=0),
     )
     channel = open_aio_channel(f"127.0.0.1:{server.port}")
@@ -386,6 +401,81 @@ def report(results: dict[str, object]) -> dict[str, object]:
     }
 
 
+INVARIANT = {"auto": None, "on": True, "off": False}
+ACCEPT_VOCABS = (32_000, 152_064)
+ACCEPT_BATCHES = (1, 16)
+ACCEPT_TREES = (16, 64)
+ACCEPT_SAMPLING = {"greedy": GREEDY, "sampled": SamplingParams(temperature=0.7, seed=1)}
+
+
+def acceptance_inputs(
+    vocab: int, batch: int, size: int, device: torch.device, seed: int
+) -> tuple[torch.Tensor, list[TokenTree]]:
+    """Logits (batch, size + 1, vocab) with each tree's first beam boosted to be the
+    target's choice (+20), so greedy and sampling walk down about size / 4 nodes."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, size + 1, vocab, generator=generator)
+    trees = [beams_tree(size, vocab, generator) for _ in range(batch)]
+    for b, tree in enumerate(trees):
+        node = -1
+        while children := tree.children(node):
+            logits[b, node + 1, tree.tokens[children[0]]] += 20.0
+            node = children[0]
+    return logits.to(device), trees
+
+
+def accept_before(logits: torch.Tensor, trees: list[TokenTree], params: SamplingParams) -> None:
+    """The engine's acceptance until the batched path: per session, a warped distribution,
+    a generator reseeded for the round, then `verify_tree`."""
+    for b, tree in enumerate(trees):
+        generator = None if params.greedy else make_generator(params.seed, logits.device)
+        target = probs_from_logits(logits[b, : tree.size + 1], params)
+        verify_tree(tree, target, None, generator, params.greedy)
+
+
+def accept_after(logits: torch.Tensor, trees: list[TokenTree], params: SamplingParams) -> None:
+    accept_batch(logits, [PendingRound(tree, params, 1, 100, {}) for tree in trees])
+
+
+def acceptance_costs(device: torch.device, repeats: int, seed: int) -> list[dict[str, object]]:
+    rows = []
+    for vocab in ACCEPT_VOCABS:
+        for batch in ACCEPT_BATCHES:
+            for size in ACCEPT_TREES:
+                logits, trees = acceptance_inputs(vocab, batch, size, device, seed)
+                for name, params in ACCEPT_SAMPLING.items():
+                    times = {}
+                    for label, fn in (("before", accept_before), ("after", accept_after)):
+                        fn(logits, trees, params)  # warm-up
+                        samples = []
+                        for _ in range(repeats):
+                            with timed(device) as t:
+                                fn(logits, trees, params)
+                            samples.append(t.ms)
+                        times[label] = statistics.median(samples)
+                    rows.append(
+                        {
+                            "vocab": vocab,
+                            "batch": batch,
+                            "tree": size,
+                            "sampling": name,
+                            "before_ms": times["before"],
+                            "after_ms": times["after"],
+                            "speedup": times["before"] / times["after"],
+                        }
+                    )
+                del logits
+    print()
+    print(f"Acceptance per pass (median of {repeats}), before -> after:")
+    print(f"{'vocab':>7} {'batch':>6} {'tree':>5} {'sampling':>8} {'before':>10} {'after':>10}")
+    for r in rows:
+        print(
+            f"{r['vocab']:>7} {r['batch']:>6} {r['tree']:>5} {r['sampling']:>8} "
+            f"{r['before_ms']:>8.2f}ms {r['after_ms']:>8.2f}ms  {r['speedup']:.1f}x"
+        )
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -404,6 +494,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     device_flags(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
+    parser.add_argument(
+        "--batch-invariant",
+        choices=tuple(INVARIANT),
+        default="auto",
+        help="the verifier's per-query attention (auto: on for half precision on CPU)",
+    )
+    parser.add_argument(
+        "--acceptance", action="store_true", help="also time acceptance alone, before/after"
+    )
+    parser.add_argument(
+        "--acceptance-only", action="store_true", help="time acceptance alone and stop"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.pair_tree <= max(TREE_SIZES):
         parser.error(f"--pair-tree: must be in [1, {max(TREE_SIZES)}], got {args.pair_tree}")
@@ -429,6 +531,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     started = time.monotonic()
+    if args.acceptance or args.acceptance_only:
+        accept_rows = acceptance_costs(device, 3 if args.quick else 9, args.seed)
+        if args.acceptance_only:
+            print_json(
+                {
+                    "benchmark": "verifier-acceptance",
+                    "machine": machine(device),
+                    "rows": accept_rows,
+                }
+            )
+            return 0
     results = asyncio.run(run(model, args, budget))
     derived = report(results)
     print_json(
@@ -438,11 +551,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model": description,
             "context": args.context,
             "quick": args.quick,
+            "batch_invariant": args.batch_invariant,
             "passes": args.passes,
             "budget": vars(budget),
             "tree_note": "0 = cloud-only step; n > 0 = up to 4 beams of n/4 random tokens",
             **results,
             **derived,
+            **({"acceptance": accept_rows} if args.acceptance else {}),
             "wall_s": time.monotonic() - started,
         }
     )

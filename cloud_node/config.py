@@ -24,6 +24,11 @@ class VerifierConfig:
     max_batch: int = 16
     # Context tokens prefilled per forward pass when a session opens.
     prefill_chunk: int = 256
+    # Compute every position the same way whatever the pass holds (Transformer.
+    # batch_invariant), so greedy lossless equals greedy cloud_only token for token in
+    # half precision on CPU. None: on for float16/bfloat16 models on CPU, else off (CUDA
+    # GEMMs are not row-invariant, so attention alone would not make the promise true).
+    batch_invariant: bool | None = None
 
     def __post_init__(self) -> None:
         checks = {

@@ -2,29 +2,40 @@
 
 One asyncio task owns the model. Its loop is `schedule -> execute -> update`:
 
-- schedule: take waiting prefill chunks first (one per pass), else up to
-  `max_batch` rounds from distinct sessions. The first round waits at most
-  `batch_window_ms` for rounds of other live sessions, and not at all when every
-  live session already has one queued.
+- schedule: when both wait, prefill chunks and round batches take turns, so a session
+  that opens delays the running ones by at most one chunk (`prefill_chunk` tokens) per
+  round. A batch holds up to `max_batch` rounds from distinct sessions; its first round
+  waits at most `batch_window_ms` for rounds of other live sessions, and not at all
+  when every live session already has one queued.
 - execute: one forward pass in a worker thread (the event loop keeps serving I/O):
   per session its pending tokens (the last bonus token, plus tokens the edge added)
   followed by its draft tree, padded into one batch with per-row masks and positions.
-- update: per session, acceptance (`lm.acceptance.verify_tree`) on the target's
-  distributions, commit of the accepted path into the cache without recomputation,
-  and the bonus token becomes the session's next pending token.
+  Logits are computed for the rows acceptance reads only (none in a prefill).
+- update: the target's token at every tree row for the whole batch in one batched
+  step on the device and one host transfer (`lm.acceptance.target_tokens`; greedy is
+  the argmax, sampling inverts the CDF at a uniform keyed by (seed, position)), then
+  per session the walk down its tree (`accept_targets`), commit of the accepted path
+  into the cache without recomputation, and the bonus token becomes the session's next
+  pending token. Only an unseeded sampled session that sent its draft distribution is
+  verified by rejection sampling (`verify_tree`, on the host), where that accepts more.
+
+Session lifecycle: a pass owns the rows of the sessions in it. Closing a session (the
+stream ended, a client cancelled, the reaper) marks it and takes it out of the table at
+once; its row is reset and freed when no pass holds it, so a row is never emptied or
+reused under a running pass. An error in one session's acceptance fails that session
+alone; only a failed forward pass fails its whole batch.
 
 Sessions that asked for hidden states (`OpenSession.return_hidden`, for the edge's
 recurrent draft head) also get the target's final-norm hidden state at the position
-whose distribution gave the bonus token; the pass returns hidden states only when
-some session in the batch asked, and the rows are gathered in one transfer.
+whose distribution gave the bonus token; the rows are gathered in one transfer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
+import secrets
 import time
 import uuid
 from collections import deque
@@ -35,12 +46,12 @@ import torch
 
 from cloud_node.config import VerifierConfig
 from cloud_node.validation import OpenRequest, RoundRequest
-from lm.acceptance import Acceptance, verify_tree
+from lm.acceptance import Acceptance, PendingRound, accept_batch
 from lm.hidden_codec import EncodedHidden, HiddenEncoding, encode_hidden
 from lm.kv_cache import KVCache
 from lm.model import Transformer
-from lm.sampling import SamplingParams, make_generator, probs_from_logits
-from serving.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from lm.sampling import SamplingParams, make_generator
+from serving.errors import FailedPrecondition, Internal, OutOfRange, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +61,21 @@ class Session:
     id: str
     row: int
     sampling: SamplingParams
-    generator: torch.Generator | None
+    # Keys the position uniforms: the request's seed, or fresh entropy without one.
+    key: int
     # Tokens the session holds that are not in the KV cache yet (at least one).
     pending: list[int]
     last_used: float
     forward_passes: int = 0
     closed_reason: str | None = None
+    # True while a forward pass holds the session's row; closing then defers the free.
+    in_pass: bool = False
     return_hidden: HiddenEncoding = HiddenEncoding.NONE
     # Set by the prefill when asked: the hidden state at the next-to-last context token.
     opened_hidden: EncodedHidden | None = None
+    # Unseeded sampled sessions only: rejection sampling of the draft distributions
+    # they send (a seeded one keeps its promise instead, PendingRound).
+    generator: torch.Generator | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,10 @@ class VerifierEngine:
         self.config = config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        invariant = config.batch_invariant
+        if invariant is None:  # CUDA GEMMs are not row-invariant anyway (README)
+            invariant = self.device.type == "cpu" and self.dtype in (torch.float16, torch.bfloat16)
+        model.batch_invariant = invariant
         self.cache = KVCache(
             model.config,
             config.max_sessions,
@@ -144,16 +165,18 @@ class VerifierEngine:
         session_id = request.session_id or uuid.uuid4().hex
         if session_id in self.sessions:
             raise FailedPrecondition(f"open.session_id: session {session_id!r} is already open")
+        seed = request.sampling.seed
         session = Session(
             id=session_id,
             row=self._free_rows.popleft(),
             sampling=request.sampling,
-            generator=None
-            if request.sampling.greedy
-            else make_generator(request.sampling.seed, self.device),
+            key=secrets.randbits(64) if seed is None else seed,
             pending=[request.context[-1]],
             last_used=time.monotonic(),
             return_hidden=request.return_hidden,
+            generator=None
+            if request.sampling.greedy or seed is not None
+            else make_generator(None, self.device),
         )
         self.cache.reset(session.row)
         self.sessions[session.id] = session
@@ -166,8 +189,7 @@ class VerifierEngine:
                     prefix[start : start + chunk],
                     keep_hidden=bool(session.return_hidden) and start + chunk >= len(prefix),
                 )
-                self._prefills.append(work)
-                self._wakeup.set()
+                self._enqueue(self._prefills, work)
                 await work.future
         except BaseException:
             self.close(session, "prefill failed")
@@ -179,27 +201,36 @@ class VerifierEngine:
         committed = self.cache.lengths[session.row]
         needed = committed + len(session.pending) + len(request.new_tokens) + _depth(request) + 1
         if needed > self.config.max_context:
-            raise ResourceExhausted(
+            raise OutOfRange(
                 f"max_context: this round would take the session to {needed} tokens; "
                 f"the limit is {self.config.max_context}"
             )
         session.pending.extend(request.new_tokens)
         work = _RoundWork(session, request)
-        self._rounds.append(work)
-        self._wakeup.set()
+        self._enqueue(self._rounds, work)
         outcome = await work.future
         session.last_used = time.monotonic()
         return outcome
 
     def close(self, session: Session, reason: str = "closed") -> None:
-        """Frees the session's row; idempotent."""
+        """Takes the session out of service; its row is freed now, or by the pass that
+        holds it when that pass ends. Idempotent."""
         if session.closed_reason is not None:
             return
         session.closed_reason = reason
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
-            self.cache.reset(session.row)
-            self._free_rows.append(session.row)
+            if not session.in_pass:
+                self._free(session)
+
+    def _free(self, session: Session) -> None:
+        self.cache.reset(session.row)
+        self._free_rows.append(session.row)
+
+    def _enqueue(self, queue: deque, work: _RoundWork | _PrefillWork) -> None:
+        work.session.last_used = time.monotonic()
+        queue.append(work)
+        self._wakeup.set()
 
     def _check_open(self, session: Session) -> None:
         if session.closed_reason is not None:
@@ -212,26 +243,27 @@ class VerifierEngine:
             now = time.monotonic()
             busy = {w.session for w in itertools.chain(self._rounds, self._prefills)}
             for session in list(self.sessions.values()):
-                if session not in busy and now - session.last_used > ttl:
+                idle = now - session.last_used > ttl
+                if idle and not session.in_pass and session not in busy:
                     log.info("session expired", extra={"session": session.id})
                     self.close(session, f"expired after {ttl:g} s idle (--session-ttl)")
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        prefill_next = True  # when both wait, prefill chunks and round batches alternate
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._prefills or self._rounds:
-                if self._prefills:
+                if self._prefills and (prefill_next or not self._rounds):
+                    prefill_next = False
                     work = self._prefills.popleft()
-                    forward = loop.run_in_executor(self._executor, self._prefill, work)
-                    await self._run([work], forward)
+                    if not self._fail_if_closed(work):
+                        await self._run([work], self._prefill)
                     continue
+                prefill_next = True
                 batch = await self._schedule()
                 if batch:
-                    await self._run(
-                        batch, loop.run_in_executor(self._executor, self._execute, batch)
-                    )
+                    await self._run(batch, self._execute)
 
     async def _schedule(self) -> list[_RoundWork]:
         """Waits up to the batch window for rounds of other live sessions."""
@@ -257,7 +289,7 @@ class VerifierEngine:
             self._rounds.remove(work)
         return [w for w in batch if not self._fail_if_closed(w)]
 
-    def _fail_if_closed(self, work: _RoundWork) -> bool:
+    def _fail_if_closed(self, work: _RoundWork | _PrefillWork) -> bool:
         if work.session.closed_reason is None:
             return False
         if not work.future.done():
@@ -268,63 +300,92 @@ class VerifierEngine:
             )
         return True
 
-    async def _run(self, items: list, future: asyncio.Future) -> None:
-        """Resolves each item's future with its result, or all of them with the error."""
+    async def _run(self, items: list, execute) -> None:
+        """Runs `execute(items)` in the worker thread while it holds the items' rows;
+        resolves each item's future with its result or its own error, or all of them
+        with the pass's error. Rows of sessions closed meanwhile are freed after."""
+        sessions = [item.session for item in items]
+        for session in sessions:
+            session.in_pass = True
         try:
-            results = await future
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, execute, items
+            )
         except Exception as exc:  # a failed pass fails its callers, not the loop
             log.exception("forward pass failed")
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
+            results = [exc] * len(items)
+        finally:
+            for session in sessions:
+                session.in_pass = False
+                if session.closed_reason is not None:  # closed while the pass held it
+                    self._free(session)
         for item, result in zip(items, results, strict=True):
-            if not item.future.done():
+            if isinstance(result, BaseException):
+                self.close(item.session, "its round failed")
+                if not item.future.done():
+                    item.future.set_exception(result)
+            elif not item.future.done():
                 item.future.set_result(result)
 
     @torch.inference_mode()
-    def _prefill(self, work: _PrefillWork) -> list[None]:
+    def _prefill(self, items: list[_PrefillWork]) -> list[None]:
+        (work,) = items
         session, row = work.session, work.session.row
         ids = torch.tensor([work.tokens], device=self.device)
-        out = self.model(ids, cache=self.cache, rows=[row], return_hidden=work.keep_hidden)
+        hidden = self.model.hidden(ids, cache=self.cache, rows=[row])
         if work.keep_hidden:
-            session.opened_hidden = encode_hidden(out[1][0, -1], session.return_hidden)
+            session.opened_hidden = encode_hidden(hidden[0, -1], session.return_hidden)
         self.cache.commit(row, range(len(work.tokens)))
         work.session.forward_passes += 1
         self.forward_passes += 1
         return [None]
 
     @torch.inference_mode()
-    def _execute(self, batch: list[_RoundWork]) -> list[RoundOutcome]:
+    def _execute(self, batch: list[_RoundWork]) -> list[RoundOutcome | Exception]:
         start = time.perf_counter()
+        committed = [self.cache.lengths[w.session.row] for w in batch]
         packed = pack_rounds(
-            [(w.session.pending, w.request.tree, self.cache.lengths[w.session.row]) for w in batch]
+            [(w.session.pending, w.request.tree, c) for w, c in zip(batch, committed, strict=True)]
         )
-        want_hidden = any(w.session.return_hidden for w in batch)
-        out = self.model(
+        hidden = self.model.hidden(
             packed.input_ids.to(self.device),
             cache=self.cache,
             rows=[w.session.row for w in batch],
             positions=packed.positions.to(self.device),
             mask=packed.mask.to(self.device),
-            return_hidden=want_hidden,
         )
-        logits, hidden = out if want_hidden else (out, None)
         self.forward_passes += 1
-        outcomes = []
+        # Row r of session b's logits: its target after pending token n - 1 + r, i.e.
+        # after its last pending token (r = 0) and after tree node r - 1.
+        first = [len(w.session.pending) - 1 for w in batch]
+        rows = max(w.request.tree.size for w in batch) + 1
+        index = (torch.tensor(first)[:, None] + torch.arange(rows)).clamp_(max=hidden.shape[1] - 1)
+        index = index.to(self.device)[..., None].expand(-1, -1, hidden.shape[-1])
+        logits = self.model.logits(hidden.gather(1, index))  # (batch, rows, vocab)
+        results = accept_batch(
+            logits,
+            [
+                PendingRound(
+                    tree=w.request.tree,
+                    sampling=w.session.sampling,
+                    key=w.session.key,
+                    first=c + len(w.session.pending),
+                    draft=w.request.draft,
+                    generator=w.session.generator,
+                )
+                for w, c in zip(batch, committed, strict=True)
+            ],
+        )
+        outcomes: list[Acceptance | Exception] = []
         bonus_rows = []  # per batch row: the input position whose logits gave the bonus
-        for b, work in enumerate(batch):
-            session, tree = work.session, work.request.tree
-            n_pending = len(session.pending)
-            if session.sampling.seed is not None:
-                position = self.cache.lengths[session.row] + n_pending
-                session.generator.manual_seed(round_seed(session.sampling.seed, position))
-            target = probs_from_logits(
-                logits[b, n_pending - 1 : n_pending + tree.size].float(), session.sampling
-            )
-            acceptance = verify_tree(
-                tree, target, work.request.draft, session.generator, session.sampling.greedy
-            )
+        for b, (work, acceptance) in enumerate(zip(batch, results, strict=True)):
+            session, n_pending = work.session, len(work.session.pending)
+            if isinstance(acceptance, Exception):  # this session's fault: it fails alone
+                log.error("round failed: %r", acceptance, extra={"session": session.id})
+                self.cache.rollback(session.row, committed[b])
+                outcomes.append(Internal(f"round failed: {acceptance}"))
+                bonus_rows.append(first[b])
+                continue
             self.cache.commit(
                 session.row, [*range(n_pending), *(n_pending + node for node in acceptance.nodes)]
             )
@@ -336,19 +397,21 @@ class VerifierEngine:
         encoded = self._encode_hidden(batch, hidden, bonus_rows)
         server_ms = (time.perf_counter() - start) * 1000
         return [
-            RoundOutcome(a, w.request.tree.size, server_ms, len(batch), h)
+            a
+            if isinstance(a, Exception)
+            else RoundOutcome(a, w.request.tree.size, server_ms, len(batch), h)
             for a, w, h in zip(outcomes, batch, encoded, strict=True)
         ]
 
     def _encode_hidden(
-        self, batch: list[_RoundWork], hidden: torch.Tensor | None, bonus_rows: list[int]
+        self, batch: list[_RoundWork], hidden: torch.Tensor, bonus_rows: list[int]
     ) -> list[EncodedHidden | None]:
-        """hidden: (batch, time, dim) or None; bonus_rows[b]: the position to send for row b.
+        """hidden: (batch, time, dim); bonus_rows[b]: the position to send for row b.
 
         Position n_pending - 1 of a row is its last pending token (sent when nothing was
         accepted), n_pending + i is tree node i; padding follows both and is never read.
         """
-        if hidden is None:
+        if not any(w.session.return_hidden for w in batch):
             return [None] * len(batch)
         index = torch.tensor(bonus_rows, device=hidden.device)
         picked = hidden[torch.arange(len(batch), device=hidden.device), index].float().cpu()
@@ -356,18 +419,6 @@ class VerifierEngine:
             encode_hidden(picked[b], w.session.return_hidden) if w.session.return_hidden else None
             for b, w in enumerate(batch)
         ]
-
-
-def round_seed(seed: int, position: int) -> int:
-    """The generator seed of the round deciding the token at `position`.
-
-    Seeding each round from (seed, position) rather than drawing from one running
-    stream makes a seeded session's output a function of its tokens alone: a session
-    reopened on another verifier after a failover draws exactly what the first one
-    would have.
-    """
-    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def _depth(request: RoundRequest) -> int:

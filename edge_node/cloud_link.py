@@ -4,6 +4,7 @@ generation on this edge, and sessions opened through the picker with failover.""
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,25 +21,41 @@ from serving.errors import Internal, InvalidArgument
 
 log = logging.getLogger(__name__)
 
-# Failures after which another verifier (or the same one, reopened) may succeed.
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
+
+class Verdict(enum.Enum):
+    """What the edge does after a call to a verifier failed: the one retry policy."""
+
+    # The verifier or the link failed (gone, draining, stalled, session expired):
+    # reopen, on another verifier if one is free, and resend; until the deadline.
+    FAILOVER = "failover"
+    # The verifier answered with an error that a fresh session may not repeat (a bug,
+    # a full table): one retry on a fresh session, then the client hears it.
+    SUSPECT = "suspect"
+    # The session reached the verifier's context limit: the generation ends, "length".
+    LENGTH = "length"
+    # The request cannot succeed on any verifier: the client hears it, no retry.
+    FAIL = "fail"
 
 
-def is_retryable(error: BaseException) -> bool:
+_VERDICTS = {
+    grpc.StatusCode.UNAVAILABLE: Verdict.FAILOVER,
+    grpc.StatusCode.CANCELLED: Verdict.FAILOVER,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Verdict.FAILOVER,
+    grpc.StatusCode.FAILED_PRECONDITION: Verdict.FAILOVER,
+    grpc.StatusCode.INTERNAL: Verdict.SUSPECT,
+    grpc.StatusCode.UNKNOWN: Verdict.SUSPECT,
+    grpc.StatusCode.ABORTED: Verdict.SUSPECT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Verdict.SUSPECT,
+    grpc.StatusCode.OUT_OF_RANGE: Verdict.LENGTH,
+}
+
+
+def verdict(error: BaseException) -> Verdict:
     if isinstance(error, aio.AioRpcError):
-        return error.code() in RETRYABLE
-    return isinstance(error, (ConnectionError, asyncio.TimeoutError, OSError))
+        return _VERDICTS.get(error.code(), Verdict.FAIL)
+    if isinstance(error, (ConnectionError, asyncio.TimeoutError, OSError)):
+        return Verdict.FAILOVER
+    return Verdict.FAIL
 
 
 def refusal(error: BaseException) -> BaseException:
@@ -118,7 +135,7 @@ class CloudLink:
             except Exception as error:
                 await session.close()
                 await self.picker.release(session_id, endpoint)
-                if not is_retryable(error):
+                if verdict(error) not in (Verdict.FAILOVER, Verdict.SUSPECT):
                     raise refusal(error) from error
                 log.info("verifier refused session", extra={"address": endpoint.address})
                 tried.append(endpoint.address)

@@ -33,9 +33,10 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+import grpc
 import torch
 
-from edge_node.cloud_link import CloudLink, NoVerifier, is_retryable
+from edge_node.cloud_link import CloudLink, NoVerifier, Verdict, verdict
 from edge_node.drafter_choice import DrafterChoice
 from edge_node.drafters import Draft, DrafterKind, DraftShape, get_drafter
 from edge_node.drafters.head import HeadDrafter
@@ -62,6 +63,11 @@ EMPTY_TREE = TokenTree((), ())
 DEADLINE_MARGIN_S = 0.25
 # Adaptive mode without a verifier: try to reconnect after this many local tokens.
 RECONNECT_EVERY_TOKENS = 8
+
+
+class _ContextFull(Exception):
+    """The verifier's context has no room for another round: the generation ends with
+    finish_reason "length"."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,8 @@ class Generation:
         self._start = time.monotonic()
         self._deadline = None if request.timeout_s is None else self._start + request.timeout_s
         self._first_token_ms: float | None = None
+        # The open (or last) session's verifier context (SessionOpened.max_context).
+        self._max_context: int | None = None
         self._last_draft_ms = 0.0
         self._last_round_ms = 0.0
 
@@ -174,13 +182,16 @@ class Generation:
             Mode.ADAPTIVE: self._adaptive,
         }
         try:
-            async for chunk in modes[self.request.mode]():
-                if chunk.tokens or chunk.text or chunk.rollback:
-                    if self._first_token_ms is None:
-                        self._first_token_ms = (time.monotonic() - self._start) * 1000
-                    yield chunk
-                if self.out.done:
-                    break
+            try:
+                async for chunk in modes[self.request.mode]():
+                    if chunk.tokens or chunk.text or chunk.rollback:
+                        if self._first_token_ms is None:
+                            self._first_token_ms = (time.monotonic() - self._start) * 1000
+                        yield chunk
+                    if self.out.done:
+                        break
+            except _ContextFull:
+                self.out.finish("length")
             yield Chunk(verified=True, finish_reason=self.out.finish_reason, stats=self.stats())
         finally:
             await self._close_session()
@@ -219,6 +230,7 @@ class Generation:
         await self._open(self.lm.tokens, wait=True)
         draft = await self._draft(self._pick())
         while not self.out.done:
+            draft = self._fit(draft)
             verify = asyncio.ensure_future(self._verify(draft))
             speculation = None
             if (
@@ -294,7 +306,7 @@ class Generation:
                 since_retry += 1
                 yield self.out.emit([token], verified=False)
                 continue
-            draft = await self._draft()
+            draft = self._fit(await self._draft())
             try:
                 result = await self._verify(draft, new_tokens=unseen, wait=False)
             except NoVerifier:
@@ -303,6 +315,22 @@ class Generation:
                 continue
             unseen = []
             yield self._accept(draft, result)
+
+    def _room(self) -> int | None:
+        """Tree levels the verifier's context leaves the next round (its bonus token
+        included), negative when not even the bonus fits; None when unknown."""
+        if not self._max_context:
+            return None
+        return self._max_context - len(self.lm.tokens) - 1
+
+    def _fit(self, draft: Draft) -> Draft:
+        """The draft cut to the levels the verifier's context takes."""
+        room = self._room()
+        if room is None:
+            return draft
+        if room < 0:
+            raise _ContextFull
+        return draft.within_depth(room)
 
     def _fit_trees(self, verifier_max: int) -> None:
         """Drafts no larger than the session's verifier takes (SessionOpened.max_tree_nodes,
@@ -365,12 +393,11 @@ class Generation:
         """The edge's own next token and the SLM's probability of it."""
         logits = await self._in_thread(self.lm.next_logits)
         probs = probs_from_logits(logits.float(), self.request.sampling)
-        if self.generator is None:
+        if self.generator is None:  # greedy: the point mass says nothing; the raw softmax does
             token = int(probs.argmax())
-        else:
-            token = int(sample(probs, self.generator))
-        confidence = float(torch.softmax(logits.float(), -1)[token])
-        return token, confidence
+            return token, float(torch.softmax(logits.float(), -1)[token])
+        token = int(sample(probs, self.generator))
+        return token, float(probs[token])  # the distribution the token was drawn from
 
     def _accept(self, draft: Draft, result: pb.RoundResult, adopt: EdgeLM | None = None) -> Chunk:
         """Applies a round's result; `adopt` is a view that already holds it (pipelining)."""
@@ -422,7 +449,11 @@ class Generation:
         """One round, with failover: a failed round reopens and resends the draft."""
         tree, dists = (EMPTY_TREE, {}) if draft is None else (draft.tree, draft.dists)
         new_tokens = list(new_tokens or [])
+        retried = False  # a SUSPECT error gets one fresh session
         while True:
+            room = self._room()
+            if room is not None and room < 0:
+                raise _ContextFull
             if self._session is None:
                 # The history already holds any unseen tokens: the new session gets them.
                 await self._open(self.lm.tokens, wait=wait)
@@ -432,8 +463,15 @@ class Generation:
             except ServingError:
                 raise
             except Exception as error:
-                if not is_retryable(error):
-                    raise Internal(f"verifier rejected a round: {error}") from error
+                kind = verdict(error)
+                if kind is Verdict.LENGTH:
+                    await self._close_session()
+                    raise _ContextFull from error
+                if kind is Verdict.SUSPECT and not retried:
+                    retried = True
+                elif kind is not Verdict.FAILOVER:
+                    await self._close_session(failed=True)
+                    raise Internal(f"verifier rejected a round: {_describe(error)}") from error
                 log.warning("verifier failed; failing over", extra={"session": self.session_id})
                 self.counters.failovers += 1
                 await self._close_session(failed=True)
@@ -465,6 +503,7 @@ class Generation:
                 )
                 opened = self._session.opened
                 self._fit_trees(opened.max_tree_nodes)
+                self._max_context = opened.max_context or None
                 if len(context) > 1:  # one token has nothing before it to send
                     self._take_hidden(opened.hidden if opened.HasField("hidden") else None)
                 return
@@ -504,3 +543,9 @@ class Generation:
             await session.close()
         if endpoint is not None:
             await self.link.picker.release(self.session_id, endpoint)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return repr(error)

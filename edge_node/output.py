@@ -52,6 +52,11 @@ class Output:
             self.finish_reason = "length"
         return Chunk(tokens=tuple(tokens), text=delta, verified=verified, rollback=rollback)
 
+    def finish(self, reason: str) -> None:
+        """Ends the output for a reason found outside it (a context limit: "length")."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
     def rollback(self, keep_tokens: int) -> Rollback:
         """Drops output tokens after the first `keep_tokens`."""
         keep_chars = self._detok.rollback(keep_tokens) if self._detok else 0

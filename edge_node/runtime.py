@@ -130,7 +130,10 @@ class EdgeRuntime:
         )
         return GenerationRequest(
             prompt_tokens=prompt,
-            max_tokens=min(msg.max_tokens, room),
+            # cloud_only never runs the SLM: the verifier's context bounds it (`length`).
+            max_tokens=msg.max_tokens
+            if MODES[msg.mode] is Mode.CLOUD_ONLY
+            else min(msg.max_tokens, room),
             sampling=SamplingParams(
                 temperature=msg.temperature,
                 top_k=msg.top_k,

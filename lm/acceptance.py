@@ -76,8 +76,22 @@ Check that nothing is lost: token 2 comes out when x_1 = 2 is drawn (0.3) and ac
 (p(2) >= q(2)), or when x_1 = 1 is drawn (0.6), rejected (0.5), x_2 = 2 is drawn (0.75) and
 accepted (4/9): 0.3 + 0.1 = 0.4 = p(2).
 
-Randomness
-----------
+Position-keyed draws (what the verifier does unless a draft distribution is sent)
+---------------------------------------------------------------------------------
+The target's own token at every row of the tree is drawn first, in one batched step on the
+device: the argmax when greedy, else inversion of the warped CDF at a uniform that is a pure
+function of (seed, absolute position) (`lm.sampling.position_uniforms`,
+`sample_by_inversion`).  `accept_targets` then walks the tree on the host: a child is accepted
+exactly when its token equals the target's token at its parent's row, and the bonus is the
+target's token after the last accepted node.  The emitted tokens are therefore exactly the
+tokens target-only sampling with that seed produces, whatever the tree's shape, so a seeded
+`lossless` session writes the same text as a seeded `cloud_only` one.  For deterministic
+children this accepts with the same probability as the point-mass rule above (a child x is
+accepted with probability p(x); siblings with p(x_1) + p(x_2) + ...).  Sending q buys a
+higher acceptance rate for sampled drafts (`verify_tree` below) at the price of that promise.
+
+Randomness of `verify_tree`
+---------------------------
 `verify_tree` draws tree.size + 1 uniforms in float64 from the generator up front, in one call
 on the generator's device: uniform i decides the test of node i (each node is tested at most
 once) and the last one draws the bonus by inversion of the CDF.  A round therefore consumes the
@@ -88,10 +102,16 @@ one target row at a time (one small device-to-host copy per visited node).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from lm.sampling import (
+    SamplingParams,
+    position_uniforms,
+    probs_from_logits,
+    sample_by_inversion,
+)
 from lm.tree import TokenTree
 
 PROB_SUM_TOLERANCE = 1e-3
@@ -142,6 +162,114 @@ class DraftDistribution:
             )
 
 
+@dataclass(frozen=True)
+class PendingRound:
+    """One session's round inside a pass, as `accept_batch` needs it.
+
+    first: the absolute position that row 0 decides (committed + pending tokens).
+    key: keys the position uniforms (the request's seed, or entropy without one).
+    generator: set only where the session is verified by rejection sampling (an
+        unseeded sampled session that sent its draft distributions), on the logits' device.
+    """
+
+    tree: TokenTree
+    sampling: SamplingParams
+    key: int
+    first: int
+    draft: Mapping[int, DraftDistribution]
+    generator: torch.Generator | None = None
+
+    @property
+    def uses_rejection(self) -> bool:
+        return bool(self.draft) and self.generator is not None and not self.sampling.greedy
+
+
+def accept_batch(
+    logits: torch.Tensor, rounds: Sequence[PendingRound]
+) -> list[Acceptance | Exception]:
+    """Verifies every session of a pass. logits: (batch, rows, vocab), row r of session b
+    being its target after its last pending token (r = 0) or after node r - 1; rows past
+    a session's tree.size + 1 are padding.
+
+    The target's token at every row is decided for the whole batch in one step per
+    distinct warping (greedy argmax, or inversion at position-keyed uniforms) and copied
+    to the host once; each tree is then walked on the host. A session's error is
+    returned in its place and leaves the others alone.
+    """
+    batch, rows = logits.shape[:2]
+    uniforms = torch.zeros(batch, rows, dtype=torch.float64)
+    groups: dict[SamplingParams, list[int]] = {}
+    for b, round_ in enumerate(rounds):
+        if round_.uses_rejection:
+            continue
+        # Sessions that warp alike share one step: greedy ones all, sampled ones by params.
+        params = SamplingParams() if round_.sampling.greedy else replace(round_.sampling, seed=None)
+        groups.setdefault(params, []).append(b)
+        if not params.greedy:
+            positions = row_positions(round_.tree, round_.first)
+            uniforms[b, : len(positions)] = torch.tensor(
+                position_uniforms(round_.key, positions), dtype=torch.float64
+            )
+    targets = torch.zeros(batch, rows, dtype=torch.long, device=logits.device)
+    uniforms = uniforms.to(logits.device, torch.float32)
+    for params, members in groups.items():
+        index = torch.tensor(members, device=logits.device)
+        targets[index] = target_tokens(logits[index], params, uniforms[index])
+    host = targets.tolist()  # the one device-to-host transfer
+    out: list[Acceptance | Exception] = []
+    for b, round_ in enumerate(rounds):
+        size = round_.tree.size + 1
+        try:
+            if round_.uses_rejection:
+                target = probs_from_logits(logits[b, :size], round_.sampling)
+                out.append(verify_tree(round_.tree, target, round_.draft, round_.generator, False))
+            else:
+                out.append(accept_targets(round_.tree, host[b][:size]))
+        except Exception as exc:  # noqa: BLE001 - returned to that session alone
+            out.append(exc)
+    return out
+
+
+def target_tokens(
+    logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor | None
+) -> torch.Tensor:
+    """The target's own token at every row: logits (..., vocab) -> LongTensor (...).
+
+    Greedy: the argmax (the first on ties). Otherwise inversion of the warped
+    distribution's CDF at `uniforms` (..., on logits' device), one per row. No host sync.
+    """
+    if params.greedy:
+        return logits.argmax(-1)
+    if uniforms is None:
+        raise ValueError("uniforms: required when sampling")
+    return sample_by_inversion(probs_from_logits(logits, params), uniforms)
+
+
+def row_positions(tree: TokenTree, first: int) -> list[int]:
+    """The absolute position each target row decides: row 0 the token at `first` (right
+    after the committed text), row i + 1 the token after node i. Length tree.size + 1."""
+    return [first, *(first + depth + 1 for depth in tree.depths())]
+
+
+def accept_targets(tree: TokenTree, targets: Sequence[int]) -> Acceptance:
+    """Position-keyed acceptance (module doc): targets[r] is the target's token at row r
+    (row 0 after the committed text, row i + 1 after node i)."""
+    if len(targets) != tree.size + 1:
+        raise ValueError(f"targets: must have tree.size + 1 = {tree.size + 1} entries")
+    nodes: list[int] = []
+    node = -1
+    while True:
+        want = targets[node + 1]
+        match = [child for child in tree.children(node) if tree.tokens[child] == want]
+        if not match:
+            break
+        node = match[0]
+        nodes.append(node)
+    return Acceptance(
+        nodes=tuple(nodes), tokens=tuple(tree.tokens[n] for n in nodes), bonus=targets[node + 1]
+    )
+
+
 def verify_tree(
     tree: TokenTree,
     target_probs: torch.Tensor,
@@ -162,7 +290,7 @@ def verify_tree(
     draft = draft or {}
     check_draft(tree, draft, vocab)
     if greedy:
-        return _verify_greedy(tree, target_probs)
+        return accept_targets(tree, target_probs.argmax(dim=-1).tolist())
     if generator is None:
         raise ValueError("generator: required when greedy is False")
     uniforms = torch.rand(
@@ -225,21 +353,6 @@ def verify_siblings(
         if mass > 0:
             residual = rejected / mass
     return None, residual
-
-
-def _verify_greedy(tree: TokenTree, target_probs: torch.Tensor) -> Acceptance:
-    best = target_probs.argmax(dim=-1).tolist()
-    nodes: list[int] = []
-    node = -1
-    while True:
-        match = [child for child in tree.children(node) if tree.tokens[child] == best[node + 1]]
-        if not match:
-            break
-        node = match[0]
-        nodes.append(node)
-    return Acceptance(
-        nodes=tuple(nodes), tokens=tuple(tree.tokens[n] for n in nodes), bonus=best[node + 1]
-    )
 
 
 def _check_target_probs(tree: TokenTree, target_probs: torch.Tensor) -> int:

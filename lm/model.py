@@ -11,6 +11,7 @@ serves prefill, chain decoding, padded batches and token-tree verification.
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,43 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(
+        self, input_ids: torch.Tensor, *, return_hidden: bool = False, **inputs: Any
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (batch, time, vocab) in float32 for input_ids (batch, time).
+
+        inputs: `hidden`'s keyword arguments (cache, rows, positions, mask, cache_mask).
+        return_hidden: also return the final-norm output (batch, time, dim), the input
+            of the classifier.
+        """
+        hidden = self.hidden(input_ids, **inputs)
+        logits = self.logits(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether every position's output is computed the same way whatever else the
+        pass holds (other tree nodes, other sessions, a longer prefill chunk).
+
+        CPU attention kernels split the queries into blocks, so in bfloat16 a token's
+        logits in a 17-node tree pass differ from a one-token pass in the last bits and
+        near-ties flip greedy decisions (measured: 17 of 30 prompts on a small bf16 model).
+        With this on, attention runs one query per call (the linear layers and norms are
+        row-wise already on CPU), at a cost the verifier benchmark measures.
+        """
+        return all(layer.attention.per_query for layer in self.layers)
+
+    @batch_invariant.setter
+    def batch_invariant(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.attention.per_query = on
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The classifier: final-norm hidden states (..., dim) -> float32 logits (..., vocab).
+        A caller that needs a few positions' logits gathers them first (the verifier's
+        prefill needs none, its rounds only the tree's rows)."""
+        return self.output(hidden).float()
+
+    def hidden(
         self,
         input_ids: torch.Tensor,
         *,
@@ -44,9 +82,8 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache_mask: torch.Tensor | None = None,
-        return_hidden: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits (batch, time, vocab) in float32 for input_ids (batch, time).
+    ) -> torch.Tensor:
+        """The final-norm output (batch, time, dim) for input_ids (batch, time).
 
         positions: (batch, time) RoPE positions; default 0.. without a cache, and
             lengths[rows[b]] + t with one.
@@ -58,8 +95,6 @@ class Transformer(nn.Module):
             drafter grow a tree level by level in the cache: each new node sees the
             history and its own ancestors, not its cousins committed before it.
         rows: cache row of each batch row; default 0..batch-1.
-        return_hidden: also return the final-norm output (batch, time, dim), the input
-            of the classifier.
         """
         batch, time = input_ids.shape
         if mask is not None and (mask.shape != (batch, time, time) or mask.dtype != torch.bool):
@@ -89,9 +124,7 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, step)
-        hidden = self.norm(x)
-        logits = self.output(hidden).float()
-        return (logits, hidden) if return_hidden else logits
+        return self.norm(x)
 
     def _prepare(
         self, cache: KVCache, rows: Sequence[int] | None, batch: int, time: int
@@ -143,6 +176,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        # One attention call per query (Transformer.batch_invariant).
+        self.per_query = False
 
     def forward(
         self,
@@ -165,7 +200,10 @@ class Attention(nn.Module):
         repeat = self.n_heads // self.n_kv_heads
         if repeat > 1:
             k, v = repeat_kv(k, repeat), repeat_kv(v, repeat)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if self.per_query:
+            y = per_query_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(y.transpose(1, 2).reshape(batch, time, -1))
 
 
@@ -195,6 +233,35 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def per_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention computed so that a query's output depends on its own keys alone.
+
+    q: (batch, heads, time, head_dim); k, v: (batch, heads, keys, head_dim); mask:
+    (batch, 1, time, keys) bool, or None for causal. Each query attends, in its own
+    call, to exactly the keys it may see gathered in order into a contiguous tensor:
+    the same shapes, values and order whether the query is alone in a one-token pass
+    or one node of a tree beside other sessions' trees, so the kernel does the same
+    arithmetic. (A fused kernel over the whole block splits keys and queries into
+    blocks whose boundaries move with the pass's shape.) Costs one call per query.
+    """
+    batch, _, time, _ = q.shape
+    out = torch.empty_like(q)
+    for b in range(batch):
+        for t in range(time):
+            if mask is None:
+                keep = torch.arange(t + 1, device=q.device)
+            else:
+                keep = mask[b, 0, t].nonzero().squeeze(-1)
+            out[b, :, t] = F.scaled_dot_product_attention(
+                q[b, :, t : t + 1].contiguous(),
+                k[b].index_select(1, keep),
+                v[b].index_select(1, keep),
+            )[:, 0]
+    return out
 
 
 def repeat_kv(x: torch.Tensor, repeat: int) -> torch.Tensor:

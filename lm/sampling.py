@@ -13,6 +13,8 @@ synchronisation: the parameters are host scalars, and sampling uses the exponent
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +117,41 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     # Exp(1) can round to exactly 0; the smallest normal float keeps the quotient finite.
     return torch.argmax(probs / race.clamp_min_(torch.finfo(torch.float32).tiny), dim=-1)
+
+
+def position_uniforms(key: int, positions: Sequence[int]) -> list[float]:
+    """One U[0, 1) per absolute sequence position, a pure function of (key, position).
+
+    The verifier decides the token at position n with the uniform for n (by
+    `sample_by_inversion`), so a seeded request's text depends on its seed, prompt and
+    model alone: not on how many tokens each round verified, which pass they shared,
+    the round trip, a failover to another verifier, or that verifier's device (the
+    draws are made here, on the host, with blake2b). 53 bits: exact in float64.
+    """
+    out = []
+    for position in positions:
+        digest = hashlib.blake2b(f"{key}:{position}".encode(), digest_size=8).digest()
+        out.append((int.from_bytes(digest, "little") >> 11) * 2.0**-53)
+    return out
+
+
+def sample_by_inversion(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The token whose CDF interval holds each uniform: probs (..., vocab), uniforms (...)
+    in [0, 1) -> LongTensor (...). Never a zero-probability token.
+
+    Runs on probs' device without synchronising with the host. The CDF is a float32
+    cumulative sum, so a token's interval may be off its probability by the sum's
+    rounding (about 1e-7 of the total per position on CPU; kernels differ, so a CPU and
+    a CUDA verifier may split a boundary differently).
+    """
+    probs = probs.float()
+    cdf = probs.cumsum(-1)
+    point = uniforms.to(cdf.dtype).clamp(max=1 - 2**-24).unsqueeze(-1) * cdf[..., -1:]
+    token = torch.searchsorted(cdf, point, right=True).squeeze(-1)
+    # u * total rounded up to the total: the last token with mass.
+    vocab = probs.shape[-1]
+    last = vocab - 1 - probs.flip(-1).gt(0).int().argmax(-1)
+    return torch.where(token >= vocab, last, token)
 
 
 def _check_seed(seed: int) -> None:

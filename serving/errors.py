@@ -34,6 +34,13 @@ class ResourceExhausted(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class OutOfRange(ServingError):
+    """The session reached the verifier's context limit: the generation ends there
+    (`finish_reason: length`); no other verifier of the same configuration can go on."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class Unavailable(ServingError):
     """Retryable: the server is draining, or no peer can take the work right now."""
 

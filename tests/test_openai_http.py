@@ -302,3 +302,35 @@ async def test_error_after_the_first_chunk_ends_the_stream_with_an_error_event()
     finally:
         await http.stop()
     assert texts == ["Hi"]
+
+
+async def test_seeds_through_sdk_and_http(servers):
+    """temperature 0 with a seed finishes (it used to retry until the deadline) and is
+    plain greedy; a seeded sampled request, with default options, gives the same text
+    every time and equals seeded cloud_only, over both front ends."""
+    edge, http = servers
+    async with sdk_client(edge) as sdk:
+        greedy = await sdk.generate(PROMPT, max_tokens=16, timeout=20)
+        seeded_greedy = await sdk.generate(PROMPT, max_tokens=16, temperature=0, seed=1, timeout=20)
+        sampled = [
+            await sdk.generate(PROMPT, max_tokens=24, temperature=1.0, seed=5, timeout=20)
+            for _ in range(3)
+        ]
+        cloud = await sdk.generate(
+            PROMPT, max_tokens=24, temperature=1.0, seed=5, mode="cloud_only", timeout=20
+        )
+    assert list(seeded_greedy.tokens) == list(greedy.tokens)
+    assert {tuple(s.tokens) for s in sampled} == {tuple(cloud.tokens)}
+    async with openai_client(http) as client:
+        over_http = [
+            await client.completions.create(
+                model=MODEL_NAME, prompt=PROMPT, max_tokens=24, temperature=t, seed=s, timeout=20
+            )
+            for t, s in ((0, 1), (1.0, 5), (1.0, 5))
+        ]
+    assert (
+        over_http[0].choices[0].token_ids
+        == list(greedy.tokens) + over_http[0].choices[0].token_ids[16:]
+    )
+    assert over_http[1].choices[0].token_ids == over_http[2].choices[0].token_ids
+    assert over_http[1].choices[0].token_ids == list(cloud.tokens)

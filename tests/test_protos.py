@@ -110,3 +110,20 @@ def test_hidden_encodings_match_the_codec():
     assert {v.name: v.number for v in wire.values} == {
         f"HIDDEN_{e.name}": e.value for e in HiddenEncoding
     }
+
+
+def test_sampling_parameters_travel_as_doubles():
+    """A float32 field turned 0.7 into 0.699999988 and 1e-46 into 0 (greedy on the
+    verifier while the edge sampled)."""
+    from edge_node.verifier_client import sampling_message
+    from edgecloud.v1 import generation_pb2, verification_pb2
+    from lm.sampling import SamplingParams
+
+    for value in (0.7, 1e-46):
+        wire = verification_pb2.SamplingParams.FromString(
+            sampling_message(SamplingParams(temperature=value, top_p=0.7)).SerializeToString()
+        )
+        assert (wire.temperature, wire.top_p) == (value, 0.7)
+        request = generation_pb2.GenerateRequest(temperature=value, top_p=0.7)
+        again = generation_pb2.GenerateRequest.FromString(request.SerializeToString())
+        assert (again.temperature, again.top_p) == (value, 0.7)

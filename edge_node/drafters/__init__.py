@@ -11,7 +11,7 @@ no SLM cache entry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
@@ -50,6 +50,31 @@ class Draft:
     # Tree indices of the drafter's most likely path, root first.
     main_path: tuple[int, ...]
     drafter: DrafterKind = "slm"
+
+    def within_depth(self, levels: int) -> Draft:
+        """This draft cut to its first `levels` levels (0: an empty tree), so that a
+        round fits the verifier's context; itself when it already fits."""
+        depths = self.tree.depths()
+        if max(depths, default=-1) < levels:
+            return self
+        keep = [i for i, depth in enumerate(depths) if depth < levels]
+        index = {old: new for new, old in enumerate(keep)}
+        tree = TokenTree(
+            tokens=tuple(self.tree.tokens[i] for i in keep),
+            parents=tuple(index.get(self.tree.parents[i], -1) for i in keep),
+        )
+        return Draft(
+            tree=tree,
+            dists={
+                index.get(node, -1): replace(dist, node=index.get(node, -1))
+                for node, dist in self.dists.items()
+                if node == -1 or node in index
+            },
+            node_ids=tuple(self.node_ids[i] for i in keep),
+            undeduplicated=self.undeduplicated,
+            main_path=tuple(index[i] for i in self.main_path if i in index),
+            drafter=self.drafter,
+        )
 
 
 class Drafter(Protocol):

@@ -71,13 +71,16 @@ class SamplingParams(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
-    """0 means greedy (argmax). Allowed: 0 <= temperature <= 100."""
+    """0 means greedy (argmax). Allowed: 0 <= temperature <= 100.
+    double: a float32 would turn a tiny temperature into 0 (greedy) on the verifier
+    while the edge samples.
+    """
     top_k: _builtins.int
     """Keep the k most likely tokens; 0 means no top-k. Allowed: 0 <= top_k <= vocab."""
     top_p: _builtins.float
     """Nucleus mass; 0 or 1 means no top-p. Allowed: 0 <= top_p <= 1."""
     seed: _builtins.int
-    """Seed of the session's generator; unset means a random seed."""
+    """Keys the uniform that decides each position (same seed, same text); unset: random."""
     def __init__(
         self,
         *,

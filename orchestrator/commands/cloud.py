@@ -32,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--batch-window-ms", type=float, default=3.0)
     serve.add_argument("--max-batch", type=int, default=16)
     serve.add_argument(
+        "--batch-invariant",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="attention computed per query, so greedy lossless equals cloud_only token for "
+        "token in half precision on CPU; auto: on for float16/bfloat16 on CPU (default)",
+    )
+    serve.add_argument(
         "--redis-url", help="register in this registry (a verifier outside Ray joining a fleet)"
     )
     serve.add_argument("--advertise", help="HOST:PORT edges dial (default: --host:--port)")
@@ -83,6 +90,7 @@ def run_serve(args: argparse.Namespace) -> int:
             session_ttl_s=args.session_ttl,
             batch_window_ms=args.batch_window_ms,
             max_batch=args.max_batch,
+            batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant],
         )
         server = server_config(args)
     except ValueError as exc:

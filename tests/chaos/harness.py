@@ -12,7 +12,10 @@ A phase runs `concurrency` clients in a loop for `phase_s` seconds, each sending
 greedy lossless requests with a deadline, and injects one or more faults at
 `inject_at_s`. A request is *lost* if it completes with output other than its
 fault-free output, fails with a status a client cannot retry (anything but
-UNAVAILABLE and RESOURCE_EXHAUSTED), or is still running past its deadline.
+UNAVAILABLE and RESOURCE_EXHAUSTED), is still running past its deadline, or fails
+at all without having met a fault: it ended before the injection, or began after the
+fleet healed plus the time routing takes to notice (`heartbeat_ttl_s` and
+`round_timeout_s`). In a phase without faults every failure is lost.
 """
 
 from __future__ import annotations
@@ -86,7 +89,16 @@ class Outcome:
 class PhaseReport:
     faults: tuple[str, ...]
     injected_at: float
+    # When the last fault was healed, plus the time routing takes to notice it.
+    calm_from: float = float("inf")
     outcomes: list[Outcome] = field(default_factory=list)
+
+    def met_fault(self, outcome: Outcome) -> bool:
+        return (
+            bool(self.faults)
+            and outcome.start <= self.calm_from
+            and (outcome.end >= self.injected_at)
+        )
 
     def summary(self, references: Sequence[tuple[int, ...]], deadline_s: float) -> dict:
         ok = [o for o in self.outcomes if o.status == "OK"]
@@ -94,7 +106,8 @@ class PhaseReport:
         failed = Counter(o.status for o in self.outcomes if o.status != "OK")
         hung = [o for o in self.outcomes if o.end - o.start > deadline_s + 1.0]
         refused = [o for o in self.outcomes if not o.retryable]
-        lost = len({id(o) for o in wrong + hung + refused})
+        unprovoked = [o for o in self.outcomes if o.status != "OK" and not self.met_fault(o)]
+        lost = len({id(o) for o in wrong + hung + refused + unprovoked})
         later = [o for o in ok if o.start >= self.injected_at and o.tokens == references[o.prompt]]
         recovery = min((o.end for o in later), default=None)
         during = [o.end - o.start for o in self.outcomes if o.end >= self.injected_at]
@@ -106,6 +119,7 @@ class PhaseReport:
             "lossless_identical": not wrong,
             "mismatched": len(wrong),
             "hung": len(hung),
+            "failed_without_fault": len(unprovoked),
             "lost": lost,
             # From the injection to the first correct completion of a request sent after it.
             "recovery_s": None if recovery is None else round(recovery - self.injected_at, 3),
@@ -269,6 +283,7 @@ class Fleet:
         async def inject_all() -> None:
             await asyncio.sleep(config.inject_at_s)
             await asyncio.gather(*(self.inject(f) for f in faults))
+            report.calm_from = loop.time() + config.heartbeat_ttl_s + config.round_timeout_s
 
         async with self.client() as client:
             await asyncio.gather(inject_all(), *(worker(client) for _ in range(config.concurrency)))

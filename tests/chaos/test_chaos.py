@@ -1,6 +1,7 @@
 """Each fault of the chaos plan, then all of them at once, under a bounded load on a
 real fleet (tests/chaos/harness.py): no request is lost, none outlives its deadline,
-and every completed lossless output equals its fault-free output."""
+and every completed lossless output equals its fault-free output. A phase without
+faults comes first: there, and outside every fault's window, nothing may fail."""
 
 from __future__ import annotations
 
@@ -36,11 +37,15 @@ async def fleet(tmp_path_factory):
     await f.stop()
 
 
-@pytest.mark.parametrize("faults", [[fault] for fault in FAULTS] + [list(FAULTS)], ids=str)
+@pytest.mark.parametrize("faults", [[]] + [[fault] for fault in FAULTS] + [list(FAULTS)], ids=str)
 async def test_no_request_is_lost(fleet, faults):
     report = await fleet.phase(PROMPTS, faults)
     summary = report.summary(fleet.reference_outputs, fleet.config.deadline_s)
     assert summary["lost"] == 0, summary
     assert summary["hung"] == 0, summary
     assert summary["lossless_identical"], summary
-    assert summary["completed"] > 0 and summary["recovery_s"] is not None, summary
+    assert summary["completed"] > 0, summary
+    if faults:
+        assert summary["recovery_s"] is not None, summary
+    else:
+        assert summary["failed"] == {}, summary
