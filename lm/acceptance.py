@@ -111,6 +111,7 @@ from lm.sampling import (
     position_uniforms,
     probs_from_logits,
     sample_by_inversion,
+    warped_weights,
 )
 from lm.tree import TokenTree
 
@@ -213,8 +214,11 @@ def accept_batch(
     targets = torch.zeros(batch, rows, dtype=torch.long, device=logits.device)
     uniforms = uniforms.to(logits.device, torch.float32)
     for params, members in groups.items():
+        if len(members) == batch:  # the common case: no copy of the batch's logits
+            targets = target_tokens(logits, params, uniforms)
+            continue
         index = torch.tensor(members, device=logits.device)
-        targets[index] = target_tokens(logits[index], params, uniforms[index])
+        targets[index] = target_tokens(logits.index_select(0, index), params, uniforms[index])
     host = targets.tolist()  # the one device-to-host transfer
     out: list[Acceptance | Exception] = []
     for b, round_ in enumerate(rounds):
@@ -242,7 +246,7 @@ def target_tokens(
         return logits.argmax(-1)
     if uniforms is None:
         raise ValueError("uniforms: required when sampling")
-    return sample_by_inversion(probs_from_logits(logits, params), uniforms)
+    return sample_by_inversion(warped_weights(logits, params), uniforms)
 
 
 def row_positions(tree: TokenTree, first: int) -> list[int]:

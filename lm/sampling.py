@@ -74,25 +74,42 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     the last token and renormalises to (0.526, 0.316, 0.158, 0); the first two tokens already
     hold 0.842 >= 0.8, so top-p leaves (0.625, 0.375, 0, 0).
     """
+    if params.greedy:
+        params.validate(logits.shape[-1])
+        logits = logits.float()
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    weights = warped_weights(logits, params)
+    return weights.div_(weights.sum(-1, keepdim=True))
+
+
+def warped_weights(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """`probs_from_logits` of a sampled request up to a positive factor per row (the
+    normalisation left out): all that inversion of the CDF needs. float32, (..., vocab).
+
+    One new tensor, then in-place steps: at a verifier's (batch, rows, 152k) on CPU a
+    fresh tensor per step cost more than the arithmetic.
+    """
     vocab = logits.shape[-1]
     params.validate(vocab)
-    logits = logits.float()
     if params.greedy:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    # Subtracting the max first keeps tiny temperatures finite: every scaled logit is <= 0.
-    scaled = (logits - logits.amax(-1, keepdim=True)) / params.temperature
+        raise ValueError("temperature: warped_weights is for sampling; greedy is the argmax")
+    # Subtracting the max first keeps tiny temperatures finite: every scaled logit is <= 0,
+    # so exp() is at most 1 and needs no second shift.
+    logits = logits.float()
+    weights = logits - logits.amax(-1, keepdim=True)
+    weights.div_(params.temperature)
     if 0 < params.top_k < vocab:
-        kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
+        kth = torch.topk(weights, params.top_k, dim=-1).values[..., -1:]
+        weights.masked_fill_(weights < kth, float("-inf"))
+    weights.exp_()
     if params.top_p < 1:
+        probs = weights.div_(weights.sum(-1, keepdim=True))
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
         drop = torch.empty_like(probs, dtype=torch.bool)
         drop.scatter_(-1, order, mass_before >= params.top_p)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+        weights = probs.masked_fill_(drop, 0.0)
+    return weights
 
 
 def make_generator(seed: int | None, device: torch.device | str | None = None) -> torch.Generator:
@@ -135,23 +152,47 @@ def position_uniforms(key: int, positions: Sequence[int]) -> list[float]:
     return out
 
 
-def sample_by_inversion(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """The token whose CDF interval holds each uniform: probs (..., vocab), uniforms (...)
-    in [0, 1) -> LongTensor (...). Never a zero-probability token.
+# Inversion finds the block of this many tokens that holds the point from the blocks'
+# sums, then the token inside that block alone: a sum over the vocabulary and a cumulative
+# sum over one block per row, instead of a cumulative sum over the whole vocabulary.
+INVERSION_BLOCK = 1024
 
-    Runs on probs' device without synchronising with the host. The CDF is a float32
-    cumulative sum, so a token's interval may be off its probability by the sum's
-    rounding (about 1e-7 of the total per position on CPU; kernels differ, so a CPU and
-    a CUDA verifier may split a boundary differently).
+
+def sample_by_inversion(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The token whose CDF interval holds each uniform: probs (..., vocab), non-negative and
+    normalised or not (each row's total is its own scale), uniforms (...) in [0, 1) ->
+    LongTensor (...). Never a zero-probability token.
+
+    Runs on probs' device without synchronising with the host. The CDF is summed in
+    float32 by blocks (INVERSION_BLOCK), so a token's interval may be off its probability
+    by the sums' rounding (about 1e-7 of the total per position on CPU; kernels differ, so
+    a CPU and a CUDA verifier may split a boundary differently).
     """
     probs = probs.float()
-    cdf = probs.cumsum(-1)
-    point = uniforms.to(cdf.dtype).clamp(max=1 - 2**-24).unsqueeze(-1) * cdf[..., -1:]
-    token = torch.searchsorted(cdf, point, right=True).squeeze(-1)
-    # u * total rounded up to the total: the last token with mass.
     vocab = probs.shape[-1]
-    last = vocab - 1 - probs.flip(-1).gt(0).int().argmax(-1)
-    return torch.where(token >= vocab, last, token)
+    block = min(INVERSION_BLOCK, vocab)
+    whole = vocab - vocab % block
+    sums = probs[..., :whole].unflatten(-1, (whole // block, block)).sum(-1)
+    if whole < vocab:
+        sums = torch.cat([sums, probs[..., whole:].sum(-1, keepdim=True)], -1)
+    block_cdf = sums.cumsum(-1)  # (..., blocks)
+    total = block_cdf[..., -1:]
+    # Strictly below the total, so some block's CDF entry lies above the point.
+    point = torch.minimum(
+        uniforms.to(total.dtype).unsqueeze(-1) * total, torch.nextafter(total, total.new_zeros(()))
+    )
+    chosen = torch.searchsorted(block_cdf, point, right=True)  # (..., 1): has mass, CDF rises
+    before = torch.where(
+        chosen > 0, block_cdf.gather(-1, (chosen - 1).clamp_(min=0)), torch.zeros_like(point)
+    )
+    offsets = chosen * block + torch.arange(block, device=probs.device)
+    inside = probs.gather(-1, offsets.clamp(max=vocab - 1)).masked_fill_(offsets >= vocab, 0.0)
+    inner = torch.searchsorted(inside.cumsum(-1), point - before, right=True)
+    # The block's own sum and its cumulative sum round differently: past its end means
+    # its last token with mass.
+    last = block - 1 - inside.flip(-1).gt(0).int().argmax(-1, keepdim=True)
+    inner = torch.where(inner >= block, last, inner)
+    return (chosen * block + inner).squeeze(-1)
 
 
 def _check_seed(seed: int) -> None:

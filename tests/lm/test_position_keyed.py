@@ -42,6 +42,23 @@ def test_inversion_never_picks_a_zero_probability_token():
     assert 1 not in sample_by_inversion(PROBS.expand(1000, 4), torch.rand(1000)).tolist()
 
 
+@pytest.mark.parametrize("vocab", [7, 1024, 2500, 152_064])
+def test_blocked_inversion_matches_a_float64_reference(vocab):
+    """Against a flat float64 CDF: the same token wherever the uniform is not within
+    float32 rounding of a boundary, never a zero-probability one; rows unnormalised."""
+    gen = torch.Generator().manual_seed(vocab)
+    weights = torch.rand(64, vocab, generator=gen) ** 8 * 3  # peaked, some near zero
+    weights[torch.rand(64, vocab, generator=gen) < 0.3] = 0.0  # and exact zeros
+    uniforms = torch.rand(64, generator=gen)
+    cdf = weights.double().cumsum(-1)
+    point = uniforms.double()[:, None] * cdf[:, -1:]
+    reference = torch.searchsorted(cdf, point, right=True).squeeze(-1)
+    got = sample_by_inversion(weights, uniforms)
+    near = ((cdf - point).abs() / cdf[:, -1:]).min(-1).values < 1e-5
+    assert ((got == reference) | near).all()
+    assert (weights.gather(-1, got[:, None]) > 0).all()
+
+
 def test_uniforms_are_a_function_of_key_and_position():
     first = position_uniforms(7, range(100))
     assert first == position_uniforms(7, range(100))
