@@ -12,7 +12,7 @@ One asyncio task owns the model. Its loop is `schedule -> execute -> update`:
   followed by its draft tree, padded into one batch with per-row masks and positions.
   Logits are computed for the rows acceptance reads only (none in a prefill).
 - update: the target's token at every tree row for the whole batch in one batched
-  step on the device and one host transfer (`lm.acceptance.target_tokens`; greedy is
+  step on the device and one host transfer (`lm.acceptance.accept_batch`; greedy is
   the argmax, sampling inverts the CDF at a uniform keyed by (seed, position)), then
   per session the walk down its tree (`accept_targets`), commit of the accepted path
   into the cache without recomputation, and the bonus token becomes the session's next
@@ -315,8 +315,10 @@ class VerifierEngine:
             log.exception("forward pass failed")
             results = [exc] * len(items)
         finally:
+            now = time.monotonic()
             for session in sessions:
                 session.in_pass = False
+                session.last_used = now  # the reaper counts idleness from here
                 if session.closed_reason is not None:  # closed while the pass held it
                     self._free(session)
         for item, result in zip(items, results, strict=True):
@@ -380,9 +382,9 @@ class VerifierEngine:
         bonus_rows = []  # per batch row: the input position whose logits gave the bonus
         for b, (work, acceptance) in enumerate(zip(batch, results, strict=True)):
             session, n_pending = work.session, len(work.session.pending)
-            if isinstance(acceptance, Exception):  # this session's fault: it fails alone
+            # This session's fault: it fails alone (_run closes it, which resets its row).
+            if isinstance(acceptance, Exception):
                 log.error("round failed: %r", acceptance, extra={"session": session.id})
-                self.cache.rollback(session.row, committed[b])
                 outcomes.append(Internal(f"round failed: {acceptance}"))
                 bonus_rows.append(first[b])
                 continue

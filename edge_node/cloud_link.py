@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 class Verdict(enum.Enum):
     """What the edge does after a call to a verifier failed: the one retry policy."""
 
-    # The verifier or the link failed (gone, draining, stalled, session expired):
-    # reopen, on another verifier if one is free, and resend; until the deadline.
+    # The verifier or the link failed (gone, draining, stalled, session expired, every
+    # session slot taken): reopen, on another verifier if one is free, and resend;
+    # until the deadline.
     FAILOVER = "failover"
-    # The verifier answered with an error that a fresh session may not repeat (a bug,
-    # a full table): one retry on a fresh session, then the client hears it.
+    # The verifier answered with an error that a fresh session may not repeat (a bug):
+    # one retry on a fresh session (at open: the other verifiers), then the client.
     SUSPECT = "suspect"
     # The session reached the verifier's context limit: the generation ends, "length".
     LENGTH = "length"
@@ -45,7 +46,7 @@ _VERDICTS = {
     grpc.StatusCode.INTERNAL: Verdict.SUSPECT,
     grpc.StatusCode.UNKNOWN: Verdict.SUSPECT,
     grpc.StatusCode.ABORTED: Verdict.SUSPECT,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Verdict.SUSPECT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Verdict.FAILOVER,
     grpc.StatusCode.OUT_OF_RANGE: Verdict.LENGTH,
 }
 
@@ -113,13 +114,19 @@ class CloudLink:
         exclude: frozenset[str] = frozenset(),
         return_hidden: HiddenEncoding = HiddenEncoding.NONE,
     ) -> tuple[VerifierSession, VerifierEndpoint]:
-        """Opens a session on the first verifier that accepts it; raises NoVerifier."""
+        """Opens a session on the first verifier that accepts it. Raises NoVerifier, or
+        the refusal when every verifier tried answered with an error (`refusal`)."""
         tried: list[str] = []
+        # An error answer from every verifier tried (not one gone or full): the client
+        # hears it, instead of waiting for verifiers that would answer the same.
+        answers: list[BaseException] = []
         while True:
             endpoint = await self.picker.pick(session_id, exclude | frozenset(tried))
             if endpoint is None:
                 if not tried:
                     raise NoVerifier("no verifier free: all busy, failed or unregistered")
+                if len(answers) == len(tried):
+                    raise refusal(answers[-1]) from answers[-1]
                 raise NoVerifier(f"no verifier reachable (tried {', '.join(tried)})")
             session = VerifierSession(
                 self.channel(endpoint.address),
@@ -135,8 +142,11 @@ class CloudLink:
             except Exception as error:
                 await session.close()
                 await self.picker.release(session_id, endpoint)
-                if verdict(error) not in (Verdict.FAILOVER, Verdict.SUSPECT):
+                kind = verdict(error)
+                if kind not in (Verdict.FAILOVER, Verdict.SUSPECT):
                     raise refusal(error) from error
+                if kind is Verdict.SUSPECT:
+                    answers.append(error)
                 log.info("verifier refused session", extra={"address": endpoint.address})
                 tried.append(endpoint.address)
 

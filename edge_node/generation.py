@@ -240,8 +240,10 @@ class Generation:
             ):
                 # The thread owns the SLM until it returns, so wait for it before `verify`.
                 speculation = await self._in_thread(self._speculate, draft, spare)
-            result = await verify
-            if speculation is not None and speculation.matches(result):
+            sent, result = await verify
+            # A failover may have cut the draft to another verifier's limits: a
+            # speculation made from the uncut one no longer applies.
+            if speculation is not None and sent is draft and speculation.matches(result):
                 yield self._accept(draft, result, adopt=spare)
                 spare = speculation.previous
                 kind = self._pick()  # this reply may have made `auto` prefer the head
@@ -251,7 +253,7 @@ class Generation:
                 elif not self.out.done:
                     draft = await self._draft(kind)
                 continue
-            yield self._accept(draft, result)
+            yield self._accept(sent, result)
             if not self.out.done:
                 draft = await self._draft(self._pick())
 
@@ -274,7 +276,7 @@ class Generation:
 
     async def _cloud_only(self) -> AsyncIterator[Chunk]:
         while not self.out.done:
-            result = await self._verify(None)
+            _, result = await self._verify(None)
             self.counters.count_round(None, result)
             self.lm.append([result.bonus_token])
             yield self.out.emit([result.bonus_token], verified=True)
@@ -308,7 +310,7 @@ class Generation:
                 continue
             draft = self._fit(await self._draft())
             try:
-                result = await self._verify(draft, new_tokens=unseen, wait=False)
+                draft, result = await self._verify(draft, new_tokens=unseen, wait=False)
             except NoVerifier:
                 self.counters.degraded = True
                 offline_from = len(self.lm.tokens) - len(unseen)
@@ -324,13 +326,19 @@ class Generation:
         return self._max_context - len(self.lm.tokens) - 1
 
     def _fit(self, draft: Draft) -> Draft:
-        """The draft cut to the levels the verifier's context takes."""
+        """The draft cut to the levels the verifier's context leaves and to the verifier's
+        max_tree_nodes (another verifier's, after a failover, may be smaller)."""
+        levels = max(draft.tree.depths(), default=-1) + 1
         room = self._room()
-        if room is None:
-            return draft
-        if room < 0:
-            raise _ContextFull
-        return draft.within_depth(room)
+        if room is not None:
+            if room < 0:
+                raise _ContextFull
+            levels = min(levels, room)
+        cut = draft.within_depth(levels)
+        while cut.tree.size > self.max_tree_nodes:
+            levels -= 1
+            cut = draft.within_depth(levels)
+        return cut
 
     def _fit_trees(self, verifier_max: int) -> None:
         """Drafts no larger than the session's verifier takes (SessionOpened.max_tree_nodes,
@@ -351,8 +359,20 @@ class Generation:
             return
         pos = start
         while pos < len(self.lm.tokens):
-            piece = self.lm.tokens[pos : pos + self.max_tree_nodes]
-            result = await self._verify_on_session(TokenTree.chain(piece), {})
+            room = self._max_context - pos - 1 if self._max_context else self.max_tree_nodes
+            if room < 1:  # the verifier cannot check more of it
+                raise _ContextFull
+            piece = self.lm.tokens[pos : pos + min(self.max_tree_nodes, room)]
+            try:
+                result = await self._verify_on_session(TokenTree.chain(piece), {})
+            except ServingError:
+                raise
+            except Exception as error:  # the same policy as a round, with no resend
+                if verdict(error) is Verdict.LENGTH:
+                    raise _ContextFull from error
+                log.warning("catch-up failed; still offline", extra={"session": self.session_id})
+                await self._close_session(failed=True)
+                return
             self.counters.count_round(None, result)
             pos += len(result.accepted_tokens)
             if pos < len(self.lm.tokens) and self.lm.tokens[pos] == result.bonus_token:
@@ -445,9 +465,11 @@ class Generation:
 
     async def _verify(
         self, draft: Draft | None, new_tokens: list[int] | None = None, wait: bool = True
-    ) -> pb.RoundResult:
-        """One round, with failover: a failed round reopens and resends the draft."""
-        tree, dists = (EMPTY_TREE, {}) if draft is None else (draft.tree, draft.dists)
+    ) -> tuple[Draft | None, pb.RoundResult]:
+        """One round, with failover: a failed round reopens and resends the draft, cut to
+        the new verifier's limits. Returns the draft as sent (`draft` itself unless a
+        failover cut it) and the result, whose node indices refer to it. `draft` must
+        already fit the open session (`_fit`)."""
         new_tokens = list(new_tokens or [])
         retried = False  # a SUSPECT error gets one fresh session
         while True:
@@ -458,8 +480,10 @@ class Generation:
                 # The history already holds any unseen tokens: the new session gets them.
                 await self._open(self.lm.tokens, wait=wait)
                 new_tokens = []
+                draft = None if draft is None else self._fit(draft)
+            tree, dists = (EMPTY_TREE, {}) if draft is None else (draft.tree, draft.dists)
             try:
-                return await self._verify_on_session(tree, dists, new_tokens)
+                return draft, await self._verify_on_session(tree, dists, new_tokens)
             except ServingError:
                 raise
             except Exception as error:

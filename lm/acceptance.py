@@ -227,6 +227,8 @@ def accept_batch(
             if round_.uses_rejection:
                 target = probs_from_logits(logits[b, :size], round_.sampling)
                 out.append(verify_tree(round_.tree, target, round_.draft, round_.generator, False))
+            elif min(host[b][:size]) < 0:
+                raise ValueError("logits: not finite (overflow?) where this round needs them")
             else:
                 out.append(accept_targets(round_.tree, host[b][:size]))
         except Exception as exc:  # noqa: BLE001 - returned to that session alone
@@ -240,10 +242,13 @@ def target_tokens(
     """The target's own token at every row: logits (..., vocab) -> LongTensor (...).
 
     Greedy: the argmax (the first on ties). Otherwise inversion of the warped
-    distribution's CDF at `uniforms` (..., on logits' device), one per row. No host sync.
+    distribution's CDF at `uniforms` (..., on logits' device), one per row. -1 for a row
+    whose logits are not finite (a half-precision overflow): no token is right there.
+    No host sync.
     """
     if params.greedy:
-        return logits.argmax(-1)
+        best, token = logits.max(-1)
+        return token.masked_fill_(~torch.isfinite(best), -1)
     if uniforms is None:
         raise ValueError("uniforms: required when sampling")
     return sample_by_inversion(warped_weights(logits, params), uniforms)
@@ -319,7 +324,7 @@ def verify_tree(
     return Acceptance(
         nodes=tuple(nodes),
         tokens=tuple(tree.tokens[n] for n in nodes),
-        bonus=_inverse_cdf(target, uniforms[-1]),
+        bonus=int(sample_by_inversion(target, torch.tensor(uniforms[-1]))),
     )
 
 
@@ -398,13 +403,3 @@ def _dense(dist: DraftDistribution, vocab: int) -> torch.Tensor:
     q = torch.zeros(vocab, dtype=torch.float64)
     q[list(dist.tokens)] = torch.tensor(dist.probs, dtype=torch.float64)
     return q
-
-
-def _inverse_cdf(probs: torch.Tensor, uniform: float) -> int:
-    """The token whose CDF interval holds `uniform` * total; never a zero-probability token."""
-    cdf = probs.cumsum(0)
-    point = torch.tensor([uniform * float(cdf[-1])], dtype=torch.float64)
-    token = int(torch.searchsorted(cdf, point, right=True))
-    if token >= probs.numel():  # uniform * total rounded up to the total
-        token = int(probs.nonzero()[-1])
-    return token

@@ -57,8 +57,9 @@ class Transformer(nn.Module):
         CPU attention kernels split the queries into blocks, so in bfloat16 a token's
         logits in a 17-node tree pass differ from a one-token pass in the last bits and
         near-ties flip greedy decisions (measured: 17 of 30 prompts on a small bf16 model).
-        With this on, attention runs one query per call (the linear layers and norms are
-        row-wise already on CPU), at a cost the verifier benchmark measures.
+        With this on, each query attends to its own keys alone (`per_query_attention`;
+        the linear layers and norms are row-wise already on CPU), at a cost the verifier
+        benchmark measures (README).
         """
         return all(layer.attention.per_query for layer in self.layers)
 
@@ -176,7 +177,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
-        # One attention call per query (Transformer.batch_invariant).
+        # Each query attends to its own keys alone (Transformer.batch_invariant).
         self.per_query = False
 
     def forward(

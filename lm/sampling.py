@@ -7,8 +7,10 @@ warpers is the one Hugging Face `generate` uses: temperature, then top-k, then t
 the result of the previous one.
 
 Everything here is vectorised over leading dimensions and issues no GPU-to-host
-synchronisation: the parameters are host scalars, and sampling uses the exponential-race trick
-(as in gpt-fast) instead of `torch.multinomial`, which validates its input on the host.
+synchronisation: the parameters are host scalars. Two ways to draw: `sample` races
+exponentials (as in gpt-fast; the edge's drafts and local tokens), and `sample_by_inversion`
+inverts the CDF at given uniforms, which `position_uniforms` makes a function of a seed and
+an absolute position (the verifier's draws: same seed, same text).
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ def warped_weights(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     # so exp() is at most 1 and needs no second shift.
     logits = logits.float()
     weights = logits - logits.amax(-1, keepdim=True)
-    weights.div_(params.temperature)
+    # A temperature below float32's smallest normal (a double on the wire) would become
+    # 0 in the division, and 0 / 0 NaN: clamped, it gives the limit, the argmax(es).
+    weights.div_(max(params.temperature, torch.finfo(torch.float32).tiny))
     if 0 < params.top_k < vocab:
         kth = torch.topk(weights, params.top_k, dim=-1).values[..., -1:]
         weights.masked_fill_(weights < kth, float("-inf"))
@@ -143,7 +147,8 @@ def position_uniforms(key: int, positions: Sequence[int]) -> list[float]:
     `sample_by_inversion`), so a seeded request's text depends on its seed, prompt and
     model alone: not on how many tokens each round verified, which pass they shared,
     the round trip, a failover to another verifier, or that verifier's device (the
-    draws are made here, on the host, with blake2b). 53 bits: exact in float64.
+    draws are made here, on the host, with blake2b). 53 bits, exact in float64; the
+    verifier scales them in float32 (sample_by_inversion's precision note).
     """
     out = []
     for position in positions:
@@ -161,7 +166,8 @@ INVERSION_BLOCK = 1024
 def sample_by_inversion(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """The token whose CDF interval holds each uniform: probs (..., vocab), non-negative and
     normalised or not (each row's total is its own scale), uniforms (...) in [0, 1) ->
-    LongTensor (...). Never a zero-probability token.
+    LongTensor (...). Never a zero-probability token; -1 for a row without a finite
+    positive total.
 
     Runs on probs' device without synchronising with the host. The CDF is summed in
     float32 by blocks (INVERSION_BLOCK), so a token's interval may be off its probability
@@ -192,7 +198,9 @@ def sample_by_inversion(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     # its last token with mass.
     last = block - 1 - inside.flip(-1).gt(0).int().argmax(-1, keepdim=True)
     inner = torch.where(inner >= block, last, inner)
-    return (chosen * block + inner).squeeze(-1)
+    token = (chosen * block + inner).squeeze(-1)
+    # No finite positive total (a NaN or +inf logit): no token, -1.
+    return token.masked_fill_(~(torch.isfinite(total) & (total > 0)).squeeze(-1), -1)
 
 
 def _check_seed(seed: int) -> None:

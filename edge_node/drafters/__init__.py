@@ -63,15 +63,17 @@ class Draft:
             tokens=tuple(self.tree.tokens[i] for i in keep),
             parents=tuple(index.get(self.tree.parents[i], -1) for i in keep),
         )
+        renumber = {-1: -1, **index}
+        parents = set(tree.parents)  # q only where children are left to test against it
         return Draft(
             tree=tree,
             dists={
-                index.get(node, -1): replace(dist, node=index.get(node, -1))
+                renumber[node]: replace(dist, node=renumber[node])
                 for node, dist in self.dists.items()
-                if node == -1 or node in index
+                if renumber.get(node) in parents
             },
             node_ids=tuple(self.node_ids[i] for i in keep),
-            undeduplicated=self.undeduplicated,
+            undeduplicated=self.undeduplicated - (self.tree.size - len(keep)),
             main_path=tuple(index[i] for i in self.main_path if i in index),
             drafter=self.drafter,
         )

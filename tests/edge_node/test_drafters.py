@@ -172,3 +172,25 @@ def test_fork_into_the_spare_row_matches_a_fresh_decode_and_leaves_the_original(
         atol=1e-4,
         rtol=1e-4,
     )
+
+
+def test_a_draft_cut_to_fewer_levels_keeps_its_numbering_consistent():
+    """Draft.within_depth: what the edge sends when the verifier's context or tree limit
+    leaves fewer levels. Beams (5, 6, 7) and (5, 8) as a tree, q on every parent."""
+    from edge_node.drafters import Draft
+    from lm.acceptance import DraftDistribution
+    from lm.tree import TokenTree
+
+    tree = TokenTree(tokens=(5, 6, 8, 7), parents=(-1, 0, 0, 1))
+    dists = {
+        n: DraftDistribution(n, (1, 5, 6, 7, 8), (0.2, 0.2, 0.2, 0.2, 0.2)) for n in (-1, 0, 1)
+    }
+    draft = Draft(tree, dists, node_ids=(10, 11, 12, 13), undeduplicated=5, main_path=(0, 1, 3))
+    assert draft.within_depth(3) is draft
+    two = draft.within_depth(2)
+    assert (two.tree.tokens, two.tree.parents) == ((5, 6, 8), (-1, 0, 0))
+    assert two.node_ids == (10, 11, 12) and two.main_path == (0, 1)
+    assert set(two.dists) == {-1, 0}  # node 1 has no children left to test against q
+    assert two.undeduplicated == 4
+    empty = draft.within_depth(0)
+    assert empty.tree.size == 0 and empty.dists == {} and empty.main_path == ()

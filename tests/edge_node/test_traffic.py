@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -223,3 +224,39 @@ async def test_cloud_only_is_not_clipped_to_the_edge_models_context(target, veri
     assert len(cloud) == 60 and cloud_last.finish_reason == "length"
     # 160 positions - 1 - 2 x 65 reserved for drafts - 4 prompt tokens = 25.
     assert lossless == cloud[:25] and lossless_last.finish_reason == "length"
+
+
+async def test_a_failover_to_a_smaller_verifier_recuts_the_round(target, draft):
+    """The round in flight when its verifier dies is resent cut to the next verifier's
+    limits (here 4 tree nodes against the default 4x6 beams); it used to be resent whole
+    and refused as INVALID_ARGUMENT, which reached the client as INTERNAL."""
+    first, small = await serve(target), await serve(target, max_tree_nodes=4)
+    runtime = make_runtime(draft, [f"127.0.0.1:{first.port}", f"127.0.0.1:{small.port}"])
+    try:
+        reference, _ = await generate(runtime, request(max_tokens=40))  # on `first`
+        on_small, _ = await generate(runtime, request(max_tokens=40))  # on `small`
+        chunks, tokens = [], []
+        async for chunk in runtime.generate(request(max_tokens=40)):  # on `first` again
+            chunks.append(chunk)
+            tokens += chunk.tokens
+            if len(chunks) == 2:
+                await first.server.server.stop(0)
+    finally:
+        await runtime.close()
+        await small.drain()
+    assert on_small == reference
+    assert chunks[-1].stats.failovers == 1
+    assert tokens == reference
+
+
+async def test_adaptive_gate_reads_the_distribution_the_token_was_drawn_from(runtime):
+    """With top_k 1 the edge's sampled token is certain under the distribution it was
+    drawn from, so adaptive keeps every one unverified; the raw softmax (what the gate
+    read before) is below the 0.9 threshold for some of them and sent them to the cloud."""
+    req = replace(
+        request(Mode.ADAPTIVE, 30, temperature=1.0, top_k=1, seed=3),
+        draft=DraftOptions("chain", 1, 3, adapt=False),
+    )
+    chunks = [c async for c in runtime.generate(req)]
+    assert chunks[-1].stats.rounds == 0
+    assert sum(len(c.tokens) for c in chunks) == 30 and not any(c.verified for c in chunks[:-1])

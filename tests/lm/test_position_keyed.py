@@ -206,3 +206,26 @@ def test_a_sessions_error_is_returned_in_its_place():
     results = accept_batch(torch.randn(2, 2, 4), [good, bad])
     assert not isinstance(results[0], Exception)
     assert isinstance(results[1], ValueError)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=1.0, seed=1)])
+def test_non_finite_logits_fail_their_session_with_no_token(bad, params):
+    """A half-precision overflow must not become a token id past the vocabulary (the next
+    pass would index the embedding with it and fail its whole batch)."""
+    logits = torch.randn(2, 2, 1500)
+    logits[1, 0, 7] = bad
+    rounds = [PendingRound(TokenTree.chain([1]), params, 0, 0, {}) for _ in range(2)]
+    good, broken = accept_batch(logits, rounds)
+    assert 0 <= good.bonus < 1500
+    assert isinstance(broken, ValueError) and "finite" in str(broken)
+
+
+def test_a_temperature_below_float32s_range_is_the_argmax():
+    """Temperatures travel as doubles; 1e-300 used to divide as 0.0 and give NaN (found
+    by the edge fuzzer as INTERNAL)."""
+    logits = torch.tensor([[0.5, 2.0, 1.0, 2.0]])
+    probs = probs_from_logits(logits, SamplingParams(temperature=1e-300))
+    assert probs.tolist() == [[0.0, 0.5, 0.0, 0.5]]
+    token = sample_by_inversion(probs, torch.tensor([0.9]))
+    assert token.tolist() == [3]
