@@ -67,10 +67,10 @@ def parse_open(msg: pb.OpenSession, config: VerifierConfig, vocab_size: int) -> 
         )
     if not msg.context:
         raise InvalidArgument("open.context: must hold at least one token")
-    if len(msg.context) > config.max_context:
+    if len(msg.context) >= config.max_context:  # no room left for a single token
         raise InvalidArgument(
-            f"open.context: at most {config.max_context} tokens (--max-context), "
-            f"got {len(msg.context)}"
+            f"open.context: at most {config.max_context - 1} tokens (--max-context "
+            f"{config.max_context}, one left for the next token), got {len(msg.context)}"
         )
     if len(msg.session_id) > 128:
         raise InvalidArgument(f"open.session_id: at most 128 characters, got {len(msg.session_id)}")

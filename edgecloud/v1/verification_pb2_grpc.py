@@ -46,7 +46,9 @@ class VerifierServicer:
 
     def Verify(self, request_iterator, context):
         """First message must be `open`; every later message is a `round`. Replies come
-        in order: one `opened`, then one `result` per round.
+        in order: one `opened`, then one `result` per round. A round that would take the
+        session past SessionOpened.max_context ends the stream with OUT_OF_RANGE: the
+        generation is done ("length"); another verifier of the same limit would say the same.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

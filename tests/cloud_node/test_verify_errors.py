@@ -42,6 +42,8 @@ BAD_OPENS = {
     "token out of vocab": (open_msg(context=[1, VOCAB]), "open.context[1]"),
     "negative token": (open_msg(context=[-3]), "open.context[0]"),
     "context too long": (open_msg(context=[1] * 300), "open.context"),
+    # A context at the limit leaves no room for a token (it used to prefill, then stop).
+    "context at the limit": (open_msg(context=[1] * 256), "open.context: at most 255"),
     "bad temperature": (open_msg(sampling=pb.SamplingParams(temperature=-1)), "temperature"),
     "bad top_p": (open_msg(sampling=pb.SamplingParams(top_p=1.5)), "top_p"),
     "bad top_k": (open_msg(sampling=pb.SamplingParams(top_k=VOCAB + 1)), "top_k"),
