@@ -39,6 +39,7 @@ import secrets
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ from lm.hidden_codec import EncodedHidden, HiddenEncoding, encode_hidden
 from lm.kv_cache import KVCache
 from lm.model import Transformer
 from lm.sampling import SamplingParams, make_generator
+from lm.tree import TokenTree
 from serving.errors import FailedPrecondition, Internal, OutOfRange, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -211,6 +213,15 @@ class VerifierEngine:
         outcome = await work.future
         session.last_used = time.monotonic()
         return outcome
+
+    async def decode(self, session: Session, count: int) -> AsyncIterator[RoundOutcome]:
+        """Server-side decoding: `count` one-token steps, each queued like a round so
+        that it shares the next pass with whatever else is waiting (continuous batching).
+        A step past the context raises OutOfRange, as a round would; the client ends it
+        sooner by cancelling its stream."""
+        step = RoundRequest(new_tokens=(), tree=TokenTree((), ()), draft={}, round_id=0)
+        for _ in range(count):
+            yield await self.verify(session, step)
 
     def close(self, session: Session, reason: str = "closed") -> None:
         """Takes the session out of service; its row is freed now, or by the pass that

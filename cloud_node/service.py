@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from grpc import aio
 
-from cloud_node.engine import Session, VerifierEngine
+from cloud_node.engine import RoundOutcome, Session, VerifierEngine
 from cloud_node.validation import parse_open, parse_round
 from edgecloud.v1 import verification_pb2 as pb
 from edgecloud.v1 import verification_pb2_grpc as pb_grpc
@@ -58,18 +58,9 @@ class VerifierService(pb_grpc.VerifierServicer):
                         raise FailedPrecondition("round: open a session on this stream first")
                     request = parse_round(message.round, self.engine.config, self.engine.vocab_size)
                     outcome = await self.engine.verify(session, request)
-                    yield pb.VerifyResponse(
-                        result=pb.RoundResult(
-                            round_id=request.round_id,
-                            accepted_nodes=outcome.acceptance.nodes,
-                            accepted_tokens=outcome.acceptance.tokens,
-                            bonus_token=outcome.acceptance.bonus,
-                            nodes_verified=outcome.nodes_verified,
-                            server_ms=outcome.server_ms,
-                            batch_size=outcome.batch_size,
-                            hidden=hidden_message(outcome.hidden),
-                        )
-                    )
+                    yield result_message(request.round_id, outcome)
+                    async for step in self.engine.decode(session, request.decode_tokens):
+                        yield result_message(request.round_id, step)
                 else:
                     raise InvalidArgument("kind: each message must set `open` or `round`")
         except ServingError as error:
@@ -80,6 +71,21 @@ class VerifierService(pb_grpc.VerifierServicer):
         finally:
             if session is not None:
                 self.engine.close(session, "stream ended")
+
+
+def result_message(round_id: int, outcome: RoundOutcome) -> pb.VerifyResponse:
+    return pb.VerifyResponse(
+        result=pb.RoundResult(
+            round_id=round_id,
+            accepted_nodes=outcome.acceptance.nodes,
+            accepted_tokens=outcome.acceptance.tokens,
+            bonus_token=outcome.acceptance.bonus,
+            nodes_verified=outcome.nodes_verified,
+            server_ms=outcome.server_ms,
+            batch_size=outcome.batch_size,
+            hidden=hidden_message(outcome.hidden),
+        )
+    )
 
 
 def hidden_message(hidden: EncodedHidden | None) -> pb.HiddenState | None:

@@ -35,6 +35,8 @@ class RoundRequest:
     # Keyed by the node whose children were drawn from it (-1: the last context token).
     draft: dict[int, DraftDistribution]
     round_id: int
+    # Tokens the verifier decodes on its own after this round (Round.decode_tokens).
+    decode_tokens: int = 0
 
 
 def check_tokens(field: str, tokens: Sequence[int], vocab_size: int) -> tuple[int, ...]:
@@ -99,6 +101,11 @@ def parse_round(msg: pb.Round, config: VerifierConfig, vocab_size: int) -> Round
             f"round.tree.tokens: at most {limit} nodes (--max-tree-nodes), "
             f"got {len(msg.tree.tokens)}"
         )
+    if not 0 <= msg.decode_tokens <= config.max_context:
+        raise InvalidArgument(
+            f"round.decode_tokens: must be in [0, {config.max_context}] (--max-context), "
+            f"got {msg.decode_tokens}"
+        )
     tokens = check_tokens("round.tree.tokens", msg.tree.tokens, vocab_size)
     try:
         tree = TokenTree(tokens=tokens, parents=tuple(msg.tree.parents))
@@ -109,6 +116,7 @@ def parse_round(msg: pb.Round, config: VerifierConfig, vocab_size: int) -> Round
         tree=tree,
         draft=parse_draft(msg.draft_dists, tree, vocab_size),
         round_id=msg.round_id,
+        decode_tokens=msg.decode_tokens,
     )
 
 

@@ -10,7 +10,7 @@ the full token history to re-send.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from grpc import aio
 
@@ -92,6 +92,9 @@ class VerifierSession:
             raise ConnectionError(f"verifier stream ended: {code.name}: {details}") from error
         if self._delay_s:
             await asyncio.sleep(self._delay_s)
+        return await self._read()
+
+    async def _read(self) -> pb.VerifyResponse:
         response = await self._call.read()  # raises AioRpcError on an error status
         if response is aio.EOF:
             raise ConnectionError("verifier closed the stream without a reply")
@@ -128,6 +131,17 @@ class VerifierSession:
     ) -> pb.RoundResult:
         request = pb.VerifyRequest(round=round_message(tree, new_tokens, draft, round_id))
         return (await self._exchange(request)).result
+
+    async def decode(self, tokens: int, round_id: int = 0) -> AsyncIterator[pb.RoundResult]:
+        """Server-side decoding: the verifier's next `tokens` tokens, one result each as
+        it makes them. One write, then reads: the round trip is paid once, not per
+        token. To stop sooner (an end-of-sequence token, a stop string), `abort()`."""
+        if tokens < 1:
+            raise ValueError(f"tokens: must be >= 1, got {tokens}")
+        request = pb.Round(tree=pb.DraftTree(), decode_tokens=tokens - 1, round_id=round_id)
+        yield (await self._exchange(pb.VerifyRequest(round=request))).result
+        for _ in range(tokens - 1):
+            yield (await self._read()).result
 
     def abort(self) -> None:
         """Cancels the stream at once: for a verifier that failed or stalled."""

@@ -253,8 +253,17 @@ class Round(_message.Message):
     TREE_FIELD_NUMBER: _builtins.int
     DRAFT_DISTS_FIELD_NUMBER: _builtins.int
     ROUND_ID_FIELD_NUMBER: _builtins.int
+    DECODE_TOKENS_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     """Echoed back in the result; lets the edge match pipelined rounds."""
+    decode_tokens: _builtins.int
+    """Server-side decoding: after this round the verifier decodes this many more tokens
+    itself, each step in a forward pass shared with other sessions' rounds (continuous
+    batching), and replies with one more RoundResult per token (bonus_token only; the
+    same round_id). A client stops it sooner (an end-of-sequence token, a stop string)
+    by cancelling the stream. One request, a stream of tokens, no round trip per
+    token. Allowed: 0..SessionOpened.max_context.
+    """
     @_builtins.property
     def new_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Tokens appended to the context by the edge since the last reply, that the
@@ -275,10 +284,11 @@ class Round(_message.Message):
         tree: Global___DraftTree | None = ...,
         draft_dists: _abc.Iterable[Global___DraftDistribution] | None = ...,
         round_id: _builtins.int = ...,
+        decode_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tree", b"tree"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draft_dists", b"draft_dists", "new_tokens", b"new_tokens", "round_id", b"round_id", "tree", b"tree"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_tokens", b"decode_tokens", "draft_dists", b"draft_dists", "new_tokens", b"new_tokens", "round_id", b"round_id", "tree", b"tree"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
