@@ -5,7 +5,8 @@ first `--prompt-tokens` tokens of the first `--prompts` files of the standard li
 held-out split (`lm.corpus`, the files no model was trained on). Each prompt runs in every
 configuration, one after another (so a neighbour's load on a shared machine hits them alike):
 
-    cloud_only      the verifier decodes alone, one round trip per token (the baseline)
+    cloud_only      the verifier decodes alone and streams: one round trip per request
+                    (server-side decoding; the baseline a user would otherwise run)
     beam            lossless, beam tree of --width x --depth, fixed shape
     beam_adaptive   lossless, the same beam with the adaptive shape policy on
     chain           lossless, a chain of --depth tokens, fixed shape

@@ -275,11 +275,38 @@ class Generation:
         return _Speculation(tuple(path), bonus, following, previous=self.lm, draft_ms=draft_ms)
 
     async def _cloud_only(self) -> AsyncIterator[Chunk]:
+        """The verifier decodes and streams (server-side, `VerifierSession.decode`): one
+        request, the round trip paid once, not per token. A failover reopens with the
+        history and asks for the rest; stopping early cancels the verifier's decoding."""
+        retried = False
         while not self.out.done:
-            _, result = await self._verify(None)
-            self.counters.count_round(None, result)
-            self.lm.append([result.bonus_token])
-            yield self.out.emit([result.bonus_token], verified=True)
+            if self._session is None:
+                await self._open(self.lm.tokens, wait=True)
+            want = self.out.max_tokens - len(self.out.tokens)
+            room = self._room()
+            if room is not None:
+                if room < 0:
+                    raise _ContextFull
+                want = min(want, room + 1)  # tokens the verifier's context still takes
+            stream = self._session.decode(want)
+            received = 0
+            try:
+                while received < want and not self.out.done:
+                    timeout = self._remaining(self.link.config.round_timeout_s)
+                    result = await asyncio.wait_for(anext(stream), timeout)
+                    received += 1
+                    self.counters.count_round(None, result)
+                    self.lm.append([result.bonus_token])
+                    yield self.out.emit([result.bonus_token], verified=True)
+            except ServingError:
+                raise
+            except Exception as error:
+                retried = await self._recover(error, retried)
+                continue
+            finally:
+                await stream.aclose()
+            if received < want:  # done early (end of sequence, a stop string): stop it
+                await self._close_session(failed=True)
 
     async def _edge_only(self) -> AsyncIterator[Chunk]:
         while not self.out.done:
@@ -487,18 +514,25 @@ class Generation:
             except ServingError:
                 raise
             except Exception as error:
-                kind = verdict(error)
-                if kind is Verdict.LENGTH:
-                    await self._close_session()
-                    raise _ContextFull from error
-                if kind is Verdict.SUSPECT and not retried:
-                    retried = True
-                elif kind is not Verdict.FAILOVER:
-                    await self._close_session(failed=True)
-                    raise Internal(f"verifier rejected a round: {_describe(error)}") from error
-                log.warning("verifier failed; failing over", extra={"session": self.session_id})
-                self.counters.failovers += 1
-                await self._close_session(failed=True)
+                retried = await self._recover(error, retried)
+
+    async def _recover(self, error: Exception, retried: bool) -> bool:
+        """The retry policy (`cloud_link.verdict`) applied to a failed call on the open
+        session: closes it, then raises when the generation ends here, or returns whether
+        the one retry a SUSPECT error gets is now spent (the caller reopens)."""
+        kind = verdict(error)
+        if kind is Verdict.LENGTH:
+            await self._close_session()
+            raise _ContextFull from error
+        if kind is Verdict.SUSPECT and not retried:
+            retried = True
+        elif kind is not Verdict.FAILOVER:
+            await self._close_session(failed=True)
+            raise Internal(f"verifier rejected a round: {_describe(error)}") from error
+        log.warning("verifier failed; failing over", extra={"session": self.session_id})
+        self.counters.failovers += 1
+        await self._close_session(failed=True)
+        return retried
 
     async def _verify_on_session(self, tree, dists, new_tokens=()) -> pb.RoundResult:
         start = time.perf_counter()
