@@ -26,6 +26,7 @@ where the cloud disagrees, a rollback chunk replaces the tail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -183,13 +184,16 @@ class Generation:
         }
         try:
             try:
-                async for chunk in modes[self.request.mode]():
-                    if chunk.tokens or chunk.text or chunk.rollback:
-                        if self._first_token_ms is None:
-                            self._first_token_ms = (time.monotonic() - self._start) * 1000
-                        yield chunk
-                    if self.out.done:
-                        break
+                # aclosing: a mode's cleanup (cancelling the verifier's decoding) runs
+                # when the output is done, not whenever the generator is collected.
+                async with contextlib.aclosing(modes[self.request.mode]()) as chunks:
+                    async for chunk in chunks:
+                        if chunk.tokens or chunk.text or chunk.rollback:
+                            if self._first_token_ms is None:
+                                self._first_token_ms = (time.monotonic() - self._start) * 1000
+                            yield chunk
+                        if self.out.done:
+                            break
             except _ContextFull:
                 self.out.finish("length")
             yield Chunk(verified=True, finish_reason=self.out.finish_reason, stats=self.stats())
@@ -301,12 +305,13 @@ class Generation:
             except ServingError:
                 raise
             except Exception as error:
-                retried = await self._recover(error, retried)
-                continue
+                retried = await self._recover(error, retried)  # closes the session
             finally:
                 await stream.aclose()
-            if received < want:  # done early (end of sequence, a stop string): stop it
-                await self._close_session(failed=True)
+                # Done early (end of sequence, a stop string; the caller may close this
+                # generator at the yield): cancel what the verifier is still decoding.
+                if received < want and self._session is not None:
+                    await self._close_session(failed=True)
 
     async def _edge_only(self) -> AsyncIterator[Chunk]:
         while not self.out.done:

@@ -260,3 +260,53 @@ async def test_adaptive_gate_reads_the_distribution_the_token_was_drawn_from(run
     chunks = [c async for c in runtime.generate(req)]
     assert chunks[-1].stats.rounds == 0
     assert sum(len(c.tokens) for c in chunks) == 30 and not any(c.verified for c in chunks[:-1])
+
+
+async def test_cloud_only_streams_from_the_verifier_and_fails_over(target, draft):
+    """cloud_only is server-side decoding: one request, then the verifier's stream. A
+    verifier that dies mid-stream is replaced and asked for the rest: same text."""
+    first, second = await serve(target), await serve(target)
+    runtime = make_runtime(draft, [f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"])
+    req = request(Mode.CLOUD_ONLY, max_tokens=40, temperature=1.0, seed=4)
+    try:
+        reference, last = await generate(runtime, req)  # on `first`
+        await generate(runtime, req)  # on `second`
+        chunks, tokens = [], []
+        async for chunk in runtime.generate(req):  # on `first` again
+            chunks.append(chunk)
+            tokens += chunk.tokens
+            if len(chunks) == 5:
+                await first.server.server.stop(0)
+    finally:
+        await runtime.close()
+        await second.drain()
+    assert tokens == reference
+    assert chunks[-1].stats.failovers == 1
+    # One open and one request: the old one round per token sent over 300 bytes here.
+    assert last.stats.cloud_forward_passes == 40 and last.stats.bytes_to_cloud < 150
+
+
+async def test_cloud_only_stopping_early_stops_the_verifier(target, draft, verifier):
+    """An end-of-sequence token ends the generation before the tokens asked of the
+    verifier: the edge cancels the stream, and the verifier stops decoding for it."""
+    runtime = make_runtime(draft, [f"127.0.0.1:{verifier.port}"])
+    # A tiny model decodes 200 tokens faster than a cancel crosses loopback: 5 ms a pass.
+    slow = Stalls(verifier.engine.model, every=1, seconds=0.005)
+    try:
+        full, _ = await generate(runtime, request(Mode.CLOUD_ONLY, max_tokens=200))
+        before = verifier.engine.forward_passes
+        # EOS: the runtime's model says which token ends a sequence; use the 6th one.
+        saved = runtime.model.config
+        runtime.model.config = replace(saved, eos_token_id=full[5])
+        try:
+            tokens, last = await generate(runtime, request(Mode.CLOUD_ONLY, max_tokens=200))
+        finally:
+            runtime.model.config = saved
+        await asyncio.sleep(0.3)
+        passes = verifier.engine.forward_passes - before
+    finally:
+        slow.handle.remove()
+        await runtime.close()
+    assert tokens == full[: full.index(full[5])] and last.finish_reason == "stop"
+    assert passes < 20, passes  # not the 200 asked for
+    assert verifier.engine.sessions == {}
