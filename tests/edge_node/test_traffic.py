@@ -99,24 +99,33 @@ async def test_seeded_sampling_reproduces_with_default_options(temperature, targ
         await server.drain()
 
 
-async def test_seeded_sampling_reproduces_across_a_failover(target, draft):
-    first, second = await serve(target), await serve(target)
+async def failover_runs(target, draft, req, kill_after: int, **second_options):
+    """`req` three times on a round-robin pair of verifiers: on the first, on the second
+    (started with `second_options`), then on the first again, which is stopped abruptly
+    (its open stream cancelled) after `kill_after` chunks. Returns the three token lists
+    and the last run's final stats."""
+    first, second = await serve(target), await serve(target, **second_options)
     runtime = make_runtime(draft, [f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"])
-    req = request(max_tokens=40, temperature=1.0, seed=11)
     try:
-        reference, _ = await generate(runtime, req)  # on `first`
-        await generate(runtime, req)  # on `second`: the next pick is `first` again
+        on_first, _ = await generate(runtime, req)
+        on_second, _ = await generate(runtime, req)
         chunks, tokens = [], []
         async for chunk in runtime.generate(req):
             chunks.append(chunk)
             tokens += chunk.tokens
-            if len(chunks) == 2:
-                await first.server.server.stop(0)  # abrupt: cancels the open stream
+            if len(chunks) == kill_after:
+                await first.server.server.stop(0)
     finally:
         await runtime.close()
         await second.drain()
-    assert chunks[-1].stats.failovers == 1
-    assert tokens == reference
+    return on_first, on_second, tokens, chunks[-1].stats
+
+
+async def test_seeded_sampling_reproduces_across_a_failover(target, draft):
+    req = request(max_tokens=40, temperature=1.0, seed=11)
+    reference, _, failed_over, stats = await failover_runs(target, draft, req, kill_after=2)
+    assert stats.failovers == 1
+    assert failed_over == reference
 
 
 @pytest.mark.slow
@@ -230,23 +239,12 @@ async def test_a_failover_to_a_smaller_verifier_recuts_the_round(target, draft):
     """The round in flight when its verifier dies is resent cut to the next verifier's
     limits (here 4 tree nodes against the default 4x6 beams); it used to be resent whole
     and refused as INVALID_ARGUMENT, which reached the client as INTERNAL."""
-    first, small = await serve(target), await serve(target, max_tree_nodes=4)
-    runtime = make_runtime(draft, [f"127.0.0.1:{first.port}", f"127.0.0.1:{small.port}"])
-    try:
-        reference, _ = await generate(runtime, request(max_tokens=40))  # on `first`
-        on_small, _ = await generate(runtime, request(max_tokens=40))  # on `small`
-        chunks, tokens = [], []
-        async for chunk in runtime.generate(request(max_tokens=40)):  # on `first` again
-            chunks.append(chunk)
-            tokens += chunk.tokens
-            if len(chunks) == 2:
-                await first.server.server.stop(0)
-    finally:
-        await runtime.close()
-        await small.drain()
+    reference, on_small, failed_over, stats = await failover_runs(
+        target, draft, request(max_tokens=40), kill_after=2, max_tree_nodes=4
+    )
     assert on_small == reference
-    assert chunks[-1].stats.failovers == 1
-    assert tokens == reference
+    assert stats.failovers == 1
+    assert failed_over == reference
 
 
 async def test_adaptive_gate_reads_the_distribution_the_token_was_drawn_from(runtime):
@@ -265,25 +263,12 @@ async def test_adaptive_gate_reads_the_distribution_the_token_was_drawn_from(run
 async def test_cloud_only_streams_from_the_verifier_and_fails_over(target, draft):
     """cloud_only is server-side decoding: one request, then the verifier's stream. A
     verifier that dies mid-stream is replaced and asked for the rest: same text."""
-    first, second = await serve(target), await serve(target)
-    runtime = make_runtime(draft, [f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"])
     req = request(Mode.CLOUD_ONLY, max_tokens=40, temperature=1.0, seed=4)
-    try:
-        reference, last = await generate(runtime, req)  # on `first`
-        await generate(runtime, req)  # on `second`
-        chunks, tokens = [], []
-        async for chunk in runtime.generate(req):  # on `first` again
-            chunks.append(chunk)
-            tokens += chunk.tokens
-            if len(chunks) == 5:
-                await first.server.server.stop(0)
-    finally:
-        await runtime.close()
-        await second.drain()
-    assert tokens == reference
-    assert chunks[-1].stats.failovers == 1
-    # One open and one request: the old one round per token sent over 300 bytes here.
-    assert last.stats.cloud_forward_passes == 40 and last.stats.bytes_to_cloud < 150
+    reference, again, failed_over, stats = await failover_runs(target, draft, req, kill_after=5)
+    assert again == reference and failed_over == reference
+    assert stats.failovers == 1 and stats.cloud_forward_passes == 40
+    # Two opens and two requests: the old one round per token sent over 300 bytes here.
+    assert stats.bytes_to_cloud < 300
 
 
 async def test_cloud_only_stopping_early_stops_the_verifier(target, draft, verifier):
