@@ -46,7 +46,7 @@ import torch
 from common import REPO_ROOT, device_flags, machine, model_summary, print_json, summarize_ms, timed
 from grpc import aio
 
-from cloud_node.config import VerifierConfig
+from cloud_node.config import BATCH_INVARIANT_CHOICES, VerifierConfig
 from cloud_node.engine import Session, VerifierEngine
 from cloud_node.server import start_verifier
 from cloud_node.validation import OpenRequest, RoundRequest
@@ -260,7 +260,7 @@ async def run(model: Transformer, args: argparse.Namespace, budget: Budget) -> d
             max_sessions=max(BATCHES),
             max_context=limit,
             max_batch=max_batch,
-            batch_invariant=INVARIANT[args.batch_invariant],
+            batch_invariant=BATCH_INVARIANT_CHOICES[args.batch_invariant],
             # Generous: the window closes as soon as every open session has a round queued.
             batch_window_ms=1000.0,
         )
@@ -275,7 +275,7 @@ async def run(model: Transformer, args: argparse.Namespace, budget: Budget) -> d
             model_name=MODEL_NAME,
             max_sessions=1,
             max_context=limit,
-            batch_invariant=INVARIANT[args.batch_invariant],
+            batch_invariant=BATCH_INVARIANT_CHOICES[args.batch_invariant],
         ),
         ServerConfig(port=0),
     )
@@ -401,7 +401,6 @@ def report(results: dict[str, object]) -> dict[str, object]:
     }
 
 
-INVARIANT = {"auto": None, "on": True, "off": False}
 ACCEPT_VOCABS = (32_000, 152_064)
 ACCEPT_BATCHES = (1, 16)
 ACCEPT_TREES = (16, 64)
@@ -496,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     parser.add_argument(
         "--batch-invariant",
-        choices=tuple(INVARIANT),
+        choices=tuple(BATCH_INVARIANT_CHOICES),
         default="auto",
         help="the verifier's per-query attention (auto: on for half precision on CPU)",
     )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+# `--batch-invariant` on the command line: VerifierConfig.batch_invariant per choice.
+BATCH_INVARIANT_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
 
 @dataclass(frozen=True)
 class VerifierConfig:

@@ -289,8 +289,6 @@ class Generation:
             want = self.out.max_tokens - len(self.out.tokens)
             room = self._room()
             if room is not None:
-                if room < 0:
-                    raise _ContextFull
                 want = min(want, room + 1)  # tokens the verifier's context still takes
             stream = self._session.decode(want)
             received = 0
@@ -350,12 +348,16 @@ class Generation:
             unseen = []
             yield self._accept(draft, result)
 
-    def _room(self) -> int | None:
-        """Tree levels the verifier's context leaves the next round (its bonus token
-        included), negative when not even the bonus fits; None when unknown."""
+    def _room(self, history: int | None = None) -> int | None:
+        """Tree levels the verifier's context leaves the next round after `history`
+        tokens (default: all of them), its bonus token included; None when unknown.
+        Raises _ContextFull when not even the bonus fits: the generation ends there."""
         if not self._max_context:
             return None
-        return self._max_context - len(self.lm.tokens) - 1
+        room = self._max_context - (len(self.lm.tokens) if history is None else history) - 1
+        if room < 0:
+            raise _ContextFull
+        return room
 
     def _fit(self, draft: Draft) -> Draft:
         """The draft cut to the levels the verifier's context leaves and to the verifier's
@@ -363,8 +365,6 @@ class Generation:
         levels = max(draft.tree.depths(), default=-1) + 1
         room = self._room()
         if room is not None:
-            if room < 0:
-                raise _ContextFull
             levels = min(levels, room)
         cut = draft.within_depth(levels)
         while cut.tree.size > self.max_tree_nodes:
@@ -391,10 +391,9 @@ class Generation:
             return
         pos = start
         while pos < len(self.lm.tokens):
-            room = self._max_context - pos - 1 if self._max_context else self.max_tree_nodes
-            if room < 1:  # the verifier cannot check more of it
-                raise _ContextFull
-            piece = self.lm.tokens[pos : pos + min(self.max_tree_nodes, room)]
+            room = self._room(history=pos)
+            size = self.max_tree_nodes if room is None else min(self.max_tree_nodes, room)
+            piece = self.lm.tokens[pos : pos + size]  # none when room is 0: the bonus checks one
             try:
                 result = await self._verify_on_session(TokenTree.chain(piece), {})
             except ServingError:
@@ -505,9 +504,7 @@ class Generation:
         new_tokens = list(new_tokens or [])
         retried = False  # a SUSPECT error gets one fresh session
         while True:
-            room = self._room()
-            if room is not None and room < 0:
-                raise _ContextFull
+            self._room()  # raises once the verifier's context is full
             if self._session is None:
                 # The history already holds any unseen tokens: the new session gets them.
                 await self._open(self.lm.tokens, wait=wait)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from cloud_node.config import BATCH_INVARIANT_CHOICES
 from orchestrator.commands.flags import add_server_flags, dtype_flag, server_config, torch_dtype
 from orchestrator.usage import UsageError
 
@@ -33,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-batch", type=int, default=16)
     serve.add_argument(
         "--batch-invariant",
-        choices=("auto", "on", "off"),
+        choices=tuple(BATCH_INVARIANT_CHOICES),
         default="auto",
         help="attention computed per query, so greedy lossless equals cloud_only token for "
         "token in half precision on CPU; auto: on for float16/bfloat16 on CPU (default)",
@@ -90,7 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
             session_ttl_s=args.session_ttl,
             batch_window_ms=args.batch_window_ms,
             max_batch=args.max_batch,
-            batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant],
+            batch_invariant=BATCH_INVARIANT_CHOICES[args.batch_invariant],
         )
         server = server_config(args)
     except ValueError as exc:
