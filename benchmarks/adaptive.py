@@ -31,9 +31,10 @@ from cloud_node.server import start_verifier
 from edge_node.cloud_link import CloudLink
 from edge_node.picker import FixedListPicker, VerifierEndpoint
 from edge_node.runtime import EdgeConfig, EdgeRuntime
-from edge_node.types import GenerationRequest, Mode
+from edge_node.types import GenerationRequest
 from lm.checkpoint import load_model
 from lm.tokenizer import Tokenizer
+from protocol.types import Mode
 from serving.server import ServerConfig
 
 MODEL_NAME = "target"

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from orchestrator.loadtest.records import percentile
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(1, str(REPO_ROOT))
@@ -82,12 +84,6 @@ def timed(device: torch.device | None = None) -> Iterator[Timing]:
         timing.ms = (time.perf_counter() - start) * 1000
 
 
-def percentile(samples: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile, q in [0, 100]."""
-    ordered = sorted(samples)
-    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered)) - 1))]
-
-
 def summarize_ms(samples: Sequence[float]) -> dict[str, float]:
     """Median and p90 of millisecond samples, and how many there were."""
     return {
@@ -142,7 +138,7 @@ def heldout_prompts(tokenizer, count: int, length: int) -> list[Prompt]:
     """The first `length` tokens (BOS first, as in training) of the first `count` held-out
     files that are at least that long, in the split's sorted order. `tokenizer`: an
     `lm.tokenizer.Tokenizer`."""
-    from lm import corpus
+    from lm.training import corpus
 
     split = corpus.discover()
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]

@@ -84,12 +84,13 @@ from edge_node.flash.ffn import flash_store, load_flash_model
 from edge_node.flash.pack import default_quant, pack_model, read_manifest
 from edge_node.flash.predictors import load_predictors
 from edge_node.flash.store import StoreOptions
-from lm import corpus
 from lm.checkpoint import load_model, read_hf_config, save_model
 from lm.kv_cache import KVCache
 from lm.model import Transformer
-from lm.sparsity import PredictorTraining, active_mask, rates
+from lm.sparsity import active_mask
 from lm.tokenizer import Tokenizer
+from lm.training import corpus
+from lm.training.predictors import PredictorTraining, rates
 
 DEMO_DIR = REPO_ROOT / "orchestrator" / "demo_models"
 METHODS = (

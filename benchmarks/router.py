@@ -34,6 +34,7 @@ from contextlib import ExitStack
 import redis
 from common import cpu_model
 
+from orchestrator.loadtest.records import percentile
 from orchestrator.placement import Placement, PlacementConfig
 from orchestrator.redis_server import RedisServer
 from orchestrator.registry import Keyspace, NodeInfo, Registry, connect
@@ -41,12 +42,6 @@ from orchestrator.registry import Keyspace, NodeInfo, Registry, connect
 REGIONS = ("eu", "us", "ap", "sa")
 TIERS = ("gpu", "cpu")
 MODEL = "target"
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile, q in [0, 100]."""
-    ordered = sorted(samples)
-    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered)) - 1))]
 
 
 def timed(operation: Callable[[int], object], requests: int, warmup: int) -> list[float]:

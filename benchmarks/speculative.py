@@ -2,7 +2,7 @@
 
 The demo pair (or `--target` / `--draft`) generates greedily from held-out prompts: the
 first `--prompt-tokens` tokens of the first `--prompts` files of the standard library's
-held-out split (`lm.corpus`, the files no model was trained on). Each prompt runs in every
+held-out split (`lm.training.corpus`, the files no model was trained on). Each prompt runs in every
 configuration, one after another (so a neighbour's load on a shared machine hits them alike):
 
     cloud_only      the verifier decodes alone and streams: one round trip per request
@@ -65,15 +65,16 @@ from edge_node.cloud_link import CloudLink, CloudLinkConfig
 from edge_node.picker import FixedListPicker, VerifierEndpoint
 from edge_node.runtime import EdgeConfig, EdgeRuntime
 from edge_node.slm import EdgeLM
-from edge_node.types import DraftOptions, GenerationRequest, GenerationStats, Mode
-from lm import corpus
+from edge_node.types import DraftConfig, GenerationRequest
 from lm.checkpoint import load_model
 from lm.device import default_device, default_dtype
 from lm.draft_head import DraftHead, load_head
-from lm.evaluate import check_pair
 from lm.model import Transformer
 from lm.tokenizer import Tokenizer
+from lm.training import corpus
+from lm.training.evaluate import check_pair
 from orchestrator.demo_models import HEAD_DIR
+from protocol.types import GenerationStats, Mode
 from serving.delay_proxy import DelayProxy
 from serving.server import ServerConfig
 
@@ -96,16 +97,16 @@ HEAD_CONFIGS = (*HEAD_ONLY_CONFIGS, "auto")
 class RunConfig:
     name: str
     mode: Mode
-    draft: DraftOptions
+    draft: DraftConfig
 
 
 def run_configs(width: int, depth: int, pipeline: bool) -> dict[str, RunConfig]:
     def lossless(name: str, tree: str, width: int, adapt: bool, **head) -> RunConfig:
-        options = DraftOptions(tree, width, depth, adapt=adapt, pipeline=pipeline, **head)
+        options = DraftConfig(tree, width, depth, adapt=adapt, pipeline=pipeline, **head)
         return RunConfig(name, Mode.LOSSLESS, options)
 
     return {
-        "cloud_only": RunConfig("cloud_only", Mode.CLOUD_ONLY, DraftOptions()),
+        "cloud_only": RunConfig("cloud_only", Mode.CLOUD_ONLY, DraftConfig()),
         "beam": lossless("beam", "beam", width, adapt=False),
         "beam_adaptive": lossless("beam_adaptive", "beam", width, adapt=True),
         "chain": lossless("chain", "chain", 1, adapt=False),
@@ -437,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--pipeline",
         action=argparse.BooleanOptionalAction,
-        default=DraftOptions.pipeline,
+        default=DraftConfig.pipeline,
         help="draft the next round during verification (the edge's default: on)",
     )
     device_flags(parser)
@@ -523,7 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "prompts": {
                 "count": len(prompts),
                 "tokens": args.prompt_tokens,
-                "source": "lm.corpus held-out split of the stdlib, first tokens of each file",
+                "source": "lm.training.corpus held-out split of the stdlib, first tokens of each "
+                "file",
                 "heldout_digest": corpus.heldout_digest(split),
                 "files": [p.file for p in prompts],
             },

@@ -51,7 +51,6 @@ from cloud_node.engine import Session, VerifierEngine
 from cloud_node.server import start_verifier
 from cloud_node.validation import OpenRequest, RoundRequest
 from edge_node.verifier_client import VerifierSession
-from edgecloud._channel import open_aio_channel
 from lm.acceptance import PendingRound, accept_batch, verify_tree
 from lm.checkpoint import load_model
 from lm.config import ModelConfig
@@ -59,6 +58,7 @@ from lm.device import default_device, default_dtype
 from lm.model import Transformer
 from lm.sampling import SamplingParams, make_generator, probs_from_logits
 from lm.tree import TokenTree
+from protocol.channel import open_aio_channel
 from serving.server import ServerConfig
 
 DEMO_TARGET = REPO_ROOT / "orchestrator" / "demo_models" / "target"

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cloud_node.config import VerifierConfig
+from cloud_node.metrics import VerifierMetrics
 from cloud_node.validation import OpenRequest, RoundRequest
 from lm.acceptance import Acceptance, PendingRound, accept_batch
 from lm.hidden_codec import EncodedHidden, HiddenEncoding, encode_hidden
@@ -53,7 +54,13 @@ from lm.kv_cache import KVCache
 from lm.model import Transformer
 from lm.sampling import SamplingParams, make_generator
 from lm.tree import TokenTree
-from serving.errors import FailedPrecondition, Internal, OutOfRange, ResourceExhausted, Unavailable
+from protocol.errors import (
+    FailedPrecondition,
+    OutOfRange,
+    ResourceExhausted,
+    ServerError,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +146,12 @@ class VerifierEngine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="verifier-forward")
         self._draining = False
         self._tasks: list[asyncio.Task] = []
+        self.metrics = VerifierMetrics(
+            sessions=lambda: len(self.sessions),
+            queued=lambda: len(self._rounds) + len(self._prefills),
+            rows_in_use=lambda: config.max_sessions - len(self._free_rows),
+            rows=config.max_sessions,
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -318,10 +331,13 @@ class VerifierEngine:
         sessions = [item.session for item in items]
         for session in sessions:
             session.in_pass = True
+        start = time.perf_counter()
+        kind = "prefill" if execute == self._prefill else "round"
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, execute, items
             )
+            self.metrics.pass_done(kind, time.perf_counter() - start, results)
         except Exception as exc:  # a failed pass fails its callers, not the loop
             log.exception("forward pass failed")
             results = [exc] * len(items)
@@ -396,7 +412,7 @@ class VerifierEngine:
             # This session's fault: it fails alone (_run closes it, which resets its row).
             if isinstance(acceptance, Exception):
                 log.error("round failed: %r", acceptance, extra={"session": session.id})
-                outcomes.append(Internal(f"round failed: {acceptance}"))
+                outcomes.append(ServerError(f"round failed: {acceptance}"))
                 bonus_rows.append(first[b])
                 continue
             self.cache.commit(

@@ -10,9 +10,9 @@ import torch
 from cloud_node.config import VerifierConfig
 from cloud_node.engine import VerifierEngine
 from cloud_node.service import VerifierService
-from edgecloud.v1 import verification_pb2 as pb
-from edgecloud.v1 import verification_pb2_grpc as pb_grpc
 from lm.checkpoint import load_model
+from protocol.v1 import verification_pb2 as pb
+from protocol.v1 import verification_pb2_grpc as pb_grpc
 from serving.server import RunningServer, ServerConfig, start_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
@@ -50,6 +50,6 @@ async def start_verifier(
         pb_grpc.add_VerifierServicer_to_server(VerifierService(engine), server)
         return [SERVICE_NAME]
 
-    running = await start_server(server_config, add)
+    running = await start_server(server_config, add, engine.metrics.registry)
     running.on_drain(engine.drain)
     return VerifierServer(engine, running)

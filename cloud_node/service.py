@@ -14,16 +14,11 @@ from grpc import aio
 
 from cloud_node.engine import RoundOutcome, Session, VerifierEngine
 from cloud_node.validation import parse_open, parse_round
-from edgecloud.v1 import verification_pb2 as pb
-from edgecloud.v1 import verification_pb2_grpc as pb_grpc
 from lm.hidden_codec import EncodedHidden
-from serving.errors import (
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    ServingError,
-    abort_with,
-)
+from protocol.errors import EdgecloudError, FailedPrecondition, InvalidRequest, ServerError
+from protocol.v1 import verification_pb2 as pb
+from protocol.v1 import verification_pb2_grpc as pb_grpc
+from serving.errors import abort_with
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +57,12 @@ class VerifierService(pb_grpc.VerifierServicer):
                     async for step in self.engine.decode(session, request.decode_tokens):
                         yield result_message(request.round_id, step)
                 else:
-                    raise InvalidArgument("kind: each message must set `open` or `round`")
-        except ServingError as error:
+                    raise InvalidRequest("kind: each message must set `open` or `round`")
+        except EdgecloudError as error:
             await abort_with(context, error)
         except Exception:
             log.exception("verify stream failed", extra={"session": session and session.id})
-            await abort_with(context, Internal("internal error; the session was closed"))
+            await abort_with(context, ServerError("internal error; the session was closed"))
         finally:
             if session is not None:
                 self.engine.close(session, "stream ended")

@@ -1,7 +1,7 @@
 """Turns verification protos into checked, typed requests.
 
 Every check names the field that failed and the allowed range, and raises
-`InvalidArgument`; the service maps that to INVALID_ARGUMENT. Nothing here touches
+`InvalidRequest`; the service maps that to INVALID_ARGUMENT. Nothing here touches
 the model or a session, so a bad message can never disturb another session.
 """
 
@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cloud_node.config import VerifierConfig
-from edgecloud.v1 import verification_pb2 as pb
 from lm.acceptance import DraftDistribution, check_draft
 from lm.hidden_codec import HiddenEncoding
 from lm.sampling import SamplingParams
 from lm.tree import TokenTree, TreeError
-from serving.errors import InvalidArgument
+from protocol.errors import InvalidRequest
+from protocol.v1 import verification_pb2 as pb
+from protocol.validation import check_sampling
 
 
 @dataclass(frozen=True)
@@ -42,42 +43,41 @@ class RoundRequest:
 def check_tokens(field: str, tokens: Sequence[int], vocab_size: int) -> tuple[int, ...]:
     for i, token in enumerate(tokens):
         if not 0 <= token < vocab_size:
-            raise InvalidArgument(
+            raise InvalidRequest(
                 f"{field}[{i}]: token id must be in [0, {vocab_size}), got {token}"
             )
     return tuple(tokens)
 
 
 def parse_sampling(field: str, msg: pb.SamplingParams, vocab_size: int) -> SamplingParams:
-    try:
-        params = SamplingParams(
-            temperature=msg.temperature,
-            top_k=msg.top_k,
-            top_p=msg.top_p if msg.top_p > 0 else 1.0,
-            seed=msg.seed if msg.HasField("seed") else None,
-        )
-        params.validate(vocab_size)
-    except ValueError as exc:
-        raise InvalidArgument(f"{field}.{exc}") from exc
-    return params
+    seed = msg.seed if msg.HasField("seed") else None
+    check_sampling(
+        msg.temperature, msg.top_k, msg.top_p, seed, vocab_size=vocab_size, prefix=f"{field}."
+    )
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_k=msg.top_k,
+        top_p=msg.top_p if msg.top_p > 0 else 1.0,
+        seed=seed,
+    )
 
 
 def parse_open(msg: pb.OpenSession, config: VerifierConfig, vocab_size: int) -> OpenRequest:
     if msg.model != config.model_name:
-        raise InvalidArgument(
+        raise InvalidRequest(
             f"open.model: this verifier serves {config.model_name!r}, got {msg.model!r}"
         )
     if not msg.context:
-        raise InvalidArgument("open.context: must hold at least one token")
+        raise InvalidRequest("open.context: must hold at least one token")
     if len(msg.context) >= config.max_context:  # no room left for a single token
-        raise InvalidArgument(
+        raise InvalidRequest(
             f"open.context: at most {config.max_context - 1} tokens (--max-context "
             f"{config.max_context}, one left for the next token), got {len(msg.context)}"
         )
     if len(msg.session_id) > 128:
-        raise InvalidArgument(f"open.session_id: at most 128 characters, got {len(msg.session_id)}")
+        raise InvalidRequest(f"open.session_id: at most 128 characters, got {len(msg.session_id)}")
     if msg.return_hidden not in set(HiddenEncoding):
-        raise InvalidArgument(
+        raise InvalidRequest(
             f"open.return_hidden: must be one of {[int(e) for e in HiddenEncoding]} "
             f"(HiddenEncoding), got {msg.return_hidden}"
         )
@@ -92,17 +92,17 @@ def parse_open(msg: pb.OpenSession, config: VerifierConfig, vocab_size: int) -> 
 def parse_round(msg: pb.Round, config: VerifierConfig, vocab_size: int) -> RoundRequest:
     limit = config.max_tree_nodes
     if len(msg.new_tokens) > limit:
-        raise InvalidArgument(
+        raise InvalidRequest(
             f"round.new_tokens: at most {limit} tokens (--max-tree-nodes), "
             f"got {len(msg.new_tokens)}"
         )
     if len(msg.tree.tokens) > limit:
-        raise InvalidArgument(
+        raise InvalidRequest(
             f"round.tree.tokens: at most {limit} nodes (--max-tree-nodes), "
             f"got {len(msg.tree.tokens)}"
         )
     if not 0 <= msg.decode_tokens <= config.max_context:
-        raise InvalidArgument(
+        raise InvalidRequest(
             f"round.decode_tokens: must be in [0, {config.max_context}] (--max-context), "
             f"got {msg.decode_tokens}"
         )
@@ -110,7 +110,7 @@ def parse_round(msg: pb.Round, config: VerifierConfig, vocab_size: int) -> Round
     try:
         tree = TokenTree(tokens=tokens, parents=tuple(msg.tree.parents))
     except TreeError as exc:
-        raise InvalidArgument(f"round.tree.{exc}") from exc
+        raise InvalidRequest(f"round.tree.{exc}") from exc
     return RoundRequest(
         new_tokens=check_tokens("round.new_tokens", msg.new_tokens, vocab_size),
         tree=tree,
@@ -127,16 +127,16 @@ def parse_draft(
     for i, msg in enumerate(dists):
         field = f"round.draft_dists[{i}]"
         if not -1 <= msg.node < tree.size:
-            raise InvalidArgument(f"{field}.node: must be in [-1, {tree.size}), got {msg.node}")
+            raise InvalidRequest(f"{field}.node: must be in [-1, {tree.size}), got {msg.node}")
         if msg.node in draft:
-            raise InvalidArgument(f"{field}.node: node {msg.node} has two distributions")
+            raise InvalidRequest(f"{field}.node: node {msg.node} has two distributions")
         if len(msg.tokens) != len(msg.probs) or not msg.tokens:
-            raise InvalidArgument(
+            raise InvalidRequest(
                 f"{field}: tokens and probs must be non-empty and of equal length, "
                 f"got {len(msg.tokens)} and {len(msg.probs)}"
             )
         if len(msg.tokens) > vocab_size:
-            raise InvalidArgument(f"{field}.tokens: at most {vocab_size} entries")
+            raise InvalidRequest(f"{field}.tokens: at most {vocab_size} entries")
         try:
             draft[msg.node] = DraftDistribution(
                 node=msg.node,
@@ -145,5 +145,5 @@ def parse_draft(
             )
             check_draft(tree, {msg.node: draft[msg.node]}, vocab_size)
         except ValueError as exc:
-            raise InvalidArgument(f"{field}: {exc}") from exc
+            raise InvalidRequest(f"{field}: {exc}") from exc
     return draft

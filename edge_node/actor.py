@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from edge_node.cloud_link import CloudLink, CloudLinkConfig
 from edge_node.picker import VerifierPicker
 from edge_node.runtime import EdgeConfig, EdgeRuntime
-from edge_node.types import Chunk, GenerationRequest
+from edge_node.types import GenerationRequest
+from protocol.types import Chunk
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class EdgeLoadReport:
     completed: int
     tokens_per_round: float
     failovers: int
+    rounds: int
+    draft_tokens: int
+    accepted_tokens: int
 
 
 class EdgeNode:
@@ -39,7 +43,7 @@ class EdgeNode:
         head_dir: str | None = None,
         dtype: str | None = None,
     ) -> None:
-        """`head_dir`: a draft head for the verifiers' target (DraftOptions.drafter).
+        """`head_dir`: a draft head for the verifiers' target (DraftConfig.drafter).
         `flash_budget_mb`: `model_dir` is a flash pack run within this much DRAM.
         `dtype`: the SLM's float32/float16/bfloat16 (None: the device's default)."""
         import torch
@@ -71,4 +75,7 @@ class EdgeNode:
             completed=load.completed,
             tokens_per_round=load.tokens_per_round,
             failovers=load.failovers,
+            rounds=load.rounds,
+            draft_tokens=load.draft_tokens,
+            accepted_tokens=load.accepted_tokens,
         )

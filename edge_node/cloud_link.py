@@ -14,10 +14,10 @@ from grpc import aio
 
 from edge_node.picker import VerifierEndpoint, VerifierPicker
 from edge_node.verifier_client import VerifierSession
-from edgecloud._channel import TlsOptions, bearer_metadata, open_aio_channel
 from lm.hidden_codec import HiddenEncoding
 from lm.sampling import SamplingParams
-from serving.errors import Internal, InvalidArgument
+from protocol.channel import TlsOptions, bearer_metadata, open_aio_channel
+from protocol.errors import InvalidRequest, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ def refusal(error: BaseException) -> BaseException:
     if not isinstance(error, aio.AioRpcError):
         return error
     if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(f"verifier: {error.details()}")
+        return InvalidRequest(f"verifier: {error.details()}")
     log.error("verifier refused the session", extra={"code": error.code().name})
-    return Internal(f"verifier refused the session: {error.code().name}")
+    return ServerError(f"verifier refused the session: {error.code().name}")
 
 
 class NoVerifier(Exception):

@@ -1,7 +1,8 @@
-"""Which drafter makes a session's next lossless round: the SLM or the recurrent head.
+"""Which draft source makes a session's next lossless round.
 
-`slm` and `head` are fixed choices. `auto` measures both within the session and
-keeps the one that yields more tokens per unit of time. A round with drafter d
+A source name (`slm`, `head`, `ngram`) is a fixed choice. `auto` measures the
+sources in `sources.AUTO` (the head and the SLM) within the session and keeps the
+one that yields more tokens per unit of time. A round with drafter d
 costs its draft time plus its round trip (network plus the verifier's pass, which
 grows with the tree) and yields tau_d tokens (the accepted ones plus the bonus), so
 
@@ -9,7 +10,7 @@ grows with the tree) and yields tau_d tokens (the accepted ones plus the bonus),
 
 Each estimate is an exponential moving average over the rounds that d drafted. The
 first `probe_rounds` rounds go to each drafter in turn (head first: it is cheap),
-then the better rate wins; the other one is tried again once every `reprobe_every`
+then the best rate wins; each other one is tried again once every `reprobe_every`
 rounds, so a session whose text changes character can switch back.
 
 Example: at a 50 ms round trip the head gives tau 5.0 for 1 ms of drafting and a
@@ -17,16 +18,17 @@ Example: at a 50 ms round trip the head gives tau 5.0 for 1 ms of drafting and a
 5.5 / 68 = 0.081: the head wins. A head trained on nothing (tau 1.0, 1 / 53 = 0.019)
 loses to the same SLM.
 
-The head needs the verifier's hidden state; when the last reply had none (an old
-verifier, or no reply yet on a one-token context), `pick` answers `slm`.
+A source that cannot draft now (the head when the last reply had no hidden state: an
+old verifier, or no reply yet on a one-token context) is passed as `unready`; then
+`pick` answers the fallback, the SLM.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from edge_node.drafters import DrafterKind
-from edge_node.types import DrafterSetting
+from edge_node.drafters.sources import AUTO, FALLBACK, SOURCES
 
 
 @dataclass
@@ -51,47 +53,68 @@ class _Estimate:
 
 @dataclass
 class DrafterChoice:
-    setting: DrafterSetting
+    setting: str  # a source name, or "auto"
     probe_rounds: int = 2
     reprobe_every: int = 16
     smoothing: float = 0.3
-    estimates: dict[DrafterKind, _Estimate] = field(
-        default_factory=lambda: {"head": _Estimate(), "slm": _Estimate()}
-    )
-    # Rounds since each drafter last drafted.
-    idle: dict[DrafterKind, int] = field(default_factory=lambda: {"head": 0, "slm": 0})
+    # Sources that draft from the history alone, so may draft ahead (pipelining).
+    pipelined: frozenset[str] = frozenset({FALLBACK})
+    estimates: dict[str, _Estimate] = field(init=False)
+    # Rounds since each candidate last drafted.
+    idle: dict[str, int] = field(init=False)
 
-    def pick(self, head_ready: bool) -> DrafterKind:
-        """The drafter for the next round; `head_ready`: a hidden state is at hand."""
-        if self.setting == "slm" or not head_ready:
-            return "slm"
-        if self.setting == "head":
-            return "head"
-        for kind in ("head", "slm"):
-            if self.estimates[kind].rounds < self.probe_rounds:
-                return kind
-        best = self.best()
-        other: DrafterKind = "slm" if best == "head" else "head"
-        return other if self.idle[other] >= self.reprobe_every else best
+    def __post_init__(self) -> None:
+        if self.setting != "auto" and self.setting not in SOURCES:
+            raise ValueError(f"setting: must be 'auto' or one of {list(SOURCES)}")
+        candidates = AUTO if self.setting == "auto" else (self.setting,)
+        self.estimates = {name: _Estimate() for name in candidates}
+        self.idle = dict.fromkeys(candidates, 0)
 
-    def may_speculate(self) -> bool:
-        """Whether the SLM drafts the next round whatever the reply holds, so that it may
-        draft it during this round's verification (the head never can: it needs the reply)."""
+    def __contains__(self, name: str) -> bool:
+        """Whether `name` may still draft this session's rounds."""
+        return name in self.estimates
+
+    def pick(self, unready: Collection[str] = ()) -> str:
+        """The source for the next round; `unready`: sources that cannot draft now."""
         if self.setting != "auto":
-            return self.setting == "slm"
+            return FALLBACK if self.setting in unready else self.setting
+        ready = [name for name in self.estimates if name not in unready]
+        if len(ready) < len(self.estimates):
+            return ready[0] if ready else FALLBACK
+        for name in ready:
+            if self.estimates[name].rounds < self.probe_rounds:
+                return name
+        best = self.best()
+        due = [name for name in ready if name != best and self.idle[name] >= self.reprobe_every]
+        return due[0] if due else best
+
+    def may_speculate(self) -> str | None:
+        """The source that drafts the next round whatever the reply holds, when it is a
+        pipelined one (so it may draft that round during this one's verification);
+        None otherwise."""
+        if self.setting != "auto":
+            return self.setting if self.setting in self.pipelined else None
         probed = all(e.rounds >= self.probe_rounds for e in self.estimates.values())
-        return probed and self.best() == "slm" and self.idle["head"] + 1 < self.reprobe_every
+        best = self.best()
+        if not probed or best not in self.pipelined:
+            return None
+        others = [n for n in self.idle if n != best]
+        return best if all(self.idle[n] + 1 < self.reprobe_every for n in others) else None
 
-    def fall_back_to_slm(self) -> None:
-        """No usable hidden state comes from this verifier: the SLM drafts from now on."""
-        self.setting = "slm"
+    def fall_back(self) -> None:
+        """A source cannot draft for this session (no usable hidden state comes from its
+        verifier): the fallback drafts from now on."""
+        self.setting = FALLBACK
+        self.estimates = {FALLBACK: self.estimates.get(FALLBACK, _Estimate())}
+        self.idle = {FALLBACK: 0}
 
-    def best(self) -> DrafterKind:
-        head, slm = self.estimates["head"], self.estimates["slm"]
-        return "head" if head.rate >= slm.rate else "slm"
+    def best(self) -> str:
+        return max(self.estimates, key=lambda name: self.estimates[name].rate)
 
-    def observe(self, kind: DrafterKind, tokens: int, draft_ms: float, round_ms: float) -> None:
-        """One round drafted by `kind` yielded `tokens` (accepted plus bonus)."""
-        self.estimates[kind].fold(tokens, draft_ms, round_ms, self.smoothing)
+    def observe(self, name: str, tokens: int, draft_ms: float, round_ms: float) -> None:
+        """One round drafted by `name` yielded `tokens` (accepted plus bonus)."""
+        if name not in self.estimates:  # the fallback, standing in for an unready source
+            return
+        self.estimates[name].fold(tokens, draft_ms, round_ms, self.smoothing)
         for other in self.idle:
-            self.idle[other] = 0 if other == kind else self.idle[other] + 1
+            self.idle[other] = 0 if other == name else self.idle[other] + 1

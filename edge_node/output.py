@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from edge_node.types import Chunk, Rollback
 from lm.tokenizer import IncrementalDetokenizer, Tokenizer
+from protocol.types import Chunk, FinishReason, Rollback
 
 
 class Output:
@@ -28,7 +28,7 @@ class Output:
         self.eos_id = eos_id
         self.tokens: list[int] = []
         self.text = ""
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self._detok = IncrementalDetokenizer(tokenizer, prompt) if tokenizer else None
 
     @property
@@ -41,7 +41,7 @@ class Output:
         tokens = list(tokens[: self.max_tokens - len(self.tokens)])
         if self.eos_id is not None and self.eos_id in tokens:
             tokens = tokens[: tokens.index(self.eos_id)]
-            self.finish_reason = "stop"
+            self.finish_reason = FinishReason.STOP
         delta = self._detok.push(tokens) if self._detok else ""
         if self.finish_reason and self._detok:
             delta += self._detok.flush()
@@ -49,11 +49,11 @@ class Output:
         self.tokens.extend(tokens)
         self.text += delta
         if self.finish_reason is None and len(self.tokens) >= self.max_tokens:
-            self.finish_reason = "length"
+            self.finish_reason = FinishReason.LENGTH
         return Chunk(tokens=tuple(tokens), text=delta, verified=verified, rollback=rollback)
 
-    def finish(self, reason: str) -> None:
-        """Ends the output for a reason found outside it (a context limit: "length")."""
+    def finish(self, reason: FinishReason) -> None:
+        """Ends the output for a reason found outside it (a context limit: LENGTH)."""
         if self.finish_reason is None:
             self.finish_reason = reason
 
@@ -74,5 +74,5 @@ class Output:
         ]
         if not hits:
             return delta
-        self.finish_reason = "stop"
+        self.finish_reason = FinishReason.STOP
         return full[: min(hits)][len(self.text) :]

@@ -5,29 +5,24 @@ threads, and load accounting."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from edge_node.cloud_link import CloudLink
+from edge_node.drafters.sources import make_sources
 from edge_node.generation import Generation
-from edge_node.types import Chunk, DraftOptions, GenerationRequest, GenerationStats, Mode
-from edgecloud._errors import InvalidRequest
-from edgecloud._validation import validate_generate_request
-from edgecloud.v1 import generation_pb2 as gpb
+from edge_node.metrics import EdgeMetrics
+from edge_node.types import DraftConfig, GenerationRequest
 from lm.draft_head import DraftHead
 from lm.model import Transformer
 from lm.sampling import SamplingParams
 from lm.tokenizer import Tokenizer
-from serving.errors import InvalidArgument, ResourceExhausted
-
-MODES = {
-    gpb.MODE_UNSPECIFIED: Mode.LOSSLESS,
-    gpb.MODE_LOSSLESS: Mode.LOSSLESS,
-    gpb.MODE_ADAPTIVE: Mode.ADAPTIVE,
-    gpb.MODE_EDGE_ONLY: Mode.EDGE_ONLY,
-    gpb.MODE_CLOUD_ONLY: Mode.CLOUD_ONLY,
-}
+from protocol.errors import InvalidRequest, ResourceExhausted
+from protocol.types import Chunk, GenerationStats, Mode
+from protocol.v1 import generation_pb2 as gpb
+from protocol.validation import validate_generate_request
 
 
 @dataclass(frozen=True)
@@ -37,7 +32,7 @@ class EdgeConfig:
     max_concurrency: int = 16
     # Worker threads for SLM forward passes.
     threads: int = 2
-    draft: DraftOptions = DraftOptions()
+    draft: DraftConfig = DraftConfig()
     adaptive_threshold: float = 0.9
     # Largest tree the verifiers take (their --max-tree-nodes).
     max_tree_nodes: int = 64
@@ -54,6 +49,7 @@ class EdgeLoad:
     active: int = 0
     completed: int = 0
     rounds: int = 0
+    draft_tokens: int = 0
     accepted_tokens: int = 0
     failovers: int = 0
     last: GenerationStats = field(default_factory=GenerationStats)
@@ -80,13 +76,14 @@ class EdgeRuntime:
                 f"head: its vocabulary has {head.config.vocab_size} tokens, the SLM's "
                 f"{model.config.vocab_size}"
             )
-        check_drafter(config.draft.drafter, head)
+        make_sources(config.draft.drafter, tree=config.draft.tree, head=head)  # raises if not
         self.model = model
         self.head = head
         self.config = config
         self.tokenizer = tokenizer
         self.link = link
         self.load = EdgeLoad()
+        self.metrics = EdgeMetrics(model, lambda: self.load.active, config.max_concurrency)
         self.executor = ThreadPoolExecutor(config.threads, thread_name_prefix="edge-slm")
 
     @property
@@ -98,49 +95,49 @@ class EdgeRuntime:
     ) -> GenerationRequest:
         """Checks `msg` with the SDK's rules plus this model's limits."""
         vocab = self.model.config.vocab_size
-        try:
-            validate_generate_request(msg, vocab_size=vocab, max_context=self.max_context)
-        except InvalidRequest as error:
-            raise InvalidArgument(str(error)) from error
+        validate_generate_request(msg, vocab_size=vocab, max_context=self.max_context)
         if msg.model and msg.model != self.config.model_name:
-            raise InvalidArgument(
+            raise InvalidRequest(
                 f"model: this edge serves {self.config.model_name!r}, got {msg.model!r}"
             )
         if msg.prompt and self.tokenizer is None:
-            raise InvalidArgument("prompt: this model has no tokenizer; send prompt_tokens")
+            raise InvalidRequest("prompt: this model has no tokenizer; send prompt_tokens")
         prompt = tuple(self.tokenizer.encode(msg.prompt) if msg.prompt else msg.prompt_tokens)
         if not prompt:
-            raise InvalidArgument("prompt: encodes to no tokens")
+            raise InvalidRequest("prompt: encodes to no tokens")
         # Drafting needs cache room past the history: one round's tree, and the next
         # one's, drafted while the first is verified (the verifier reserves as much).
         reserve = 2 * (self.config.max_tree_nodes + 1)
         room = self.max_context - 1 - reserve - len(prompt)
         if room < 1:
-            raise InvalidArgument(
+            raise InvalidRequest(
                 f"prompt: {len(prompt)} tokens leave no room in the "
                 f"{self.max_context}-token context, {reserve} of which drafts need"
             )
         default = self.config.draft
-        draft = replace(
-            default,
-            tree=msg.draft.tree or default.tree,
-            width=msg.draft.width or default.width,
-            depth=msg.draft.depth or default.depth,
-            adapt=default.adapt and not (msg.draft.width or msg.draft.depth),
-        )
+        try:  # the names: what this edge offers (the SDK only checked they are names)
+            draft = replace(
+                default,
+                tree=msg.draft.tree or default.tree,
+                width=msg.draft.width or default.width,
+                depth=msg.draft.depth or default.depth,
+                drafter=msg.draft.drafter or default.drafter,
+                adapt=default.adapt and not (msg.draft.width or msg.draft.depth),
+            )
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from None
+        mode = Mode.from_proto(msg.mode)
         return GenerationRequest(
             prompt_tokens=prompt,
             # cloud_only never runs the SLM: the verifier's context bounds it (`length`).
-            max_tokens=msg.max_tokens
-            if MODES[msg.mode] is Mode.CLOUD_ONLY
-            else min(msg.max_tokens, room),
+            max_tokens=msg.max_tokens if mode is Mode.CLOUD_ONLY else min(msg.max_tokens, room),
             sampling=SamplingParams(
                 temperature=msg.temperature,
                 top_k=msg.top_k,
                 top_p=msg.top_p,
                 seed=msg.seed if msg.HasField("seed") else None,
             ),
-            mode=MODES[msg.mode],
+            mode=mode,
             stop=tuple(msg.stop),
             draft=draft,
             adaptive_threshold=msg.adaptive_threshold or self.config.adaptive_threshold,
@@ -148,29 +145,53 @@ class EdgeRuntime:
             request_id=request_id,
         )
 
+    def models(self) -> list[gpb.ModelInfo]:
+        """What this edge serves, for ListModels and the HTTP front's /v1/models."""
+        roles = ["edge", "cloud"] if self.link is not None else ["edge"]
+        info = gpb.ModelInfo(
+            name=self.config.model_name,
+            vocab_size=self.model.config.vocab_size,
+            max_context=self.max_context,
+            roles=roles,
+        )
+        return [info]
+
+    def serve(
+        self, msg: gpb.GenerateRequest, timeout_s: float | None
+    ) -> AsyncIterator[gpb.GenerateChunk]:
+        """Proto in, proto out: the one entry of the gRPC service, the gateway's actor
+        and the HTTP front, measured by `metrics.requests`. The request is checked here,
+        where the model's vocabulary, context and tokenizer are known."""
+
+        async def chunks() -> AsyncGenerator[gpb.GenerateChunk, None]:
+            async with contextlib.aclosing(
+                self.generate(self.request_from_proto(msg, timeout_s))
+            ) as generated:
+                async for chunk in generated:
+                    yield chunk.to_proto()
+
+        return self.metrics.requests.observe(msg.mode, chunks())
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if self.load.active >= self.config.max_concurrency:
             raise ResourceExhausted(
                 f"max_concurrency: all {self.config.max_concurrency} generation slots are busy"
             )
         if request.mode.uses_cloud and self.link is None:
-            raise InvalidArgument(
-                f"mode: {request.mode.value} needs a verifier; this edge has none"
-            )
+            raise InvalidRequest(f"mode: {request.mode.value} needs a verifier; this edge has none")
         try:
-            check_drafter(request.draft.drafter, self.head)
-        except ValueError as error:
-            raise InvalidArgument(str(error)) from error
-        generation = Generation(
-            request,
-            self.model,
-            link=self.link,
-            model_name=self.config.model_name,
-            tokenizer=self.tokenizer,
-            executor=self.executor,
-            max_tree_nodes=self.config.max_tree_nodes,
-            head=self.head,
-        )
+            generation = Generation(
+                request,
+                self.model,
+                link=self.link,
+                model_name=self.config.model_name,
+                tokenizer=self.tokenizer,
+                executor=self.executor,
+                max_tree_nodes=self.config.max_tree_nodes,
+                head=self.head,
+            )
+        except ValueError as error:  # a drafter or tree this edge does not offer
+            raise InvalidRequest(str(error)) from error
         self.load.active += 1
         try:
             async for chunk in generation.stream():
@@ -183,16 +204,13 @@ class EdgeRuntime:
     def _record(self, stats: GenerationStats) -> None:
         self.load.completed += 1
         self.load.rounds += stats.rounds
+        self.load.draft_tokens += stats.draft_tokens
         self.load.accepted_tokens += stats.accepted_tokens
         self.load.failovers += stats.failovers
         self.load.last = stats
+        self.metrics.speculative.record(stats)
 
     async def close(self) -> None:
         if self.link is not None:
             await self.link.close()
         await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown)
-
-
-def check_drafter(drafter: str, head: DraftHead | None) -> None:
-    if drafter != "slm" and head is None:
-        raise ValueError(f"draft.drafter: {drafter!r} needs a draft head on this edge (--head DIR)")

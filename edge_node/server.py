@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from edge_node.runtime import EdgeRuntime
 from edge_node.service import GenerationService
-from edgecloud.v1 import generation_pb2 as gpb
-from edgecloud.v1 import generation_pb2_grpc as gpb_grpc
+from protocol.v1 import generation_pb2 as gpb
+from protocol.v1 import generation_pb2_grpc as gpb_grpc
 from serving.server import RunningServer, ServerConfig, start_server
 
 SERVICE_NAME = gpb.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -32,4 +32,5 @@ async def start_edge_server(runtime: EdgeRuntime, server_config: ServerConfig) -
         gpb_grpc.add_GenerationServicer_to_server(GenerationService(runtime), server)
         return [SERVICE_NAME]
 
-    return EdgeServer(runtime, await start_server(server_config, add))
+    running = await start_server(server_config, add, runtime.metrics.registry)
+    return EdgeServer(runtime, running)

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 from grpc import aio
 
-from edgecloud.v1 import verification_pb2 as pb
-from edgecloud.v1 import verification_pb2_grpc as pb_grpc
 from lm.acceptance import DraftDistribution
 from lm.hidden_codec import EncodedHidden, HiddenEncoding
 from lm.sampling import SamplingParams
 from lm.tree import TokenTree
+from protocol.v1 import verification_pb2 as pb
+from protocol.v1 import verification_pb2_grpc as pb_grpc
 
 
 def sampling_message(params: SamplingParams) -> pb.SamplingParams:

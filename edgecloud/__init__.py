@@ -1,14 +1,14 @@
 """edgecloud client SDK: generate text with edge-drafted, cloud-verified decoding.
 
 Needs only grpcio and protobuf (plus grpcio-health-checking for `health()`). The
-public names are below; the code lives in private modules, and the generated
-protocol modules in `edgecloud.v1`.
+public names are below; the clients live in private modules, and the values, limits,
+errors and generated stubs they share with the servers in `protocol`.
 """
 
 from edgecloud._async_client import AsyncClient, AsyncGenerationStream
-from edgecloud._channel import KeepAliveOptions, RetryPolicy, TlsOptions
 from edgecloud._client import Client, GenerationStream
-from edgecloud._errors import (
+from protocol.channel import KeepAliveOptions, RetryPolicy, TlsOptions
+from protocol.errors import (
     DeadlineExceeded,
     EdgecloudError,
     InvalidRequest,
@@ -17,7 +17,7 @@ from edgecloud._errors import (
     Unauthenticated,
     Unavailable,
 )
-from edgecloud._types import (
+from protocol.types import (
     Chunk,
     DraftOptions,
     FinishReason,

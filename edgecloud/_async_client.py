@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 from grpc import aio
 
-from edgecloud._channel import KeepAliveOptions, RetryPolicy, TlsOptions, open_aio_channel
 from edgecloud._client import ClientSettings, health_modules, health_status
-from edgecloud._errors import translated_rpc_errors
-from edgecloud._types import (
+from protocol.channel import KeepAliveOptions, RetryPolicy, TlsOptions, open_aio_channel
+from protocol.errors import translated_rpc_errors
+from protocol.types import (
     Chunk,
     DraftOptions,
     GenerateOptions,
@@ -20,8 +20,8 @@ from edgecloud._types import (
     ModeName,
     Transcript,
 )
-from edgecloud.v1 import generation_pb2 as pb
-from edgecloud.v1 import generation_pb2_grpc as pb_grpc
+from protocol.v1 import generation_pb2 as pb
+from protocol.v1 import generation_pb2_grpc as pb_grpc
 
 
 class AsyncGenerationStream(Transcript):

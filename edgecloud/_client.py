@@ -7,15 +7,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-from edgecloud._channel import (
+from protocol.channel import (
     KeepAliveOptions,
     RetryPolicy,
     TlsOptions,
     bearer_metadata,
     open_channel,
 )
-from edgecloud._errors import InvalidRequest, translated_rpc_errors
-from edgecloud._types import (
+from protocol.errors import InvalidRequest, translated_rpc_errors
+from protocol.types import (
     Chunk,
     DraftOptions,
     GenerateOptions,
@@ -26,8 +26,8 @@ from edgecloud._types import (
     ModeName,
     Transcript,
 )
-from edgecloud.v1 import generation_pb2 as pb
-from edgecloud.v1 import generation_pb2_grpc as pb_grpc
+from protocol.v1 import generation_pb2 as pb
+from protocol.v1 import generation_pb2_grpc as pb_grpc
 
 # Deadline of every call unless the client or the call says otherwise. A whole
 # generation must finish within it: raise it for long outputs.

@@ -3,6 +3,11 @@
 One frozen dataclass describes every model the core runs: Llama, Qwen2 (Llama plus a
 bias on the q/k/v projections) and Mistral (Llama plus a sliding attention window, which
 we do not implement: see `ModelConfig.from_hf`).
+
+The seams for another architecture are fields, each resolved once by a registry in
+`lm.model`: `architecture` picks the attention layer and its cache (`ARCHITECTURES`),
+`norm` the normalisation (`NORMS`), `activation` the MLP's (`ACTIVATIONS`), and `head_dim`
+is given, not derived, when a checkpoint's heads are not dim // n_heads wide.
 """
 
 import logging
@@ -11,8 +16,13 @@ from typing import Any, Literal, get_args
 
 logger = logging.getLogger(__name__)
 
-Activation = Literal["silu", "relu"]
+Activation = Literal["silu", "relu", "gelu_tanh"]
+Norm = Literal["rmsnorm"]
 Architecture = Literal["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"]
+
+# Our activation name -> Hugging Face's `hidden_act` spelling (Gemma's MLP is gelu_tanh).
+_HF_ACTIVATIONS: dict[str, str] = {"silu": "silu", "relu": "relu", "gelu_tanh": "gelu_pytorch_tanh"}
+_ACTIVATIONS_FROM_HF = {hf: ours for ours, hf in _HF_ACTIVATIONS.items()}
 
 _MODEL_TYPES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -26,23 +36,28 @@ class ModelConfig:
     """Hyperparameters of a decoder-only Llama-family transformer.
 
     Weight shapes follow from these fields: embeddings (vocab_size, dim); per layer
-    wq (dim, dim), wk/wv (n_kv_heads * head_dim, dim), wo (dim, dim), and the gated MLP
-    gate/up (hidden_dim, dim), down (dim, hidden_dim).
+    wq (n_heads * head_dim, dim), wk/wv (n_kv_heads * head_dim, dim), wo (dim, n_heads *
+    head_dim), and the gated MLP gate/up (hidden_dim, dim), down (dim, hidden_dim).
     """
 
     vocab_size: int  # rows of the token embedding (and of the classifier)
     dim: int  # width of the residual stream ("hidden_size" in HF)
     n_layers: int
-    n_heads: int  # query heads; head_dim = dim // n_heads
+    n_heads: int  # query heads
     n_kv_heads: int  # key/value heads (grouped-query attention when < n_heads)
     hidden_dim: int  # MLP width ("intermediate_size" in HF)
+    # Width of one q/k/v head (even: RoPE rotates halves). None: dim // n_heads, filled in
+    # by __post_init__, so dataclasses.replace of dim or n_heads must pass it again.
+    head_dim: int | None = None
     max_seq_len: int = 2048  # longest context the model is valid for; caches may not exceed it
-    norm_eps: float = 1e-5  # RMSNorm epsilon
+    norm: Norm = "rmsnorm"  # before attention, before the MLP and before the classifier
+    norm_eps: float = 1e-5  # the norm's epsilon
     rope_theta: float = 10000.0  # RoPE base frequency
     tie_embeddings: bool = False  # classifier shares the token embedding matrix
     qkv_bias: bool = False  # bias on q/k/v projections (Qwen2 only)
     activation: Activation = "silu"  # MLP is always gated: down(act(gate(x)) * up(x))
-    architecture: Architecture = "LlamaForCausalLM"  # the HF class these weights load into
+    # The HF class these weights load into; picks the attention layer and its cache.
+    architecture: Architecture = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 
@@ -50,8 +65,15 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim"):
             _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         _require(self.max_seq_len >= 1, "max_seq_len", "must be >= 1", self.max_seq_len)
-        _require(self.dim % self.n_heads == 0, "dim", "must be a multiple of n_heads", self.dim)
-        _require(self.head_dim % 2 == 0, "dim", "dim // n_heads must be even (RoPE)", self.dim)
+        if self.head_dim is None:
+            _require(self.dim % self.n_heads == 0, "dim", "must be a multiple of n_heads", self.dim)
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        _require(
+            self.head_dim >= 2 and self.head_dim % 2 == 0,
+            "head_dim",
+            "must be even and >= 2 (RoPE)",
+            self.head_dim,
+        )
         _require(
             self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
             "n_kv_heads",
@@ -60,12 +82,9 @@ class ModelConfig:
         )
         _require(self.norm_eps > 0, "norm_eps", "must be > 0", self.norm_eps)
         _require(self.rope_theta > 0, "rope_theta", "must be > 0", self.rope_theta)
-        _require(
-            self.activation in get_args(Activation),
-            "activation",
-            f"must be one of {get_args(Activation)}",
-            self.activation,
-        )
+        for name, allowed in (("norm", Norm), ("activation", Activation)):
+            value = getattr(self, name)
+            _require(value in get_args(allowed), name, f"must be one of {get_args(allowed)}", value)
         _require(
             self.architecture in _MODEL_TYPES,
             "architecture",
@@ -81,18 +100,15 @@ class ModelConfig:
             self.qkv_bias,
         )
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
     @classmethod
     def from_hf(cls, hf_config: dict[str, Any]) -> "ModelConfig":
         """Read a Hugging Face config.json dict.
 
         Accepts both the transformers 4 spelling (top-level ``rope_theta``, ``rope_scaling``)
         and the transformers 5 one (``rope_parameters``). Raises ValueError, naming the key,
-        for anything this core would run differently from transformers: RoPE scaling, a
-        head_dim other than hidden_size // num_attention_heads, Llama attention/MLP biases.
+        for anything this core would run differently from transformers: RoPE scaling, Llama
+        attention/MLP biases, a ``hidden_act`` other than silu, relu and gelu_pytorch_tanh.
+        ``head_dim`` is read as transformers 5 reads it: dim // n_heads when absent.
 
         Sliding-window attention (Mistral; Qwen2 with use_sliding_window) is not implemented.
         Attention is identical to full attention while the context is no longer than the
@@ -115,17 +131,12 @@ class ModelConfig:
         if rope_type != "default":
             raise ValueError(f"rope_parameters: rope_type {rope_type!r} is not supported")
         rope_theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
-        dim, n_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-        head_dim = hf_config.get("head_dim")
-        if head_dim is not None and head_dim * n_heads != dim:
-            raise ValueError(
-                f"head_dim: must equal hidden_size // num_attention_heads = {dim // n_heads}, "
-                f"got {head_dim}"
-            )
+        n_heads = hf_config["num_attention_heads"]
         if arch == "LlamaForCausalLM":
             for key in ("attention_bias", "mlp_bias"):
                 if hf_config.get(key):
                     raise ValueError(f"{key}: Llama projection biases are not supported")
+        hidden_act = hf_config.get("hidden_act", "silu")  # unknown: ModelConfig names it
         max_seq_len = hf_config.get("max_position_embeddings", 2048)
         window = _sliding_window(arch, hf_config)
         if window is not None and window < max_seq_len:
@@ -134,17 +145,18 @@ class ModelConfig:
         eos = hf_config.get("eos_token_id")
         return cls(
             vocab_size=hf_config["vocab_size"],
-            dim=dim,
+            dim=hf_config["hidden_size"],
             n_layers=hf_config["num_hidden_layers"],
             n_heads=n_heads,
             n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
             hidden_dim=hf_config["intermediate_size"],
+            head_dim=hf_config.get("head_dim"),
             max_seq_len=max_seq_len,
             norm_eps=hf_config.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM",
-            activation=hf_config.get("hidden_act", "silu"),
+            activation=_ACTIVATIONS_FROM_HF.get(hidden_act, hidden_act),
             architecture=arch,
             bos_token_id=hf_config.get("bos_token_id"),
             # Llama 3 lists several end tokens; the first is the canonical one.
@@ -167,7 +179,7 @@ class ModelConfig:
             "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,
             "tie_word_embeddings": self.tie_embeddings,
-            "hidden_act": self.activation,
+            "hidden_act": _HF_ACTIVATIONS[self.activation],
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
         }

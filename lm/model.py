@@ -8,9 +8,15 @@ a boolean mask (True = may attend).
 The cached forward writes the new tokens as pending cache entries and lets each query
 see its row's committed entries plus the new tokens its mask allows. That one mechanism
 serves prefill, chain decoding, padded batches and token-tree verification.
+
+What differs between architectures is chosen by `ModelConfig` fields through the
+registries below the layers: `ARCHITECTURES` (attention layer and its cache), `NORMS`
+and `ACTIVATIONS`. Adding one is an entry there, not a flag in every layer.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,8 +25,6 @@ from torch import nn
 
 from lm.config import ModelConfig
 from lm.kv_cache import CacheStep, KVCache
-
-_ACTIVATIONS = {"silu": F.silu, "relu": F.relu}
 
 
 class Transformer(nn.Module):
@@ -31,7 +35,7 @@ class Transformer(nn.Module):
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.norm = NORMS[config.norm](config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -67,6 +71,25 @@ class Transformer(nn.Module):
     def batch_invariant(self, on: bool) -> None:
         for layer in self.layers:
             layer.attention.per_query = on
+
+    def new_cache(
+        self,
+        rows: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty cache of `rows` sequences of up to `max_len` tokens, of the kind this
+        architecture's attention reads; device and dtype default to the model's."""
+        weight = self.tok_embeddings.weight
+        return ARCHITECTURES[self.config.architecture].cache(
+            self.config,
+            rows,
+            max_len,
+            device=weight.device if device is None else device,
+            dtype=weight.dtype if dtype is None else dtype,
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The classifier: final-norm hidden states (..., dim) -> float32 logits (..., vocab).
@@ -145,9 +168,10 @@ class Transformer(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        norm = NORMS[config.norm]
+        self.attention_norm = norm(config.dim, config.norm_eps)
+        self.attention = ARCHITECTURES[config.architecture].attention(config)
+        self.ffn_norm = norm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
     def forward(
@@ -172,11 +196,11 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        kv_dim = config.n_kv_heads * config.head_dim
-        self.wq = nn.Linear(config.dim, config.dim, bias=config.qkv_bias)
+        q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.wq = nn.Linear(config.dim, q_dim, bias=config.qkv_bias)
         self.wk = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
-        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.wo = nn.Linear(q_dim, config.dim, bias=False)
         # Each query attends to its own keys alone (Transformer.batch_invariant).
         self.per_query = False
 
@@ -216,7 +240,7 @@ class FeedForward(nn.Module):
         self.gate = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.up = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.down = nn.Linear(config.hidden_dim, config.dim, bias=False)
-        self.act = _ACTIVATIONS[config.activation]
+        self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.gate(x)) * self.up(x))
@@ -234,6 +258,39 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class ArchitectureParts:
+    """What an architecture plugs into the core besides its norm and activation.
+
+    attention: built from the config; forward(x, cos, sin, mask, cache, layer, step) as
+        `Attention`, and a `per_query` flag (`Transformer.batch_invariant`).
+    cache: built as cache(config, rows, max_len, device=, dtype=) by
+        `Transformer.new_cache`; what `attention` reads and writes (`KVCache`'s interface).
+    """
+
+    attention: Callable[[ModelConfig], nn.Module]
+    cache: Callable[..., KVCache]
+
+
+LLAMA = ArchitectureParts(attention=Attention, cache=KVCache)
+
+# ModelConfig.architecture -> its parts. Qwen2 (q/k/v bias, a config field) and Mistral
+# (window clamped to the context, see ModelConfig.from_hf) attend exactly as Llama.
+ARCHITECTURES: dict[str, ArchitectureParts] = {
+    "LlamaForCausalLM": LLAMA,
+    "Qwen2ForCausalLM": LLAMA,
+    "MistralForCausalLM": LLAMA,
+}
+# ModelConfig.norm -> the norm layer, built as norm(dim, eps).
+NORMS: dict[str, Callable[[int, float], nn.Module]] = {"rmsnorm": RMSNorm}
+# ModelConfig.activation -> the MLP's activation (names as lm.config maps them to HF's).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),  # HF "gelu_pytorch_tanh" (Gemma)
+}
 
 
 # Batch-invariant attention: at most this many gathered key elements (queries x heads x

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_TEMPERATURE = 100.0
-SEED_LIMIT = 2**64
+from protocol.limits import MAX_TEMPERATURE, SEED_LIMIT
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Text to token ids and back, and streaming detokenisation that never emits half a character.
 
 `Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` loaded from a `tokenizer.json` (the
-format every Llama, Qwen2 and Mistral checkpoint ships, and the one `lm.bpe` writes).
+format every Llama, Qwen2 and Mistral checkpoint ships, and the one `lm.training.bpe` writes).
 
 `IncrementalDetokenizer` turns a growing list of ids into text deltas.  Decoding one token at a
 time is wrong in two ways: a byte-level token can hold part of a UTF-8 character (an emoji is

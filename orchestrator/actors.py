@@ -24,10 +24,9 @@ from cloud_node.config import VerifierConfig
 from edge_node.actor import EdgeNode
 from edge_node.cloud_link import CloudLinkConfig
 from edge_node.runtime import EdgeConfig
-from edge_node.service import chunk_to_proto
-from edgecloud.v1 import generation_pb2 as gpb
 from orchestrator.heartbeat import HeartbeatTask
-from orchestrator.registry import AsyncRegistry, NodeInfo, connect_async
+from orchestrator.registry import AsyncRegistry, NodeInfo, NodeStats, connect_async
+from protocol.v1 import generation_pb2 as gpb
 from serving.server import ServerConfig
 
 
@@ -73,8 +72,12 @@ class VerifierActor:
             capacity=self.config.max_sessions,
             labels=self.spec.labels,
         )
+        metrics = self.verifier.engine.metrics
         self.heartbeat = HeartbeatTask(
-            AsyncRegistry(connect_async(self.spec.redis_url)), node, ttl_s=self.spec.heartbeat_ttl_s
+            AsyncRegistry(connect_async(self.spec.redis_url)),
+            node,
+            ttl_s=self.spec.heartbeat_ttl_s,
+            stats=lambda: NodeStats(**metrics.totals),
         )
         await self.heartbeat.start()
         return address
@@ -133,8 +136,16 @@ class EdgeActor(EdgeNode):
             capacity=self.runtime.config.max_concurrency,
             labels=self.spec.labels,
         )
+        load = self.runtime.load
         self.heartbeat = HeartbeatTask(
-            AsyncRegistry(connect_async(self.spec.redis_url)), node, ttl_s=self.spec.heartbeat_ttl_s
+            AsyncRegistry(connect_async(self.spec.redis_url)),
+            node,
+            ttl_s=self.spec.heartbeat_ttl_s,
+            stats=lambda: NodeStats(
+                rounds=load.rounds,
+                proposed_tokens=load.draft_tokens,
+                accepted_tokens=load.accepted_tokens,
+            ),
         )
         await self.heartbeat.start()
         return self.spec.node_id
@@ -144,9 +155,8 @@ class EdgeActor(EdgeNode):
     ) -> AsyncIterator[gpb.GenerateChunk]:
         """The gateway's entry: a proto request in, proto chunks out, checked here where
         the model's vocabulary and tokenizer are."""
-        generation = self.runtime.request_from_proto(request, timeout_s)
-        async for chunk in self.runtime.generate(generation):
-            yield chunk_to_proto(chunk)
+        async for chunk in self.runtime.serve(request, timeout_s):
+            yield chunk
 
     async def stop(self) -> None:
         if self.heartbeat is not None:

@@ -10,26 +10,28 @@ client gets UNAVAILABLE (its SDK retries only before the first token, too).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import ray
 from grpc import aio
+from prometheus_client import CollectorRegistry, Counter
 from ray.exceptions import RayActorError, RayTaskError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from edgecloud.v1 import generation_pb2 as gpb
-from edgecloud.v1 import generation_pb2_grpc as gpb_grpc
 from orchestrator.placement import AsyncPlacement, RegistryUnavailable
 from orchestrator.registry import AsyncRegistry, check_model
-from serving.errors import (
-    Internal,
-    InvalidArgument,
+from protocol.errors import (
+    EdgecloudError,
+    InvalidRequest,
     ResourceExhausted,
-    ServingError,
+    ServerError,
     Unavailable,
-    abort_with,
 )
+from protocol.v1 import generation_pb2 as gpb
+from protocol.v1 import generation_pb2_grpc as gpb_grpc
+from serving.errors import abort_with
+from serving.metrics import RequestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,13 @@ class Gateway(gpb_grpc.GenerationServicer):
         self.registry = registry
         self.default_model = default_model
         self.namespace = namespace
+        self.metrics = CollectorRegistry()
+        self.requests = RequestMetrics(self.metrics)
+        self.edge_retries = Counter(
+            "edgecloud_gateway_edge_retries",
+            "Requests sent to another edge after one failed before its first chunk",
+            registry=self.metrics,
+        )
 
     async def Generate(
         self, request: gpb.GenerateRequest, context: aio.ServicerContext
@@ -59,24 +68,30 @@ class Gateway(gpb_grpc.GenerationServicer):
         try:
             async for chunk in self.route(request, context.time_remaining()):
                 yield chunk
-        except ServingError as error:
+        except EdgecloudError as error:
             await abort_with(context, error)
         except Exception:
             log.exception("gateway failed")
-            await abort_with(context, Internal("internal error"))
+            await abort_with(context, ServerError("internal error"))
 
-    async def route(
+    def route(
         self, request: gpb.GenerateRequest, timeout_s: float | None
     ) -> AsyncIterator[gpb.GenerateChunk]:
-        """Streams the chunks of one request from an edge actor; raises ServingError.
+        """Streams the chunks of one request from an edge actor; raises EdgecloudError.
 
-        Shared by the gRPC service and the OpenAI-compatible HTTP front.
+        Shared by the gRPC service and the OpenAI-compatible HTTP front, and measured
+        for both (`metrics`).
         """
+        return self.requests.observe(request.mode, self._route(request, timeout_s))
+
+    async def _route(
+        self, request: gpb.GenerateRequest, timeout_s: float | None
+    ) -> AsyncGenerator[gpb.GenerateChunk, None]:
         model = request.model or self.default_model
         try:
             check_model("model", model)
         except ValueError as error:
-            raise InvalidArgument(str(error)) from None
+            raise InvalidRequest(str(error)) from None
         tried: list[str] = []
         for _ in range(EDGE_ATTEMPTS):
             try:
@@ -95,13 +110,14 @@ class Gateway(gpb_grpc.GenerationServicer):
                 stream = None
                 return
             except RayTaskError as error:  # the edge raised: pass its own error on
-                if isinstance(error.cause, ServingError):
+                if isinstance(error.cause, EdgecloudError):
                     raise error.cause from None
                 raise
             except (RayActorError, ValueError) as error:  # dead or unknown actor
                 if streamed:
                     raise Unavailable(f"edge {lease.node_id} failed mid-stream") from error
                 log.warning("edge unavailable; trying another", extra={"edge": lease.node_id})
+                self.edge_retries.inc()
                 tried.append(lease.node_id)
             finally:
                 if stream is not None:  # the client went away: stop the edge's work
@@ -109,7 +125,7 @@ class Gateway(gpb_grpc.GenerationServicer):
                 await self.placement.release(lease)
         raise Unavailable(f"edges {', '.join(tried)} failed")
 
-    async def _no_edge(self, model: str, tried: list[str]) -> ServingError:
+    async def _no_edge(self, model: str, tried: list[str]) -> EdgecloudError:
         edges = await self.registry.list_nodes(kind="edge", model=model)
         if not edges:
             return Unavailable(f"model: no edge node serves {model!r}")

@@ -21,17 +21,20 @@ import ray
 
 from cloud_node.config import VerifierConfig
 from edge_node.cloud_link import CloudLinkConfig
+from edge_node.drafters.sources import needs_head
 from edge_node.runtime import EdgeConfig
-from edge_node.types import DraftOptions
-from edgecloud.v1 import generation_pb2 as gpb
-from edgecloud.v1 import generation_pb2_grpc as gpb_grpc
+from edge_node.types import DraftConfig
 from orchestrator.actors import EdgeActor, NodeSpec, VerifierActor
 from orchestrator.gateway import Gateway, edge_actor_name
-from orchestrator.openai_http import HttpConfig, HttpServer, create_app, start_http_server
 from orchestrator.placement import AsyncPlacement
 from orchestrator.redis_server import RedisServer
 from orchestrator.registry import AsyncRegistry, connect_async
+from protocol.v1 import generation_pb2 as gpb
+from protocol.v1 import generation_pb2_grpc as gpb_grpc
 from serving.auth import AuthConfig
+from serving.http.app import create_app
+from serving.http.schema import HttpConfig
+from serving.http.server import HttpServer, start_http_server
 from serving.server import RunningServer, ServerConfig, TlsConfig, start_server
 
 log = logging.getLogger(__name__)
@@ -56,9 +59,12 @@ class StackConfig:
     namespace: str = "edgecloud"
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 50051
-    # Also serve the OpenAI-compatible HTTP API (orchestrator/openai_http.py) on
+    # Also serve the OpenAI-compatible HTTP API (serving/http/) on
     # gateway_host at this port, with the same client token; 0 picks a free port.
     http_port: int | None = None
+    # The gateway's Prometheus /metrics on gateway_host at this port, without a token;
+    # the HTTP API serves it too, with one.
+    metrics_port: int | None = None
     # TLS for the gateway and the HTTP API; with tls.client_ca, clients must present a
     # certificate that CA signed (mutual TLS). None: plaintext.
     tls: TlsConfig | None = None
@@ -68,7 +74,7 @@ class StackConfig:
     max_sessions: int = 32
     max_tree_nodes: int = 64
     edge_concurrency: int = 16
-    draft: DraftOptions = DraftOptions()
+    draft: DraftConfig = DraftConfig()
     # A draft head for the target, loaded by every edge; needed by draft.drafter head/auto.
     head_dir: Path | None = None
     # draft_dir is a flash pack (`edgecloud flash pack`): each edge keeps the SLM's weights
@@ -91,8 +97,10 @@ class StackConfig:
             raise ValueError(f"verifiers: must be in [0, 256], got {self.verifiers}")
         if not 0 < self.round_timeout_s <= 600:
             raise ValueError(f"round_timeout_s: must be in (0, 600], got {self.round_timeout_s}")
-        if self.http_port is not None and not 0 <= self.http_port <= 65535:
-            raise ValueError(f"http_port: must be in [0, 65535], got {self.http_port}")
+        for name in ("http_port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name}: must be in [0, 65535], got {value}")
         for name in ("target_dir", "draft_dir"):
             if not Path(getattr(self, name)).exists():
                 raise ValueError(f"{name}: {getattr(self, name)} does not exist")
@@ -103,7 +111,7 @@ class StackConfig:
                     raise ValueError(f"tls.{name}: {path} is not a file")
         if self.head_dir is not None and not Path(self.head_dir).exists():
             raise ValueError(f"head_dir: {self.head_dir} does not exist")
-        if self.draft.drafter != "slm" and self.head_dir is None:
+        if needs_head(self.draft.drafter) and self.head_dir is None:
             raise ValueError(f"head_dir: needed with draft.drafter {self.draft.drafter!r}")
         if self.draft_flash_budget_mb is not None:
             if not self.draft_flash_budget_mb > 0:
@@ -267,13 +275,15 @@ class Stack:
                 port=self.config.gateway_port if port is None else port,
                 auth=auth,
                 tls=self.config.tls,
+                metrics_port=self.config.metrics_port,
             ),
             add,
+            gateway.metrics,
         )
         if self.config.http_port is not None:
             http = HttpConfig(auth=auth, default_model=self.config.served_name)
             self.http = await start_http_server(
-                create_app(gateway.route, gateway.models, http),
+                create_app(gateway.route, gateway.models, http, gateway.metrics),
                 self.config.gateway_host,
                 self.config.http_port if http_port is None else http_port,
                 tls=self.config.tls,

@@ -1,8 +1,9 @@
 """Regenerate the committed Python stubs from the .proto files.
 
-The generated modules live at ``edgecloud/v1/`` so that their import path equals the
-proto package (``edgecloud.v1``): protoc writes absolute imports, and this way they
-resolve without rewriting. Run: ``python protos/generate.py`` (needs the dev extra).
+The generated modules live at ``protocol/v1/``, the contract package shared by the SDK
+and the servers: protoc derives a module's import path from the .proto file's path, so
+the files sit at ``protos/protocol/v1/`` while their proto package (the names on the
+wire) stays ``edgecloud.v1``. Run: ``python protos/generate.py`` (needs the dev extra).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ PROTO_DIR = ROOT / "protos"
 
 def generate(out_dir: Path = ROOT) -> list[Path]:
     """Writes *_pb2.py, *_pb2_grpc.py and *.pyi for every proto; returns the protos."""
-    protos = sorted(PROTO_DIR.glob("edgecloud/v1/*.proto"))
+    protos = sorted(PROTO_DIR.glob("protocol/v1/*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from edgecloud._channel import AUTH_HEADER
+from protocol.channel import AUTH_HEADER
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
@@ -64,9 +64,22 @@ def _deny(message: str) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(abort)
 
 
+def bearer_denial(expected: str | None, sent: str | None) -> str | None:
+    """Why a call carrying the `authorization` value `sent` is refused, or None to let
+    it in; `expected` is the token (None: no auth). Compared in constant time. The one
+    check of the gRPC interceptor and the HTTP front alike."""
+    if expected is None:
+        return None
+    if sent is None:
+        return "missing bearer token in the authorization header"
+    if not hmac.compare_digest(str(sent).encode(), f"Bearer {expected}".encode()):
+        return "wrong bearer token"
+    return None
+
+
 class TokenAuthInterceptor(aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
     async def intercept_service(
         self,
@@ -76,8 +89,6 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
         if handler_call_details.method.startswith(OPEN_SERVICES):
             return await continuation(handler_call_details)
         sent = dict(handler_call_details.invocation_metadata or ()).get(AUTH_HEADER)
-        if sent is None:
-            return _deny("missing bearer token in 'authorization' metadata")
-        if not hmac.compare_digest(str(sent).encode(), self._expected):
-            return _deny("wrong bearer token")
+        if (denial := bearer_denial(self._token, sent)) is not None:
+            return _deny(denial)
         return await continuation(handler_call_details)

@@ -6,7 +6,7 @@ the handler's catch-all turns it into INTERNAL with a traceback in the log. This
 interceptor swaps every deserializer for one that returns an `Undecodable` marker
 instead, and wraps the handler so that the marker ends the call with
 INVALID_ARGUMENT: before the handler for a single request, from the request
-iterator (as a `serving.errors.InvalidArgument`) for a request stream.
+iterator (as a `serving.errors.InvalidRequest`) for a request stream.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import grpc
 from grpc import aio
 
-from serving.errors import InvalidArgument, ServingError, abort_with
+from protocol.errors import EdgecloudError, InvalidRequest
+from serving.errors import abort_with
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes
 async def _checked(requests: AsyncIterator[object]) -> AsyncIterator[object]:
     async for request in requests:
         if isinstance(request, Undecodable):
-            raise InvalidArgument(request.message)
+            raise InvalidRequest(request.message)
         yield request
 
 
@@ -68,7 +69,7 @@ def _guard(behavior: Callable, request_streaming: bool) -> Callable:
                 async with contextlib.aclosing(behavior(admitted, context)) as replies:
                     async for reply in replies:
                         yield reply
-            except ServingError as error:  # raised by `_checked` through a handler
+            except EdgecloudError as error:  # raised by `_checked` through a handler
                 await abort_with(context, error)
 
         return stream
@@ -77,7 +78,7 @@ def _guard(behavior: Callable, request_streaming: bool) -> Callable:
         async def single(request, context):
             try:
                 return await behavior(await admit(request, context), context)
-            except ServingError as error:
+            except EdgecloudError as error:
                 await abort_with(context, error)
 
         return single

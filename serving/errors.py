@@ -1,7 +1,9 @@
-"""Internal errors and the single mapping from them to gRPC status codes.
+"""Ending a server call with the status of a `protocol.errors` exception, over gRPC
+(`abort_with`) or HTTP (`http_status`).
 
-Servers raise these; `abort_with` turns one into the status the client sees. Messages
-name the offending field and the allowed range, and never carry credentials.
+Servers raise the protocol's errors (`InvalidRequest`, `ResourceExhausted`, ...);
+`abort_with` turns one into the status the client sees. Messages name the offending
+field and the allowed range, and never carry credentials.
 """
 
 from __future__ import annotations
@@ -9,58 +11,23 @@ from __future__ import annotations
 import grpc
 from grpc import aio
 
+from protocol.errors import EdgecloudError
 
-class ServingError(Exception):
-    """Base of every error a server answers with a status; `code` is the gRPC status."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
-
-class InvalidArgument(ServingError):
-    """The request is malformed: the message names the field (e.g. `round.tree.parents[3]`)."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class FailedPrecondition(ServingError):
-    """The request is well formed but arrives in the wrong state (round before open)."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
+# The HTTP status of each gRPC status the HTTP front answers with; any other: 500.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
 
 
-class ResourceExhausted(ServingError):
-    """A configured limit was hit; the message names the limit and its value."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class OutOfRange(ServingError):
-    """The session reached the verifier's context limit: the generation ends there
-    (`finish_reason: length`); no other verifier of the same configuration can go on."""
-
-    code = grpc.StatusCode.OUT_OF_RANGE
-
-
-class Unavailable(ServingError):
-    """Retryable: the server is draining, or no peer can take the work right now."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class Internal(ServingError):
-    """A bug or an unexpected failure; details stay in the server log."""
-
-    code = grpc.StatusCode.INTERNAL
-
-
-class NotFound(ServingError):
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class DeadlineExceeded(ServingError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-async def abort_with(context: aio.ServicerContext, error: ServingError) -> None:
+async def abort_with(context: aio.ServicerContext, error: EdgecloudError) -> None:
     """Ends the RPC with the error's status; raises, like `context.abort`."""
-    await context.abort(error.code, str(error))
+    await context.abort(error.code, error.message)
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    return HTTP_STATUS.get(code, 500)

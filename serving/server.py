@@ -3,7 +3,7 @@
 Every server gets token auth (unless explicitly disabled), optional TLS or mutual
 TLS, the standard health service, server reflection, a message-size cap, and a
 drain that flips health to NOT_SERVING, stops accepting calls and lets in-flight
-ones finish within a grace period.
+ones finish within a grace period, and, on a port of its own, Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from serving.auth import AuthConfig, TokenAuthInterceptor
 from serving.decoding import MalformedRequestInterceptor
+from serving.metrics import MetricsEndpoint, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,15 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     # How long a drain waits for in-flight calls before cancelling them.
     grace_s: float = 10.0
+    # Prometheus `/metrics` on this port of `host`, without a token (so on a port the
+    # operator chose for it); None: no endpoint; 0 picks a free port.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name}: must be in [0, 65535], got {value}")
         if not 1024 <= self.max_message_bytes <= 1 << 30:
             raise ValueError(
                 f"max_message_bytes: must be in [1024, 2**30], got {self.max_message_bytes}"
@@ -74,11 +81,17 @@ class RunningServer:
     """A started server. `drain()` is the graceful stop; `wait()` blocks until stopped."""
 
     def __init__(
-        self, server: aio.Server, port: int, health: HealthServicer, grace_s: float
+        self,
+        server: aio.Server,
+        port: int,
+        health: HealthServicer,
+        grace_s: float,
+        metrics: MetricsEndpoint | None = None,
     ) -> None:
         self.server = server
         self.port = port
         self.health = health
+        self.metrics = metrics
         self._grace_s = grace_s
         self._on_drain: list[Callable[[], None]] = []
 
@@ -91,6 +104,8 @@ class RunningServer:
             callback()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self._grace_s)
+        if self.metrics is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.metrics.stop)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -104,8 +119,10 @@ class RunningServer:
 async def start_server(
     config: ServerConfig,
     add_services: Callable[[aio.Server], Sequence[str]],
+    metrics: CollectorRegistry | None = None,
 ) -> RunningServer:
-    """Starts a server; `add_services` registers servicers and returns their full names."""
+    """Starts a server; `add_services` registers servicers and returns their full names.
+    `metrics` is served on `config.metrics_port` when that is set."""
     interceptors = [] if config.auth.token is None else [TokenAuthInterceptor(config.auth.token)]
     interceptors.append(MalformedRequestInterceptor())
     options = [
@@ -140,5 +157,8 @@ async def start_server(
     await server.start()
     for name in ("", *names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    endpoint = None
+    if metrics is not None and config.metrics_port is not None:
+        endpoint = serve_metrics(metrics, config.host, config.metrics_port)
     log.info("serving", extra={"address": f"{config.host}:{port}", "services": names})
-    return RunningServer(server, port, health, config.grace_s)
+    return RunningServer(server, port, health, config.grace_s, endpoint)

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edgecloud._channel import bearer_metadata
+from protocol.channel import bearer_metadata
 from tests.edge_node.conftest import save_model_pair
 from tests.processes import ServerProcess
 from tests.tiny import MODEL_NAME

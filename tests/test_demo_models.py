@@ -12,10 +12,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from lm import corpus
 from lm.checkpoint import load_model
 from lm.draft_head import load_head
-from lm.evaluate import check_pair, greedy_agreement, head_lookahead_agreement, perplexity
+from lm.training import corpus
+from lm.training.evaluate import check_pair, greedy_agreement, head_lookahead_agreement, perplexity
 from orchestrator.demo_models import DEMO_DIR, DRAFT_DIR, HEAD_DIR, MODEL_CARD, TARGET_DIR
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

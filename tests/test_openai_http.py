@@ -11,19 +11,16 @@ import openai
 import pytest
 
 import edgecloud
+from edge_node.http import start_edge_http
 from edge_node.server import start_edge_server
-from edgecloud.v1 import generation_pb2 as gpb
-from lm.bpe import train_bpe
 from lm.tokenizer import Tokenizer
-from orchestrator.openai_http import (
-    HttpConfig,
-    chat_prompt,
-    create_app,
-    start_edge_http,
-    start_http_server,
-)
+from lm.training.bpe import train_bpe
+from protocol.errors import Unavailable
+from protocol.v1 import generation_pb2 as gpb
 from serving.auth import AuthConfig
-from serving.errors import Unavailable
+from serving.http.app import create_app
+from serving.http.schema import HttpConfig, chat_prompt
+from serving.http.server import start_http_server
 from serving.server import ServerConfig
 from tests.edge_node.conftest import draft, make_runtime, verifier  # noqa: F401 (fixtures)
 from tests.tiny import MODEL_NAME, tiny_model

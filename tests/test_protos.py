@@ -33,7 +33,7 @@ def test_regenerating_changes_nothing(tmp_path):
 
 
 def test_services_and_methods():
-    from edgecloud.v1 import generation_pb2, verification_pb2
+    from protocol.v1 import generation_pb2, verification_pb2
 
     generation = generation_pb2.DESCRIPTOR.services_by_name["Generation"]
     assert {m.name: (m.client_streaming, m.server_streaming) for m in generation.methods} == {
@@ -48,7 +48,7 @@ def test_services_and_methods():
 
 def test_field_numbers_are_stable():
     """Renumbering a field breaks every deployed peer; this pins the wire contract."""
-    from edgecloud.v1 import generation_pb2, verification_pb2
+    from protocol.v1 import generation_pb2, verification_pb2
 
     pinned = {
         verification_pb2.OpenSession: {
@@ -103,8 +103,8 @@ def test_field_numbers_are_stable():
 
 def test_hidden_encodings_match_the_codec():
     """lm.hidden_codec.HiddenEncoding converts to and from the wire by value."""
-    from edgecloud.v1 import verification_pb2
     from lm.hidden_codec import HiddenEncoding
+    from protocol.v1 import verification_pb2
 
     wire = verification_pb2.DESCRIPTOR.enum_types_by_name["HiddenEncoding"]
     assert {v.name: v.number for v in wire.values} == {
@@ -116,8 +116,8 @@ def test_sampling_parameters_travel_as_doubles():
     """A float32 field turned 0.7 into 0.699999988 and 1e-46 into 0 (greedy on the
     verifier while the edge sampled)."""
     from edge_node.verifier_client import sampling_message
-    from edgecloud.v1 import generation_pb2, verification_pb2
     from lm.sampling import SamplingParams
+    from protocol.v1 import generation_pb2, verification_pb2
 
     for value in (0.7, 1e-46):
         wire = verification_pb2.SamplingParams.FromString(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from edgecloud._channel import bearer_metadata
 from lm.config import ModelConfig
 from lm.model import Transformer
+from protocol.channel import bearer_metadata
 
 TOKEN = "test-token-4f1c"
 MODEL_NAME = "tiny-target"

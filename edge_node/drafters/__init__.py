@@ -1,18 +1,19 @@
-"""Drafters: each proposes a token tree from the edge's SLM, behind one interface.
+"""Where drafts come from: one interface, `DraftSource.draft(context, shape) -> Draft`.
 
-A drafter grows its tree in the SLM's cache (`EdgeLM.forward_nodes`), so the
-accepted path's keys and values are kept after verification. Node ids given to
-`forward_nodes` are the drafter's own; `Draft.node_ids` maps tree indices to them.
-
-The recurrent head (`edge_node/drafters/head.py`) drafts from the target's hidden
-state instead of the SLM; its `Draft` has the same fields, with node ids that name
-no SLM cache entry.
+Sources, chosen by name through `edge_node/drafters/sources.py`:
+- `slm`: the edge's small LM grows a tree of the request's kind (`TreeDrafter`: beam,
+  topk, chain) in its cache (`EdgeLM.forward_nodes`), so the accepted path's keys and
+  values are kept after verification. Node ids given to `forward_nodes` are the tree
+  drafter's own; `Draft.node_ids` maps tree indices to them.
+- `head`: ReDrafter's recurrent head, from the target's hidden state (`head.py`).
+- `ngram`: prompt lookup in the history (`ngram.py`).
+The last two make `Draft`s with node ids that name no SLM cache entry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 
@@ -22,8 +23,6 @@ from lm.sampling import SamplingParams
 from lm.tree import TokenTree
 
 TreeKind = Literal["beam", "topk", "chain"]
-# Which model made a draft.
-DrafterKind = Literal["slm", "head"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,8 @@ class Draft:
     undeduplicated: int
     # Tree indices of the drafter's most likely path, root first.
     main_path: tuple[int, ...]
-    drafter: DrafterKind = "slm"
+    # The name of the source that made it.
+    drafter: str = "slm"
 
     def within_depth(self, levels: int) -> Draft:
         """This draft cut to its first `levels` levels (0: an empty tree), so that a
@@ -79,7 +79,33 @@ class Draft:
         )
 
 
-class Drafter(Protocol):
+@dataclass
+class DraftContext:
+    """What a source may read to draft the round after the history."""
+
+    lm: EdgeLM  # the SLM's view of the generation: `lm.tokens` is the history
+    # The target's hidden state before the history's last token, from the last reply;
+    # None when no reply carried one.
+    hidden: torch.Tensor | None
+    sampling: SamplingParams
+    generator: torch.Generator | None
+
+
+class DraftSource(Protocol):
+    name: ClassVar[str]
+    # Drafts from the history alone, in the SLM's cache: it may draft the next round
+    # while this one is verified (pipelining), assuming this one is accepted whole.
+    pipelines: ClassVar[bool]
+    # Needs `DraftContext.hidden`; such a source also says how many elements it reads
+    # (`hidden_size`), so that a hidden state of another size is refused.
+    needs_hidden: ClassVar[bool]
+
+    def draft(self, context: DraftContext, shape: DraftShape) -> Draft: ...
+
+
+class TreeDrafter(Protocol):
+    """A tree shape grown in the SLM's cache (beam, topk, chain)."""
+
     def draft(
         self,
         lm: EdgeLM,
@@ -123,12 +149,12 @@ def ancestors(node: int, parents: dict[int, int]) -> list[int]:
     return path[::-1]
 
 
-def get_drafter(kind: TreeKind) -> Drafter:
+def get_drafter(kind: TreeKind) -> TreeDrafter:
     from edge_node.drafters.beam import BeamDrafter
     from edge_node.drafters.chain import ChainDrafter
     from edge_node.drafters.topk import TopKDrafter
 
-    drafters: dict[str, Drafter] = {
+    drafters: dict[str, TreeDrafter] = {
         "beam": BeamDrafter(),
         "topk": TopKDrafter(),
         "chain": ChainDrafter(),

@@ -19,24 +19,34 @@ every pending token in one pass).
 
 from __future__ import annotations
 
-import torch
-
-from edge_node.drafters import Draft, DraftShape
+from edge_node.drafters import Draft, DraftContext, DraftShape
 from lm.draft_head import DraftHead
 
 
-class HeadDrafter:
+class HeadSource:
+    name = "head"
+    pipelines = False
+    needs_hidden = True
+
     def __init__(self, head: DraftHead) -> None:
         self.head = head
 
-    def draft(self, hidden: torch.Tensor, last_token: int, shape: DraftShape) -> Draft:
-        """hidden: (hidden_size,) the target's state before `last_token`, the bonus token."""
-        result = self.head.beam_search(hidden, last_token, width=shape.width, depth=shape.depth)
+    @property
+    def hidden_size(self) -> int:
+        """Elements of the hidden state it reads (the target's width)."""
+        return self.head.config.hidden_size
+
+    def draft(self, context: DraftContext, shape: DraftShape) -> Draft:
+        """From `context.hidden`, (hidden_size,), the target's state before the
+        history's last token (the bonus token)."""
+        result = self.head.beam_search(
+            context.hidden, context.lm.tokens[-1], width=shape.width, depth=shape.depth
+        )
         return Draft(
             tree=result.tree,
             dists={},
             node_ids=tuple(-1 - i for i in range(result.tree.size)),
             undeduplicated=result.undeduplicated,
             main_path=result.main_path,
-            drafter="head",
+            drafter=self.name,
         )

@@ -2,7 +2,7 @@
 
 The packed model (FFN decoded, so a quantized pack is calibrated as it will run) reads
 calibration text; each layer's FFN inputs and true active neurons train that layer's
-low-rank predictor (lm.sparsity). Held-out text then gives each layer's recall and
+low-rank predictor (lm.training.predictors). Held-out text then gives each layer's recall and
 false-positive rate, and what the predicted sparsity costs the model: top-1 agreement
 with the dense model and both perplexities, teacher-forced. SwiGLU models first get
 per-layer magnitude thresholds on the gate (`gate_sparsity`), and the report adds the
@@ -22,17 +22,17 @@ import torch
 
 from edge_node.flash.pack import load_dense, read_manifest
 from edge_node.flash.predictors import save_predictors
-from lm import corpus
-from lm.sparsity import (
+from lm.sparsity import sparsify
+from lm.tokenizer import Tokenizer
+from lm.training import corpus
+from lm.training.predictors import (
     PredictorTraining,
     accuracy_cost,
     fit_predictor,
     gate_thresholds,
     rates,
     record_ffn,
-    sparsify,
 )
-from lm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -53,10 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(run=run_serve)
 
 
-async def register_verifier(args: argparse.Namespace, config, bound: str):
-    """Keeps this verifier registered as a `cloud` node while it serves."""
+async def register_verifier(args: argparse.Namespace, config, bound: str, metrics):
+    """Keeps this verifier registered as a `cloud` node while it serves; each heartbeat
+    carries its acceptance totals (`metrics`: its engine's `VerifierMetrics`)."""
     from orchestrator.heartbeat import HeartbeatTask
-    from orchestrator.registry import AsyncRegistry, NodeInfo, connect_async
+    from orchestrator.registry import AsyncRegistry, NodeInfo, NodeStats, connect_async
 
     address = args.advertise or bound
     try:
@@ -68,7 +69,10 @@ async def register_verifier(args: argparse.Namespace, config, bound: str):
             capacity=config.max_sessions,
         )
         heartbeat = HeartbeatTask(
-            AsyncRegistry(connect_async(args.redis_url)), node, ttl_s=args.heartbeat_ttl
+            AsyncRegistry(connect_async(args.redis_url)),
+            node,
+            ttl_s=args.heartbeat_ttl,
+            stats=lambda: NodeStats(**metrics.totals),
         )
     except ValueError as exc:
         raise UsageError(str(exc).replace("ttl_s", "--heartbeat-ttl")) from exc
@@ -104,7 +108,9 @@ def run_serve(args: argparse.Namespace) -> int:
         verifier.server.drain_on_signals()
         heartbeat = None
         if args.redis_url:
-            heartbeat = await register_verifier(args, config, f"{server.host}:{verifier.port}")
+            heartbeat = await register_verifier(
+                args, config, f"{server.host}:{verifier.port}", verifier.engine.metrics
+            )
         print(
             f"verifier for {config.model_name!r} listening on {server.host}:{verifier.port}",
             flush=True,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from orchestrator.commands.flags import (
     add_server_flags,
+    drafter_setting,
     dtype_flag,
     existing_file,
     server_config,
@@ -65,11 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--draft-depth", type=int, default=6)
     serve.add_argument(
         "--drafter",
-        choices=["slm", "head", "auto"],
+        type=drafter_setting,
         default="slm",
         help="who drafts lossless rounds: the SLM, the recurrent draft head (--head) on the "
-        "verifier's hidden state, or auto (per session, whichever yields more tokens per "
-        "second); edge_only and adaptive always use the SLM (default: slm)",
+        "verifier's hidden state, n-gram lookup in the history (ngram), or auto (per "
+        "session, the head or the SLM, whichever yields more tokens per second); edge_only "
+        "and adaptive always use the SLM (default: slm)",
     )
     serve.add_argument(
         "--head",
@@ -101,7 +103,7 @@ def verifier_token(args: argparse.Namespace) -> str | None:
 def verifier_tls(args: argparse.Namespace):
     """TLS to the verifiers (`TlsOptions`), or None when no --verifier-* TLS flag is given.
     The name checked is the host of each --verifier address."""
-    from edgecloud._channel import TlsOptions
+    from protocol.channel import TlsOptions
 
     if bool(args.verifier_cert) != bool(args.verifier_key):
         raise UsageError("--verifier-cert and --verifier-key: give both or neither")
@@ -122,12 +124,13 @@ def verifier_tls(args: argparse.Namespace):
 
 def run_serve(args: argparse.Namespace) -> int:
     from edge_node.cloud_link import CloudLink, CloudLinkConfig
+    from edge_node.drafters.sources import needs_head
     from edge_node.flash.store import BudgetError
     from edge_node.models import load_edge_models
     from edge_node.picker import FixedListPicker, VerifierEndpoint
     from edge_node.runtime import EdgeConfig, EdgeRuntime
     from edge_node.server import start_edge_server
-    from edge_node.types import DraftOptions
+    from edge_node.types import DraftConfig
     from lm.errors import CheckpointError
 
     if not args.model.exists():
@@ -142,7 +145,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--http-port: must be in [0, 65535], got {args.http_port}")
     if args.flash_budget_mb is not None and args.flash_budget_mb <= 0:
         raise UsageError(f"--flash-budget-mb: must be > 0, got {args.flash_budget_mb}")
-    if args.drafter != "slm" and args.head is None:
+    if needs_head(args.drafter) and args.head is None:
         raise UsageError(f"--head: needed with --drafter {args.drafter}")
     tls = verifier_tls(args)
     link = None
@@ -160,7 +163,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config = EdgeConfig(
             model_name=args.name or args.verifier_model or args.model.stem,
             max_concurrency=args.max_concurrency,
-            draft=DraftOptions(
+            draft=DraftConfig(
                 args.draft_tree,
                 args.draft_width,
                 args.draft_depth,
@@ -183,7 +186,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"edge {config.model_name!r} listening on {server.host}:{edge.port}", flush=True)
         http = None
         if args.http_port is not None:
-            from orchestrator.openai_http import start_edge_http
+            from edge_node.http import start_edge_http
 
             http = await start_edge_http(runtime, server, args.http_port)
             print(f"OpenAI-compatible HTTP on {http.url}/v1", flush=True)

@@ -44,6 +44,16 @@ def add_server_flags(parser: argparse.ArgumentParser, *, default_port: int) -> N
     )
     tls_flags(parser)
     parser.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    metrics_flag(parser)
+
+
+def metrics_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics on this port of --host, without a token "
+        "(default: off; 0 picks a free port)",
+    )
 
 
 def tls_flags(parser: argparse.ArgumentParser) -> None:
@@ -92,4 +102,16 @@ def server_config(args: argparse.Namespace):
         auth=auth,
         tls=tls,
         max_message_bytes=args.max_message_bytes,
+        metrics_port=args.metrics_port,
     )
+
+
+def drafter_setting(value: str) -> str:
+    """argparse `type` of `--drafter`: a draft source this version offers, or auto.
+    Checked when parsed, so `--help` does not load the edge's modules."""
+    from edge_node.drafters.sources import SETTINGS
+
+    if value not in SETTINGS:
+        names = ", ".join(SETTINGS)
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {names})")
+    return value

@@ -124,10 +124,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from edge_node.flash.calibrate import calibrate, text_windows
-    from lm import corpus
     from lm.errors import CheckpointError
-    from lm.sparsity import PredictorTraining
     from lm.tokenizer import Tokenizer
+    from lm.training import corpus
+    from lm.training.predictors import PredictorTraining
 
     if args.threads is not None:
         if args.threads < 1:

@@ -10,7 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.commands.flags import config_flag, tls_config, tls_flags
+from orchestrator.commands.flags import (
+    config_flag,
+    drafter_setting,
+    metrics_flag,
+    tls_config,
+    tls_flags,
+)
 from orchestrator.usage import UsageError
 
 STATE_FILE = Path(os.environ.get("EDGECLOUD_STATE", Path.home() / ".edgecloud" / "up.json"))
@@ -36,10 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
         p.add_argument(
             "--drafter",
-            choices=["slm", "head", "auto"],
+            type=drafter_setting,
             default="slm",
-            help="lossless drafts from the edge SLM, the recurrent head fed the verifier's "
-            "hidden state, or whichever is faster per session (default slm)",
+            help="lossless drafts from the edge SLM (slm), the recurrent head fed the "
+            "verifier's hidden state (head), n-gram lookup in the history (ngram), or the "
+            "head or the SLM, whichever is faster per session (auto) (default slm)",
         )
         p.add_argument(
             "--head",
@@ -64,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="also serve the OpenAI-compatible HTTP API (/v1/completions, ...) on this port",
     )
+    metrics_flag(up)
     up.add_argument("--auth-token-file", help="clients' bearer token (default: generated)")
     up.add_argument("--insecure-no-auth", action="store_true", help="no client token (demo only)")
     tls_flags(up)
@@ -90,7 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def stack_config(args: argparse.Namespace, **extra):
-    from edge_node.types import DraftOptions
+    from edge_node.drafters.sources import needs_head
+    from edge_node.types import DraftConfig
     from orchestrator.demo_models import HEAD_DIR, TARGET_DIR
     from orchestrator.stack import StackConfig
 
@@ -101,7 +110,7 @@ def stack_config(args: argparse.Namespace, **extra):
         if not (getattr(args, flag) / name).exists():
             raise UsageError(f"--{flag}: {getattr(args, flag)} holds no model ({name})")
     head = args.head
-    if head is None and args.drafter != "slm":
+    if head is None and needs_head(args.drafter):
         if args.target.resolve() != TARGET_DIR.resolve():
             raise UsageError(f"--head: needed with --drafter {args.drafter} and your own --target")
         head = HEAD_DIR
@@ -111,7 +120,7 @@ def stack_config(args: argparse.Namespace, **extra):
         return StackConfig(
             target_dir=args.target,
             draft_dir=args.draft,
-            draft=DraftOptions(drafter=args.drafter),
+            draft=DraftConfig(drafter=args.drafter),
             head_dir=head,
             edges=args.edges,
             verifiers=args.verifiers,
@@ -147,6 +156,7 @@ def run_up(args: argparse.Namespace) -> int:
         gateway_host=args.host,
         gateway_port=args.port,
         http_port=args.http_port,
+        metrics_port=args.metrics_port,
         tls=tls,
         client_token=token,
         insecure_no_auth=args.insecure_no_auth,
@@ -183,6 +193,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from edge_node.drafters.sources import needs_head
     from orchestrator.stack import Stack
 
     if args.max_tokens < 1:
@@ -219,7 +230,7 @@ def run_demo(args: argparse.Namespace) -> int:
             print()
             print(f"tokens generated            {tokens}")
             print(f"tau (tokens per cloud round) {stats.tau:.2f}")
-            if args.drafter != "slm":
+            if needs_head(args.drafter):
                 print(f"rounds drafted by the head  {stats.head_rounds} of {stats.rounds}")
             lossless_passes = stats.cloud_forward_passes / max(tokens, 1)
             cloud_passes = cloud.stats.cloud_forward_passes / max(len(cloud.tokens), 1)

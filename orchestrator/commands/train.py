@@ -150,8 +150,8 @@ def _setup(args: argparse.Namespace):
     """Device, threads and the corpus split, shared by the three commands."""
     import torch
 
-    from lm import corpus
     from lm.device import default_device
+    from lm.training import corpus
 
     if args.threads is not None:
         if args.threads < 1:
@@ -174,7 +174,7 @@ def _setup(args: argparse.Namespace):
 
 
 def _shape(args: argparse.Namespace):
-    from lm.train import ModelShape
+    from lm.training.train import ModelShape
 
     return ModelShape(
         dim=args.dim,
@@ -187,7 +187,7 @@ def _shape(args: argparse.Namespace):
 
 
 def _train_config(args: argparse.Namespace):
-    from lm.train import TrainConfig
+    from lm.training.train import TrainConfig
 
     return TrainConfig(
         steps=args.steps,
@@ -208,7 +208,7 @@ def _print_progress(progress) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from lm.train import train_language_model
+    from lm.training.train import train_language_model
 
     device, split = _setup(args)
     try:
@@ -240,8 +240,8 @@ def run_train(args: argparse.Namespace) -> int:
 def run_distill(args: argparse.Namespace) -> int:
     import torch
 
-    from lm.distill import DistillConfig, distill_draft
-    from lm.head_distill import distill_head
+    from lm.training.distill import DistillConfig, distill_draft
+    from lm.training.head_distill import distill_head
 
     device, split = _setup(args)
     try:
@@ -292,7 +292,7 @@ def run_distill(args: argparse.Namespace) -> int:
 
 def _head_shape(args: argparse.Namespace):
     """HeadShape from --state-size/--blocks/--lookahead; a bad value names its flag."""
-    from lm.head_distill import HeadShape
+    from lm.training.head_distill import HeadShape
 
     for flag, value, low in (
         ("--state-size", args.state_size, 1),
@@ -379,19 +379,19 @@ def _load_matching_head(path: Path, target, device):
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from lm import corpus
-    from lm.bpe import special_ids
     from lm.checkpoint import load_model
-    from lm.corpus import sequential_windows
-    from lm.distill import load_target
-    from lm.evaluate import (
+    from lm.training import corpus
+    from lm.training.bpe import special_ids
+    from lm.training.corpus import sequential_windows
+    from lm.training.distill import load_target
+    from lm.training.evaluate import (
         check_pair,
         decode_tokens_per_s,
         evaluate_head,
         evaluate_pair,
         perplexity,
     )
-    from lm.train import load_split_streams
+    from lm.training.train import load_split_streams
 
     if args.model is None:
         from orchestrator.demo_models import TARGET_DIR

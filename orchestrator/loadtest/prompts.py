@@ -81,7 +81,7 @@ def _token_ids(values: list, where: str) -> tuple[int, ...]:
 def heldout_prompts(count: int, *, chars: int = 256) -> list[str]:
     """`count` text prompts cut from the held-out files of the demo corpus, deterministically.
 
-    The split is `lm.corpus.discover()`'s default (the standard library, held out by path hash),
+    The split is `lm.training.corpus.discover()`'s default (the stdlib, held out by path hash),
     the one the demo models were trained and evaluated with, so these prompts are code the
     models never saw. Each prompt is whole lines, at most `chars` characters (a longer first
     line is cut), ending in a line break so the model continues at a fresh line. Files are
@@ -91,7 +91,7 @@ def heldout_prompts(count: int, *, chars: int = 256) -> list[str]:
     Example: files a.py = "x = 1\\ny = 2\\n" and b.py = "z = 3\\n" with chars=6 give
     ["x = 1\\n", "z = 3\\n", "y = 2\\n"].
     """
-    from lm import corpus
+    from lm.training import corpus
 
     if count < 1:
         raise ValueError(f"count: must be >= 1, got {count}")

@@ -103,7 +103,7 @@ async def test_decoding_past_the_context_is_out_of_range(target, verifier_factor
 
 
 async def test_bad_decode_tokens_is_invalid_argument(target, verifier_factory, channel_factory):
-    from edgecloud.v1 import verification_pb2 as pb
+    from protocol.v1 import verification_pb2 as pb
 
     server = await verifier_factory(target)
     channel = channel_factory(server.port)

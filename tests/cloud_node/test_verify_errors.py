@@ -11,10 +11,10 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge_node.verifier_client import VerifierSession
-from edgecloud.v1 import verification_pb2 as pb
-from edgecloud.v1 import verification_pb2_grpc as pb_grpc
 from lm.sampling import SamplingParams
 from lm.tree import TokenTree
+from protocol.v1 import verification_pb2 as pb
+from protocol.v1 import verification_pb2_grpc as pb_grpc
 from tests.tiny import METADATA, MODEL_NAME, tiny_model
 
 VOCAB = 64

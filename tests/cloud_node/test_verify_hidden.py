@@ -11,11 +11,11 @@ import torch
 from grpc import aio
 
 from edge_node.verifier_client import VerifierSession, hidden_from_message
-from edgecloud.v1 import verification_pb2 as pb
-from edgecloud.v1 import verification_pb2_grpc as pb_grpc
 from lm.hidden_codec import HiddenEncoding, decode_hidden
 from lm.sampling import SamplingParams
 from lm.tree import TokenTree
+from protocol.v1 import verification_pb2 as pb
+from protocol.v1 import verification_pb2_grpc as pb_grpc
 from tests.tiny import METADATA, MODEL_NAME, tiny_model
 
 CONTEXT = [1, 5, 9, 2, 7]

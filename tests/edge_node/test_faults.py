@@ -12,10 +12,11 @@ import pytest
 from cloud_node.config import VerifierConfig
 from cloud_node.server import start_verifier
 from edge_node.picker import VerifierEndpoint
-from edge_node.types import DraftOptions, GenerationRequest, Mode
+from edge_node.types import DraftConfig, GenerationRequest
 from lm.checkpoint import save_model
+from protocol.errors import Unavailable
+from protocol.types import Mode
 from serving.auth import AuthConfig
-from serving.errors import Unavailable
 from serving.server import ServerConfig
 from tests.edge_node.conftest import make_runtime
 from tests.processes import ServerProcess
@@ -29,7 +30,7 @@ def request(mode=Mode.LOSSLESS, max_tokens=60, **kw) -> GenerationRequest:
         prompt_tokens=PROMPT,
         max_tokens=max_tokens,
         mode=mode,
-        draft=DraftOptions("beam", 3, 4, adapt=False),
+        draft=DraftConfig("beam", 3, 4, adapt=False),
         **kw,
     )
 

@@ -18,9 +18,10 @@ from edge_node.drafter_choice import DrafterChoice
 from edge_node.generation import Generation
 from edge_node.picker import FixedListPicker, VerifierEndpoint
 from edge_node.runtime import EdgeConfig, EdgeRuntime
-from edge_node.types import DraftOptions, GenerationRequest, Mode
+from edge_node.types import DraftConfig, GenerationRequest
 from lm.draft_head import DraftHead, DraftHeadConfig
 from lm.sampling import SamplingParams, probs_from_logits
+from protocol.types import Mode
 from serving.auth import AuthConfig
 from serving.server import ServerConfig
 from tests.edge_node.conftest import noisy_copy
@@ -85,7 +86,7 @@ def edge(slm, head, port: int) -> EdgeRuntime:
     return EdgeRuntime(slm, EdgeConfig(model_name=MODEL_NAME), link=link, head=head)
 
 
-async def run(runtime, prompt, mode, draft=DraftOptions(), max_tokens=30, sampling=None):
+async def run(runtime, prompt, mode, draft=DraftConfig(), max_tokens=30, sampling=None):
     request = GenerationRequest(
         prompt_tokens=prompt,
         max_tokens=max_tokens,
@@ -105,9 +106,9 @@ def target():
 @pytest.mark.parametrize(
     "options",
     [
-        DraftOptions("beam", 4, 5, drafter="head"),
-        DraftOptions("beam", 2, 8, adapt=False, drafter="head", hidden_encoding="int8"),
-        DraftOptions("beam", 3, 4, drafter="auto"),
+        DraftConfig("beam", 4, 5, drafter="head"),
+        DraftConfig("beam", 2, 8, adapt=False, drafter="head", hidden_encoding="int8"),
+        DraftConfig("beam", 3, 4, drafter="auto"),
     ],
     ids=["head", "head-int8-fixed", "auto"],
 )
@@ -141,7 +142,7 @@ async def test_exact_head_accepts_whole_drafts_and_stays_lossless():
     slm_calls = []
     slm.register_forward_hook(lambda *_: slm_calls.append(1))
     runtime = edge(slm, exact_head(target), verifier.port)
-    draft = DraftOptions("beam", 2, 6, adapt=False, drafter="head")
+    draft = DraftConfig("beam", 2, 6, adapt=False, drafter="head")
     try:
         for prompt in PROMPTS:
             expected, _ = await run(runtime, prompt, Mode.CLOUD_ONLY)
@@ -176,7 +177,7 @@ async def test_exact_head_accepts_whole_drafts_and_stays_lossless():
 async def test_auto_picks_the_better_drafter():
     target = bigram_target(seed=4)
     verifier = await serve(target)
-    draft = DraftOptions("beam", 2, 6, adapt=False, drafter="auto")
+    draft = DraftConfig("beam", 2, 6, adapt=False, drafter="auto")
     cases = {
         # An SLM identical to the target against a head trained on nothing.
         "slm": (copy.deepcopy(target), random_head(target, 2)),
@@ -205,14 +206,14 @@ def test_choice_probes_both_then_keeps_the_faster_and_reprobes():
     choice = DrafterChoice("auto", probe_rounds=2, reprobe_every=4)
     picks = []
     for _ in range(12):
-        kind = choice.pick(head_ready=True)
+        kind = choice.pick()
         picks.append(kind)
         tokens, draft_ms = (5, 1.0) if kind == "head" else (6, 20.0)
         choice.observe(kind, tokens, draft_ms, round_ms=50.0)
     # head 5 / 51 > slm 6 / 70: probes, then head, with the SLM retried every 4 rounds.
     assert picks[:4] == ["head", "head", "slm", "slm"]
     assert picks[4:] == ["head"] * 4 + ["slm"] + ["head"] * 3
-    assert choice.pick(head_ready=False) == "slm"
+    assert choice.pick(unready={"head"}) == "slm"
     assert not choice.may_speculate()
     assert DrafterChoice("slm").may_speculate() and not DrafterChoice("head").may_speculate()
 
@@ -228,7 +229,7 @@ async def test_old_verifier_without_hidden_falls_back_to_slm(target, caplog, mon
     try:
         expected, _ = await run(runtime, PROMPTS[0], Mode.CLOUD_ONLY)
         with caplog.at_level(logging.WARNING, logger="edge_node.generation"):
-            got, stats = await run(runtime, PROMPTS[0], Mode.LOSSLESS, DraftOptions(drafter="head"))
+            got, stats = await run(runtime, PROMPTS[0], Mode.LOSSLESS, DraftConfig(drafter="head"))
     finally:
         await runtime.close()
         await verifier.drain()
@@ -240,24 +241,24 @@ async def test_old_verifier_without_hidden_falls_back_to_slm(target, caplog, mon
 
 def test_bad_drafter_settings_name_the_field(target):
     with pytest.raises(ValueError, match="drafter: must be one of"):
-        DraftOptions(drafter="eagle")
+        DraftConfig(drafter="eagle")
     with pytest.raises(ValueError, match="hidden_encoding: must be one of"):
-        DraftOptions(hidden_encoding="int4")
+        DraftConfig(hidden_encoding="int4")
     with pytest.raises(ValueError, match="draft.drafter: 'head' needs a draft head"):
-        EdgeRuntime(target, EdgeConfig(MODEL_NAME, draft=DraftOptions(drafter="head")))
+        EdgeRuntime(target, EdgeConfig(MODEL_NAME, draft=DraftConfig(drafter="head")))
     wrong_vocab = DraftHead(DraftHeadConfig(32, target.config.dim, state_size=8))
     with pytest.raises(ValueError, match="head: its vocabulary"):
         EdgeRuntime(target, EdgeConfig(MODEL_NAME), head=wrong_vocab)
 
 
 async def test_request_for_head_on_an_edge_without_one_is_invalid(target):
-    from serving.errors import InvalidArgument
+    from protocol.errors import InvalidRequest
 
     verifier = await serve(target)
     runtime = edge(target, None, verifier.port)
     try:
-        with pytest.raises(InvalidArgument, match="draft.drafter"):
-            await run(runtime, PROMPTS[0], Mode.LOSSLESS, DraftOptions(drafter="auto"))
+        with pytest.raises(InvalidRequest, match="draft.drafter"):
+            await run(runtime, PROMPTS[0], Mode.LOSSLESS, DraftConfig(drafter="auto"))
     finally:
         await runtime.close()
         await verifier.drain()
@@ -277,7 +278,7 @@ async def test_sampled_first_token_follows_the_target_with_the_head():
     target = tiny_model(seed=31, vocab=VOCAB, sharpen=2.0)
     verifier = await serve(target, max_context=128)
     runtime = edge(noisy_copy(target, 0.3, seed=2), random_head(target, 4), verifier.port)
-    draft = DraftOptions("beam", 3, 2, adapt=False, drafter="head")
+    draft = DraftConfig("beam", 3, 2, adapt=False, drafter="head")
     firsts, head_rounds, from_draft = [], 0, 0
     try:
         for seed in range(TRIALS):
@@ -343,7 +344,7 @@ async def test_head_session_fails_over_with_identical_output():
         prompt_tokens=PROMPTS[2],
         max_tokens=40,
         mode=Mode.LOSSLESS,
-        draft=DraftOptions("beam", 2, 3, adapt=False, drafter="head"),
+        draft=DraftConfig("beam", 2, 3, adapt=False, drafter="head"),
     )
     try:
         expected, _ = await run(runtime, PROMPTS[2], Mode.CLOUD_ONLY, max_tokens=40)  # on first

@@ -6,15 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_node.types import DraftOptions, GenerationRequest, Mode
+from edge_node.types import DraftConfig, GenerationRequest
 from lm.sampling import SamplingParams
+from protocol.types import Mode
 
 PROMPTS = [(1, 5, 9), (3,), (7, 7, 7, 2, 40, 11), (12, 30)]
 
 
-async def run(
-    runtime, prompt, mode, draft=DraftOptions(), max_tokens=30, sampling=SamplingParams()
-):
+async def run(runtime, prompt, mode, draft=DraftConfig(), max_tokens=30, sampling=SamplingParams()):
     chunks = [
         c
         async for c in runtime.generate(
@@ -34,10 +33,10 @@ async def run(
 @pytest.mark.parametrize(
     "options",
     [
-        DraftOptions("beam", 4, 5),
-        DraftOptions("chain", 1, 4),
-        DraftOptions("topk", 3, 4),
-        DraftOptions("beam", 2, 8, adapt=False),
+        DraftConfig("beam", 4, 5),
+        DraftConfig("chain", 1, 4),
+        DraftConfig("topk", 3, 4),
+        DraftConfig("beam", 2, 8, adapt=False),
     ],
     ids=["beam", "chain", "topk", "beam-fixed"],
 )
@@ -59,7 +58,7 @@ async def test_lossless_greedy_equals_cloud_only(runtime, options):
 
 async def test_beam_dedup_saving_is_reported(runtime):
     _, stats, _ = await run(
-        runtime, PROMPTS[0], Mode.LOSSLESS, DraftOptions("beam", 4, 6, adapt=False)
+        runtime, PROMPTS[0], Mode.LOSSLESS, DraftConfig("beam", 4, 6, adapt=False)
     )
     assert stats.dedup_saved_tokens > 0
     assert stats.draft_tokens + stats.dedup_saved_tokens == 24 * stats.rounds
@@ -75,7 +74,7 @@ async def test_edge_only_never_calls_the_cloud(runtime, verifier):
 
 async def test_adaptive_keeps_exactly_the_confident_tokens_unverified(runtime, draft):
     prompt = PROMPTS[2]
-    fixed = DraftOptions("chain", 1, 3, adapt=False)  # round boundaries must not depend on timing
+    fixed = DraftConfig("chain", 1, 3, adapt=False)  # round boundaries must not depend on timing
     tokens, stats, chunks = await run(runtime, prompt, Mode.ADAPTIVE, fixed, max_tokens=30)
     assert len(tokens) == 30
     history = list(prompt)
@@ -118,9 +117,9 @@ async def test_pipelined_drafting_is_used_and_changes_nothing(draft, target):
     channel = runtime.link.channel(f"127.0.0.1:{server.port}")
     async with VerifierSession(channel, metadata=METADATA) as idle:
         await idle.open(MODEL_NAME, [1], SamplingParams())
-        options = DraftOptions("beam", 2, 3, adapt=False)
+        options = DraftConfig("beam", 2, 3, adapt=False)
         on, stats_on, _ = await run(runtime, PROMPTS[0], Mode.LOSSLESS, options, max_tokens=48)
-        off_options = DraftOptions("beam", 2, 3, adapt=False, pipeline=False)
+        off_options = DraftConfig("beam", 2, 3, adapt=False, pipeline=False)
         off, stats_off, _ = await run(
             runtime, PROMPTS[0], Mode.LOSSLESS, off_options, max_tokens=48
         )

@@ -9,8 +9,9 @@ import torch
 
 from cloud_node.config import VerifierConfig
 from cloud_node.server import start_verifier
-from edge_node.types import DraftOptions, GenerationRequest, Mode
+from edge_node.types import DraftConfig, GenerationRequest
 from lm.sampling import SamplingParams, probs_from_logits
+from protocol.types import Mode
 from serving.auth import AuthConfig
 from serving.server import ServerConfig
 from tests.edge_node.conftest import make_runtime, noisy_copy
@@ -39,7 +40,7 @@ async def small_verifier(pair):
     await server.drain()
 
 
-def sampled(seed: int, draft: DraftOptions, max_tokens: int = 1) -> GenerationRequest:
+def sampled(seed: int, draft: DraftConfig, max_tokens: int = 1) -> GenerationRequest:
     return GenerationRequest(
         prompt_tokens=PROMPT,
         max_tokens=max_tokens,
@@ -52,7 +53,7 @@ def sampled(seed: int, draft: DraftOptions, max_tokens: int = 1) -> GenerationRe
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "draft",
-    [DraftOptions("chain", 1, 3, adapt=False), DraftOptions("beam", 3, 2, adapt=False)],
+    [DraftConfig("chain", 1, 3, adapt=False), DraftConfig("beam", 3, 2, adapt=False)],
     ids=["sampled-chain-with-q", "beam-tree-point-masses"],
 )
 async def test_first_token_follows_the_target(pair, small_verifier, draft):
@@ -79,7 +80,7 @@ async def test_seeded_sampling_reproduces_across_failover(pair, small_verifier):
         VerifierConfig(model_name=MODEL_NAME, max_context=128),
         ServerConfig(port=0, auth=AuthConfig(token=TOKEN)),
     )
-    request = sampled(7, DraftOptions("chain", 1, 3, adapt=False), max_tokens=40)
+    request = sampled(7, DraftConfig("chain", 1, 3, adapt=False), max_tokens=40)
     runtime = make_runtime(
         draft_model, [f"127.0.0.1:{small_verifier.port}", f"127.0.0.1:{other.port}"]
     )

@@ -12,8 +12,8 @@ import pytest
 import edgecloud
 from edge_node.runtime import EdgeConfig, EdgeRuntime
 from edge_node.server import start_edge_server
-from edgecloud.v1 import generation_pb2 as gpb
-from edgecloud.v1 import generation_pb2_grpc as gpb_grpc
+from protocol.v1 import generation_pb2 as gpb
+from protocol.v1 import generation_pb2_grpc as gpb_grpc
 from serving.auth import AuthConfig
 from serving.server import ServerConfig
 from tests.edge_node.conftest import make_runtime

@@ -14,10 +14,11 @@ from cloud_node.server import start_verifier
 from edge_node.cloud_link import CloudLink, CloudLinkConfig
 from edge_node.picker import FixedListPicker, VerifierEndpoint
 from edge_node.runtime import EdgeConfig, EdgeRuntime
-from edge_node.types import GenerationRequest, Mode
-from edgecloud._channel import TlsOptions
+from edge_node.types import GenerationRequest
+from protocol.channel import TlsOptions
+from protocol.errors import Unavailable
+from protocol.types import Mode
 from serving.auth import AuthConfig
-from serving.errors import Unavailable
 from serving.server import ServerConfig, TlsConfig
 from tests.certs import make_certificates
 from tests.tiny import METADATA, MODEL_NAME, TOKEN

@@ -18,9 +18,10 @@ from cloud_node.server import start_verifier
 from edge_node.cloud_link import CloudLink, CloudLinkConfig
 from edge_node.picker import FixedListPicker, VerifierEndpoint
 from edge_node.runtime import EdgeConfig, EdgeRuntime
-from edge_node.types import DraftOptions, GenerationRequest, Mode
-from edgecloud.v1 import generation_pb2 as gpb
+from edge_node.types import DraftConfig, GenerationRequest
 from lm.sampling import SamplingParams
+from protocol.types import Mode
+from protocol.v1 import generation_pb2 as gpb
 from serving.auth import AuthConfig
 from serving.server import ServerConfig
 from tests.edge_node.conftest import make_runtime, noisy_copy
@@ -35,7 +36,7 @@ def request(mode=Mode.LOSSLESS, max_tokens=30, prompt=PROMPT, **sampling) -> Gen
         max_tokens=max_tokens,
         sampling=SamplingParams(**sampling),
         mode=mode,
-        draft=DraftOptions(),  # the defaults users get: adaptive shape, pipelining
+        draft=DraftConfig(),  # the defaults users get: adaptive shape, pipelining
     )
 
 
@@ -253,7 +254,7 @@ async def test_adaptive_gate_reads_the_distribution_the_token_was_drawn_from(run
     read before) is below the 0.9 threshold for some of them and sent them to the cloud."""
     req = replace(
         request(Mode.ADAPTIVE, 30, temperature=1.0, top_k=1, seed=3),
-        draft=DraftOptions("chain", 1, 3, adapt=False),
+        draft=DraftConfig("chain", 1, 3, adapt=False),
     )
     chunks = [c async for c in runtime.generate(req)]
     assert chunks[-1].stats.rounds == 0

@@ -10,10 +10,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from lm.bpe import train_bpe
 from lm.checkpoint import save_model
 from lm.config import ModelConfig
 from lm.model import Transformer
+from lm.training.bpe import train_bpe
 from orchestrator.cli import main
 
 LM_DIR = Path(__file__).resolve().parents[2] / "lm"

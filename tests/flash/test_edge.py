@@ -11,8 +11,9 @@ from edge_node.flash.pack import pack_model
 from edge_node.flash.predictors import save_predictors
 from edge_node.runtime import EdgeConfig
 from edge_node.slm import EdgeLM
-from edge_node.types import DraftOptions, GenerationRequest, Mode
+from edge_node.types import DraftConfig, GenerationRequest
 from lm.checkpoint import save_model
+from protocol.types import Mode
 from tests.edge_node.conftest import make_runtime, noisy_copy
 from tests.flash.conftest import OPTIONS, budget_info, exact_predictors, make_model
 from tests.tiny import MODEL_NAME
@@ -49,7 +50,7 @@ def flash_draft(pack):
     return load_flash_model(pack, (minimum + everything) // 2, device="cpu", options=OPTIONS)
 
 
-async def run(runtime, mode, draft=DraftOptions("beam", 3, 4)):
+async def run(runtime, mode, draft=DraftConfig("beam", 3, 4)):
     request = GenerationRequest(prompt_tokens=PROMPT, max_tokens=16, mode=mode, draft=draft)
     chunks = [c async for c in runtime.generate(request)]
     return [t for c in chunks for t in c.tokens], chunks[-1].stats

@@ -12,18 +12,17 @@ from edge_node.flash.ffn import flash_store, load_flash_model
 from edge_node.flash.pack import pack_model
 from edge_node.flash.predictors import PREDICTOR_META, load_predictors
 from lm.checkpoint import save_model
-from lm.sparsity import (
+from lm.sparsity import active_mask, sparsify
+from lm.training.predictors import (
     FFNRecord,
     PredictorTraining,
     accuracy_cost,
-    active_mask,
     balanced_bce,
     choose_cut,
     fit_predictor,
     gate_thresholds,
     rates,
     record_ffn,
-    sparsify,
 )
 from tests.flash.conftest import OPTIONS, make_model, random_windows
 

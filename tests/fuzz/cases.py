@@ -12,7 +12,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgecloud.v1 import generation_pb2 as gpb
+from protocol.v1 import generation_pb2 as gpb
 from tests.fleet import CLIENT_METADATA, is_serving
 from tests.fuzz import calls
 from tests.fuzz.strategies import (

@@ -16,8 +16,8 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from edgecloud.v1 import generation_pb2 as gpb
-from edgecloud.v1 import verification_pb2 as pb
+from protocol.v1 import generation_pb2 as gpb
+from protocol.v1 import verification_pb2 as pb
 from tests.fleet import VOCAB
 from tests.tiny import MODEL_NAME
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from edgecloud.v1 import generation_pb2 as gpb
 from orchestrator.registry import AsyncRegistry, connect_async
+from protocol.v1 import generation_pb2 as gpb
 from tests.fleet import CLIENT_METADATA, CLIENT_TOKEN, start_gateway, write_files
 from tests.fuzz import calls
 from tests.fuzz.cases import (

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgecloud.v1 import verification_pb2 as pb
+from protocol.v1 import verification_pb2 as pb
 from tests.fleet import VERIFIER_METADATA, start_verifier, write_files
 from tests.fuzz import calls
 from tests.fuzz.cases import (

@@ -17,12 +17,12 @@ from edge_node.picker import FixedListPicker, VerifierEndpoint
 from edge_node.runtime import EdgeConfig, EdgeRuntime
 from edge_node.server import start_edge_server
 from edge_node.verifier_client import VerifierSession
-from edgecloud.v1 import generation_pb2 as gpb
-from edgecloud.v1 import generation_pb2_grpc as gpb_grpc
-from edgecloud.v1 import verification_pb2 as pb
-from edgecloud.v1 import verification_pb2_grpc as pb_grpc
 from lm.sampling import SamplingParams
 from lm.tree import TokenTree
+from protocol.v1 import generation_pb2 as gpb
+from protocol.v1 import generation_pb2_grpc as gpb_grpc
+from protocol.v1 import verification_pb2 as pb
+from protocol.v1 import verification_pb2_grpc as pb_grpc
 from serving.auth import AuthConfig
 from serving.server import ServerConfig
 from tests.tiny import METADATA, MODEL_NAME, TOKEN

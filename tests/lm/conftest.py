@@ -18,8 +18,8 @@ from lm.model import Transformer
 REPO = Path(__file__).resolve().parents[2]
 
 # name -> (transformers config class name, its kwargs). Sizes are tiny; the fields that
-# change numerics (rope_theta, rms_norm_eps, activation, tying, GQA, bias) all differ from
-# the defaults somewhere.
+# change numerics (rope_theta, rms_norm_eps, activation, tying, GQA, bias, head_dim) all
+# differ from the defaults somewhere.
 HF_MODELS: dict[str, tuple[str, dict]] = {
     "llama_gqa_untied": (
         "LlamaConfig",
@@ -32,6 +32,10 @@ HF_MODELS: dict[str, tuple[str, dict]] = {
     "llama_relu": (
         "LlamaConfig",
         dict(num_key_value_heads=4, hidden_act="relu", rope_theta=500.0),
+    ),
+    "llama_head_dim_gelu": (
+        "LlamaConfig",
+        dict(num_key_value_heads=2, head_dim=16, hidden_act="gelu_pytorch_tanh"),
     ),
     "qwen2_bias": (
         "Qwen2Config",

@@ -95,7 +95,7 @@ def test_vocabulary_mismatch(model_dir):
     ("changes", "fragment"),
     [
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_type 'llama3'"),
-        ({"head_dim": 16}, "head_dim: must equal"),
+        ({"head_dim": 15}, "head_dim: must be even"),
         ({"hidden_act": "gelu"}, "activation: must be one of"),
         ({"attention_bias": True}, "attention_bias"),
     ],

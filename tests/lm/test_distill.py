@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm import corpus
 from lm.checkpoint import load_model
-from lm.distill import DistillConfig, distill_draft, distill_loss, load_target
 from lm.errors import CheckpointError
-from lm.evaluate import (
+from lm.model import Transformer
+from lm.training import corpus
+from lm.training.distill import DistillConfig, distill_draft, distill_loss, load_target
+from lm.training.evaluate import (
     acceptance_rates,
     chain_matches,
     check_pair,
@@ -22,8 +23,7 @@ from lm.evaluate import (
     generate,
     greedy_agreement,
 )
-from lm.model import Transformer
-from lm.train import ModelShape, TrainConfig, init_weights
+from lm.training.train import ModelShape, TrainConfig, init_weights
 from tests.lm.test_train import make_corpus, train_tiny
 
 DRAFT_SHAPE = ModelShape(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32)

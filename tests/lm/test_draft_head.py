@@ -16,15 +16,13 @@ from lm.draft_head import (
     WEIGHTS_FILE,
     DraftHead,
     DraftHeadConfig,
-    accepted_length,
     extend_beams,
     load_head,
-    lookahead_inputs,
-    lookahead_starts,
-    lookahead_targets,
     save_head,
 )
 from lm.errors import CheckpointError
+from lm.training.evaluate import accepted_length
+from lm.training.lookahead import lookahead_inputs, lookahead_starts, lookahead_targets
 from lm.tree import TokenTree
 
 CONFIG = DraftHeadConfig(vocab_size=23, hidden_size=12, state_size=8, n_blocks=2)

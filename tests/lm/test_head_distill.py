@@ -1,6 +1,6 @@
-"""`edgecloud distill --head` (lm/head_distill.py) and `edgecloud eval --head`: the lookahead KL
-loss against a loop over starts, the target-initialised head, a tiny run that lowers the loss and
-resumes exactly, the head's acceptance figures, and one-line errors for bad flags."""
+"""`edgecloud distill --head` (lm/training/head_distill.py) and `edgecloud eval --head`: the
+lookahead KL loss against a loop over starts, the target-initialised head, a tiny run that lowers
+the loss and resumes exactly, the head's acceptance figures, and one-line errors for bad flags."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm import bpe, corpus
 from lm.checkpoint import save_model
-from lm.distill import DistillConfig, load_target
 from lm.draft_head import DraftHead, DraftHeadConfig, save_head
-from lm.evaluate import (
+from lm.training import bpe, corpus
+from lm.training.distill import DistillConfig, load_target
+from lm.training.evaluate import (
     acceptance_rates,
     chain_matches,
     draft_tree_matches,
@@ -23,8 +23,8 @@ from lm.evaluate import (
     head_prompt_state,
     head_tree_matches,
 )
-from lm.head_distill import HeadShape, distill_head, head_loss, init_from_target
-from lm.train import TrainConfig
+from lm.training.head_distill import HeadShape, distill_head, head_loss, init_from_target
+from lm.training.train import TrainConfig
 from orchestrator.cli import main
 from tests.lm.test_train import make_corpus
 from tests.tiny import tiny_model

@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 VARIANTS = {
     "llama_tied": dict(tie_embeddings=True, rope_theta=777.0, norm_eps=1e-3),
     "llama_untied_relu": dict(activation="relu", n_kv_heads=1),
+    "llama_head_dim_gelu": dict(head_dim=16, activation="gelu_tanh"),
     "qwen2": dict(architecture="Qwen2ForCausalLM", qkv_bias=True, tie_embeddings=True),
     "mistral": dict(architecture="MistralForCausalLM", n_kv_heads=4),
 }

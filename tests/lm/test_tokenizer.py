@@ -6,9 +6,9 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lm.bpe import save_tokenizer, train_bpe
 from lm.errors import CheckpointError
 from lm.tokenizer import IncrementalDetokenizer, Tokenizer
+from lm.training.bpe import save_tokenizer, train_bpe
 
 REPLACEMENT = "\ufffd"
 TRAINING_LINES = [

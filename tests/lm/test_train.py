@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lm import bpe, corpus
 from lm.checkpoint import load_model
 from lm.config import ModelConfig
 from lm.model import Transformer
-from lm.train import (
+from lm.training import bpe, corpus
+from lm.training.train import (
     ModelShape,
     TrainConfig,
     batch_generator,

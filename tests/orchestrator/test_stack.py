@@ -4,10 +4,13 @@ actors, and the gateway; driven through the SDK."""
 from __future__ import annotations
 
 import asyncio
+import urllib.error
+import urllib.request
 
 import pytest
 import pytest_asyncio
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 
 import edgecloud
 from orchestrator.registry import AsyncRegistry, connect_async
@@ -77,6 +80,74 @@ async def test_an_edge_error_reaches_the_client_clean(stack):
             await client.generate([1, 64], max_tokens=3)
     assert "prompt_tokens" in str(caught.value)
     assert "Traceback" not in str(caught.value) and "ray" not in str(caught.value).lower()
+
+
+async def test_heartbeats_and_gateway_metrics_count_the_traffic(stack):
+    """`edgecloud status` reads acceptance from the heartbeats: after traffic, the edges'
+    and the verifiers' totals grew by what the generations report; the gateway's
+    /metrics (behind the token on the HTTP port) counted the requests."""
+    registry = AsyncRegistry(connect_async(stack.redis_url))
+
+    async def totals() -> dict[str, tuple[int, int, int]]:
+        by_kind: dict[str, tuple[int, int, int]] = {}
+        for node in await registry.list_nodes():
+            old = by_kind.get(node.info.kind, (0, 0, 0))
+            s = node.stats
+            by_kind[node.info.kind] = (
+                old[0] + s.rounds,
+                old[1] + s.proposed_tokens,
+                old[2] + s.accepted_tokens,
+            )
+        return by_kind
+
+    async def loads() -> tuple[int, int, int]:
+        reports = [await a.load.remote() for a in stack.edge_actors]
+        return tuple(
+            sum(getattr(r, name) for r in reports)
+            for name in ("rounds", "draft_tokens", "accepted_tokens")
+        )
+
+    before = await loads()
+    async with edgecloud.AsyncClient(stack.gateway_address, token=stack.client_token) as client:
+        results = await asyncio.gather(*(client.generate(PROMPT, max_tokens=20) for _ in range(3)))
+    after = await loads()
+    stats = [r.stats for r in results]
+    assert after == (
+        before[0] + sum(s.rounds for s in stats),
+        before[1] + sum(s.draft_tokens for s in stats),
+        before[2] + sum(s.accepted_tokens for s in stats),
+    )
+    assert after[2] > before[2]
+    for _ in range(100):  # the next heartbeats carry them (every ttl / 3)
+        now = await totals()
+        if now["edge"] == after and now["cloud"][1:] == after[1:]:
+            break
+        await asyncio.sleep(0.1)
+    assert now["edge"] == after
+    # The verifiers verified what the edges drafted (their rounds leave out cloud_only's
+    # server-side steps, which the edges count as rounds).
+    assert now["cloud"][1:] == after[1:]
+
+    def scrape(token: str | None) -> tuple[int, str]:
+        request = urllib.request.Request(f"{stack.http.url}/metrics")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, ""
+
+    assert (await asyncio.to_thread(scrape, None))[0] == 401
+    status, text = await asyncio.to_thread(scrape, stack.client_token)
+    assert status == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    key = ("edgecloud_requests_total", (("mode", "lossless"), ("outcome", "length")))
+    assert samples[key] >= 3
 
 
 async def test_openai_http_through_the_gateway(stack):

@@ -41,8 +41,8 @@ from edgecloud import (
     Unauthenticated,
     Unavailable,
 )
-from edgecloud.v1 import generation_pb2 as pb
-from edgecloud.v1 import generation_pb2_grpc as pb_grpc
+from protocol.v1 import generation_pb2 as pb
+from protocol.v1 import generation_pb2_grpc as pb_grpc
 from tests.certs import make_certificates
 
 ROOT = Path(__file__).resolve().parents[2]

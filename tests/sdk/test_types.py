@@ -7,8 +7,8 @@ import pytest
 
 import edgecloud
 from edgecloud import FinishReason, GenerateOptions, Mode, Rollback, ServerError
-from edgecloud._types import Transcript
-from edgecloud.v1 import generation_pb2 as pb
+from protocol.types import Transcript
+from protocol.v1 import generation_pb2 as pb
 
 
 def test_transcript_docstring_example():

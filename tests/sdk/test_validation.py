@@ -1,5 +1,5 @@
 """The request rules that the SDK checks before sending and servers check on receipt
-(`edgecloud._validation`): every rule rejects its bad values with the field's name and
+(`protocol.validation`): every rule rejects its bad values with the field's name and
 allowed range, and the SDK's options and the server's proto check agree."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 
 import edgecloud
 from edgecloud import InvalidRequest
-from edgecloud._validation import validate_generate_request
-from edgecloud.v1 import generation_pb2 as pb
+from protocol.v1 import generation_pb2 as pb
+from protocol.validation import validate_generate_request
 
 EXACTLY_ONE = "prompt: exactly one of prompt and prompt_tokens must be non-empty"
 
@@ -72,9 +72,14 @@ def test_valid_requests_pass():
         ({"stop": ["a", ""]}, {}, "stop[1]: must be a string of 1 to 64 characters, got ''"),
         ({"stop": ["x" * 65]}, {}, "stop[0]: must be a string of 1 to 64 characters"),
         (
-            {"draft": pb.DraftOptions(tree="bfs")},
+            {"draft": pb.DraftOptions(tree="x" * 33)},
             {},
-            "draft.tree: must be one of '', 'beam', 'topk', 'chain'",
+            "draft.tree: must be a name of at most 32 characters (a-z, 0-9, _)",
+        ),
+        (
+            {"draft": pb.DraftOptions(drafter="Eagle!")},
+            {},
+            "draft.drafter: must be a name of at most 32 characters (a-z, 0-9, _)",
         ),
         ({"draft": pb.DraftOptions(width=17)}, {}, "draft.width: must be in [0, 16], got 17"),
         ({"draft": pb.DraftOptions(depth=-1)}, {}, "draft.depth: must be in [0, 32], got -1"),

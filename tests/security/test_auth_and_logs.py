@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
-from edgecloud.v1 import generation_pb2 as gpb
-from edgecloud.v1 import verification_pb2 as pb
+from protocol.v1 import generation_pb2 as gpb
+from protocol.v1 import verification_pb2 as pb
 from tests.fleet import (
     CLIENT_METADATA,
     CLIENT_TOKEN,

@@ -26,9 +26,9 @@ from edge_node.cloud_link import CloudLink, CloudLinkConfig
 from edge_node.picker import FixedListPicker, VerifierEndpoint
 from edge_node.runtime import EdgeConfig, EdgeRuntime
 from edge_node.server import start_edge_server
-from edgecloud._channel import TlsOptions
 from orchestrator.cli import main
 from orchestrator.stack import Stack, StackConfig
+from protocol.channel import TlsOptions
 from serving.auth import AuthConfig
 from serving.server import ServerConfig, TlsConfig
 from tests import fleet

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
-from lm import bpe, corpus
 from lm.checkpoint import save_model
 from lm.config import ModelConfig
 from lm.device import default_device
 from lm.errors import CheckpointError
-from lm.evaluate import perplexity
 from lm.model import Transformer
+from lm.training import bpe, corpus
+from lm.training.evaluate import perplexity
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,8 @@
-"""The SDK's exceptions, and the one place where gRPC status codes become them.
+"""The errors of the protocol, on both sides: servers raise them and answer with their
+`code` (`serving.errors.abort_with`); the SDK turns a failed call back into one
+(`from_rpc_error`). One hierarchy, so a status means the same class everywhere.
 
-Every error a client method raises is an `EdgecloudError` carrying the gRPC status
+Every error an SDK client method raises is an `EdgecloudError` carrying the gRPC status
 `code` and the server's `message`; transport exceptions (`grpc.RpcError` and its aio
 variant) never reach users. The codes a caller can act on get their own class:
 
@@ -75,9 +77,27 @@ class DeadlineExceeded(EdgecloudError):
 
 class ServerError(EdgecloudError):
     """Any other status (INTERNAL, NOT_FOUND, ...), or a server that broke the
-    protocol (e.g. a stream that ended without its final statistics)."""
+    protocol (e.g. a stream that ended without its final statistics). Servers raise it
+    for bugs and unexpected failures; details stay in the server log."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class FailedPrecondition(ServerError):
+    """The request is well formed but arrives in the wrong state (a round before open)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class OutOfRange(ServerError):
+    """The session reached the verifier's context limit: the generation ends there
+    (`finish_reason: length`); no other verifier of the same configuration can go on."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class NotFound(ServerError):
+    code = grpc.StatusCode.NOT_FOUND
 
 
 _BY_CODE: dict[grpc.StatusCode, type[EdgecloudError]] = {

@@ -13,20 +13,24 @@ servers answer it with INVALID_ARGUMENT and the same message.
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Sequence
 
-from edgecloud._errors import InvalidRequest
-from edgecloud.v1 import generation_pb2 as pb
+from protocol.errors import InvalidRequest
+from protocol.limits import (
+    INT32_MAX,
+    MAX_DRAFT_DEPTH,
+    MAX_DRAFT_WIDTH,
+    MAX_NAME_CHARS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MAX_TOKENS,
+    SEED_LIMIT,
+)
+from protocol.v1 import generation_pb2 as pb
 
-MAX_TOKENS = 1 << 20
-MAX_TEMPERATURE = 100.0
-INT32_MAX = 2**31 - 1
-SEED_LIMIT = 2**64
-MAX_STOP_STRINGS = 8
-MAX_STOP_CHARS = 64
-DRAFT_TREES = ("", "beam", "topk", "chain")
-MAX_DRAFT_WIDTH = 16
-MAX_DRAFT_DEPTH = 32
+_NAME = re.compile(rf"[a-z0-9_]{{0,{MAX_NAME_CHARS}}}")
 
 
 def validate_generate_request(
@@ -50,7 +54,7 @@ def validate_generate_request(
         vocab_size=vocab_size,
         max_context=max_context,
     )
-    check_draft(req.draft.tree, req.draft.width, req.draft.depth)
+    check_draft(req.draft.tree, req.draft.width, req.draft.depth, req.draft.drafter)
 
 
 def check_prompt(
@@ -92,11 +96,7 @@ def check_generation(
     _check_model_limit("vocab_size", vocab_size)
     _check_model_limit("max_context", max_context)
     _check_int("max_tokens", max_tokens, 1, min(MAX_TOKENS, max_context or MAX_TOKENS))
-    _check_real("temperature", temperature, 0.0, MAX_TEMPERATURE)
-    _check_int("top_k", top_k, 0, INT32_MAX if vocab_size is None else vocab_size)
-    _check_real("top_p", top_p, 0.0, 1.0)
-    if seed is not None:
-        _check_int("seed", seed, 0, SEED_LIMIT - 1, shown="[0, 2**64)")
+    check_sampling(temperature, top_k, top_p, seed, vocab_size=vocab_size)
     if mode not in pb.Mode.values():
         names = ", ".join(pb.Mode.keys())
         raise InvalidRequest(f"mode: must be one of {names}, got {mode!r}", field="mode")
@@ -113,13 +113,36 @@ def check_generation(
     _check_real("adaptive_threshold", adaptive_threshold, 0.0, 1.0)
 
 
-def check_draft(tree: str, width: int, depth: int) -> None:
-    """Draft shape; zero values ("" and 0) mean the server's defaults."""
-    if tree not in DRAFT_TREES:
-        allowed = ", ".join(repr(t) for t in DRAFT_TREES)
-        raise InvalidRequest(
-            f"draft.tree: must be one of {allowed}, got {tree!r}", field="draft.tree"
-        )
+def check_sampling(
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    *,
+    vocab_size: int | None = None,
+    prefix: str = "",
+) -> None:
+    """How tokens are drawn; the generation request's and the verifier's
+    `SamplingParams` message alike. `prefix` is the enclosing message's field path,
+    e.g. "open.sampling." at the verifier."""
+    _check_real(f"{prefix}temperature", temperature, 0.0, MAX_TEMPERATURE)
+    _check_int(f"{prefix}top_k", top_k, 0, INT32_MAX if vocab_size is None else vocab_size)
+    _check_real(f"{prefix}top_p", top_p, 0.0, 1.0)
+    if seed is not None:
+        _check_int(f"{prefix}seed", seed, 0, SEED_LIMIT - 1, shown="[0, 2**64)")
+
+
+def check_draft(tree: str, width: int, depth: int, drafter: str = "") -> None:
+    """Draft shape and source; zero values ("" and 0) mean the edge's defaults. Which
+    tree shapes and drafters exist is the edge's to say: here a name is only checked
+    to be one."""
+    for field, name in (("draft.tree", tree), ("draft.drafter", drafter)):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise InvalidRequest(
+                f"{field}: must be a name of at most {MAX_NAME_CHARS} characters "
+                f"(a-z, 0-9, _), got {name!r}",
+                field=field,
+            )
     _check_int("draft.width", width, 0, MAX_DRAFT_WIDTH)
     _check_int("draft.depth", depth, 0, MAX_DRAFT_DEPTH)
 

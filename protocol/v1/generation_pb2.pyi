@@ -82,22 +82,31 @@ class DraftOptions(_message.Message):
     TREE_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
     DEPTH_FIELD_NUMBER: _builtins.int
+    DRAFTER_FIELD_NUMBER: _builtins.int
     tree: _builtins.str
-    """"beam", "topk" or "chain". Empty: server default."""
+    """The SLM's tree shape: "beam", "topk" or "chain" on this version's edges, which
+    answer INVALID_ARGUMENT for a name they do not know. Empty: the edge's default.
+    """
     width: _builtins.int
     """Beams (beam tree) or branching factor (top-k tree). Allowed: 0..16."""
     depth: _builtins.int
     """Draft tokens per beam. Allowed: 0..32."""
+    drafter: _builtins.str
+    """Who drafts lossless rounds: "slm", "head", "ngram" or "auto" on this version's
+    edges (an edge without a draft head refuses "head" and "auto"). Empty: the edge's
+    default.
+    """
     def __init__(
         self,
         *,
         tree: _builtins.str = ...,
         width: _builtins.int = ...,
         depth: _builtins.int = ...,
+        drafter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "tree", b"tree", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "drafter", b"drafter", "tree", b"tree", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -222,6 +231,9 @@ class GenerationStats(_message.Message):
     ACCEPTED_PER_POSITION_FIELD_NUMBER: _builtins.int
     ROLLBACKS_FIELD_NUMBER: _builtins.int
     HEAD_ROUNDS_FIELD_NUMBER: _builtins.int
+    DEDUP_SAVED_TOKENS_FIELD_NUMBER: _builtins.int
+    DRAFT_MS_FIELD_NUMBER: _builtins.int
+    PIPELINED_ROUNDS_FIELD_NUMBER: _builtins.int
     rounds: _builtins.int
     """Verification rounds sent to the cloud."""
     tokens_per_round: _builtins.float
@@ -248,6 +260,12 @@ class GenerationStats(_message.Message):
     """Rounds drafted by the recurrent head from the verifier's hidden state (the rest
     by the edge's SLM); see the edge's --drafter.
     """
+    dedup_saved_tokens: _builtins.int
+    """Tree nodes the prefix deduplication saved against sending every beam whole."""
+    draft_ms: _builtins.float
+    """Time the edge spent drafting."""
+    pipelined_rounds: _builtins.int
+    """Rounds whose draft was made while the previous round was verified, and used."""
     @_builtins.property
     def accepted_per_position(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """accepted_per_position[i]: rounds in which the draft's (i+1)-th token was accepted."""
@@ -271,10 +289,13 @@ class GenerationStats(_message.Message):
         accepted_per_position: _abc.Iterable[_builtins.int] | None = ...,
         rollbacks: _builtins.int = ...,
         head_rounds: _builtins.int = ...,
+        dedup_saved_tokens: _builtins.int = ...,
+        draft_ms: _builtins.float = ...,
+        pipelined_rounds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_per_position", b"accepted_per_position", "accepted_tokens", b"accepted_tokens", "bytes_from_cloud", b"bytes_from_cloud", "bytes_to_cloud", b"bytes_to_cloud", "cloud_forward_passes", b"cloud_forward_passes", "degraded", b"degraded", "draft_tokens", b"draft_tokens", "failovers", b"failovers", "generated_tokens", b"generated_tokens", "head_rounds", b"head_rounds", "prompt_tokens", b"prompt_tokens", "rollbacks", b"rollbacks", "rounds", b"rounds", "time_to_first_token_ms", b"time_to_first_token_ms", "tokens_per_round", b"tokens_per_round", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_per_position", b"accepted_per_position", "accepted_tokens", b"accepted_tokens", "bytes_from_cloud", b"bytes_from_cloud", "bytes_to_cloud", b"bytes_to_cloud", "cloud_forward_passes", b"cloud_forward_passes", "dedup_saved_tokens", b"dedup_saved_tokens", "degraded", b"degraded", "draft_ms", b"draft_ms", "draft_tokens", b"draft_tokens", "failovers", b"failovers", "generated_tokens", b"generated_tokens", "head_rounds", b"head_rounds", "pipelined_rounds", b"pipelined_rounds", "prompt_tokens", b"prompt_tokens", "rollbacks", b"rollbacks", "rounds", b"rounds", "time_to_first_token_ms", b"time_to_first_token_ms", "tokens_per_round", b"tokens_per_round", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,7 +1,8 @@
-"""The SDK's values: request options in, chunks, statistics and results out.
+"""The protocol's values: request options in, chunks, statistics and results out.
 
-All are frozen dataclasses or enums, converted from and to the `edgecloud.v1` protos
-here and nowhere else, so users never touch a protobuf message.
+All are frozen dataclasses or enums, converted from and to the `protocol.v1` protos
+here and nowhere else: the SDK hands them to users, the edge produces them, and the
+servers convert them to protos with the same functions the SDK reads them back with.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, Literal
 
-from edgecloud._errors import InvalidRequest, ServerError
-from edgecloud._validation import check_draft, check_generation, check_prompt
-from edgecloud.v1 import generation_pb2 as pb
+from protocol.errors import InvalidRequest, ServerError
+from protocol.v1 import generation_pb2 as pb
+from protocol.validation import check_draft, check_generation, check_prompt
 
 ModeName = Literal["lossless", "adaptive", "edge_only", "cloud_only"]
-DraftTree = Literal["", "beam", "topk", "chain"]
 
 
 class Mode(StrEnum):
@@ -36,6 +36,19 @@ class Mode(StrEnum):
     def proto(self) -> int:
         return pb.Mode.Value(f"MODE_{self.name}")
 
+    @classmethod
+    def from_proto(cls, value: int) -> Mode:
+        """MODE_UNSPECIFIED (0) means lossless."""
+        return cls.LOSSLESS if value == pb.MODE_UNSPECIFIED else cls[pb.Mode.Name(value)[5:]]
+
+    @property
+    def uses_cloud(self) -> bool:
+        return self is not Mode.EDGE_ONLY
+
+    @property
+    def drafts(self) -> bool:
+        return self in (Mode.LOSSLESS, Mode.ADAPTIVE)
+
 
 class FinishReason(StrEnum):
     LENGTH = "length"  # max_tokens reached
@@ -47,6 +60,10 @@ class FinishReason(StrEnum):
         newer than this SDK."""
         name = pb.FinishReason.Name(value) if value in pb.FinishReason.values() else ""
         return cls.__members__.get(name.removeprefix("FINISH_REASON_"))
+
+    @staticmethod
+    def to_proto(reason: FinishReason | None) -> int:
+        return pb.FinishReason.Value(f"FINISH_REASON_{reason.name if reason else 'UNSPECIFIED'}")
 
 
 class HealthStatus(StrEnum):
@@ -62,17 +79,21 @@ class HealthStatus(StrEnum):
 class DraftOptions:
     """How the edge drafts. Zero values mean the server's defaults."""
 
-    # "beam" (ReDrafter-style beams, shared prefixes merged), "topk" or "chain".
-    tree: DraftTree = ""
+    # The SLM's tree shape: "beam" (ReDrafter-style beams, shared prefixes merged),
+    # "topk" or "chain". The edge checks the name.
+    tree: str = ""
     # Beams (beam tree) or branching factor (top-k tree), in [0, 16].
     width: int = 0
     # Draft tokens per beam, in [0, 32].
     depth: int = 0
+    # Who drafts lossless rounds: "slm", "head" (the recurrent head; needs one on the
+    # edge), "ngram" (lookup in the history) or "auto". The edge checks the name.
+    drafter: str = ""
 
     default: ClassVar[DraftOptions]
 
     def __post_init__(self) -> None:
-        check_draft(self.tree, self.width, self.depth)
+        check_draft(self.tree, self.width, self.depth, self.drafter)
 
 
 DraftOptions.default = DraftOptions()
@@ -164,9 +185,7 @@ class GenerateOptions:
             top_p=self.top_p,
             mode=Mode(self.mode).proto,
             stop=self.stop,
-            draft=pb.DraftOptions(
-                tree=self.draft.tree, width=self.draft.width, depth=self.draft.depth
-            ),
+            draft=pb.DraftOptions(**dataclasses.asdict(self.draft)),
             adaptive_threshold=self.adaptive_threshold,
         )
         if self.seed is not None:
@@ -179,26 +198,32 @@ GenerateOptions.default = GenerateOptions()
 
 @dataclass(frozen=True)
 class GenerationStats:
-    """What one generation cost. Sent by the server with the last chunk; every field of
-    the `GenerationStats` proto, same names."""
+    """What one generation cost. Sent by the server with the last chunk. The schema of
+    every statistic: the `GenerationStats` proto has the same fields, converted by name
+    (a test keeps the two equal), and the servers' metrics read them from here."""
 
-    rounds: int  # verification rounds sent to the cloud
-    tokens_per_round: float  # mean tokens accepted per round, bonus included (tau)
-    cloud_forward_passes: int  # target-model forward passes the cloud ran
-    generated_tokens: int
-    prompt_tokens: int
-    bytes_to_cloud: int  # verification bytes edge -> cloud
-    bytes_from_cloud: int  # verification bytes cloud -> edge
-    time_to_first_token_ms: float
-    total_ms: float
-    degraded: bool  # some output token was never verified by the cloud
-    failovers: int  # times the edge reopened its session on another verifier
-    draft_tokens: int  # draft tokens proposed
-    accepted_tokens: int  # draft tokens the cloud accepted
+    rounds: int = 0  # verification rounds sent to the cloud
+    tokens_per_round: float = 0.0  # mean tokens accepted per round, bonus included (tau)
+    cloud_forward_passes: int = 0  # target-model forward passes the cloud ran
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    bytes_to_cloud: int = 0  # verification bytes edge -> cloud
+    bytes_from_cloud: int = 0  # verification bytes cloud -> edge
+    time_to_first_token_ms: float = 0.0
+    total_ms: float = 0.0
+    degraded: bool = False  # some output token was never verified by the cloud
+    failovers: int = 0  # times the edge reopened its session on another verifier
+    draft_tokens: int = 0  # draft tokens proposed
+    accepted_tokens: int = 0  # draft tokens the cloud accepted
     # accepted_per_position[i]: rounds in which the draft's (i+1)-th token was accepted
-    accepted_per_position: tuple[int, ...]
-    rollbacks: int  # rollbacks sent in this stream
-    head_rounds: int  # rounds drafted by the recurrent head (the rest by the edge's SLM)
+    accepted_per_position: tuple[int, ...] = ()
+    rollbacks: int = 0  # rollbacks sent in this stream
+    head_rounds: int = 0  # rounds drafted by the recurrent head (the rest by the edge's SLM)
+    # Tree nodes the prefix deduplication saved against sending every beam whole.
+    dedup_saved_tokens: int = 0
+    draft_ms: float = 0.0  # time the edge spent drafting
+    # Rounds whose draft was made while the previous round was verified, and used.
+    pipelined_rounds: int = 0
 
     @property
     def tau(self) -> float:
@@ -208,6 +233,9 @@ class GenerationStats:
     @classmethod
     def from_proto(cls, msg: pb.GenerationStats) -> GenerationStats:
         return cls(**_fields_of(cls, msg))
+
+    def to_proto(self) -> pb.GenerationStats:
+        return pb.GenerationStats(**dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -237,10 +265,10 @@ class Chunk:
     to what you have shown before appending them. The stream object tracks the
     accumulated text and tokens with rollbacks applied (`stream.text`, `stream.tokens`)."""
 
-    text: str
-    tokens: tuple[int, ...]
+    text: str = ""
+    tokens: tuple[int, ...] = ()
     # The cloud verified these tokens (always in lossless and cloud_only modes).
-    verified: bool
+    verified: bool = True
     rollback: Rollback | None = None
     # Set on the last chunk only.
     stats: GenerationStats | None = None
@@ -257,6 +285,19 @@ class Chunk:
             stats=GenerationStats.from_proto(msg.stats) if msg.HasField("stats") else None,
             finish_reason=FinishReason.from_proto(msg.finish_reason),
         )
+
+    def to_proto(self) -> pb.GenerateChunk:
+        msg = pb.GenerateChunk(
+            text=self.text,
+            tokens=self.tokens,
+            verified=self.verified,
+            finish_reason=FinishReason.to_proto(self.finish_reason),
+        )
+        if self.rollback is not None:
+            msg.rollback.CopyFrom(pb.Rollback(**dataclasses.asdict(self.rollback)))
+        if self.stats is not None:
+            msg.stats.CopyFrom(self.stats.to_proto())
+        return msg
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from edgecloud.v1 import verification_pb2 as edgecloud_dot_v1_dot_verification__pb2
+from protocol.v1 import verification_pb2 as protocol_dot_v1_dot_verification__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in edgecloud/v1/verification_pb2_grpc.py depends on'
+        + ' but the generated code in protocol/v1/verification_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,8 +36,8 @@ class VerifierStub:
         """
         self.Verify = channel.stream_stream(
                 '/edgecloud.v1.Verifier/Verify',
-                request_serializer=edgecloud_dot_v1_dot_verification__pb2.VerifyRequest.SerializeToString,
-                response_deserializer=edgecloud_dot_v1_dot_verification__pb2.VerifyResponse.FromString,
+                request_serializer=protocol_dot_v1_dot_verification__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=protocol_dot_v1_dot_verification__pb2.VerifyResponse.FromString,
                 _registered_method=True)
 
 
@@ -59,8 +59,8 @@ def add_VerifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Verify': grpc.stream_stream_rpc_method_handler(
                     servicer.Verify,
-                    request_deserializer=edgecloud_dot_v1_dot_verification__pb2.VerifyRequest.FromString,
-                    response_serializer=edgecloud_dot_v1_dot_verification__pb2.VerifyResponse.SerializeToString,
+                    request_deserializer=protocol_dot_v1_dot_verification__pb2.VerifyRequest.FromString,
+                    response_serializer=protocol_dot_v1_dot_verification__pb2.VerifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,8 +88,8 @@ class Verifier:
             request_iterator,
             target,
             '/edgecloud.v1.Verifier/Verify',
-            edgecloud_dot_v1_dot_verification__pb2.VerifyRequest.SerializeToString,
-            edgecloud_dot_v1_dot_verification__pb2.VerifyResponse.FromString,
+            protocol_dot_v1_dot_verification__pb2.VerifyRequest.SerializeToString,
+            protocol_dot_v1_dot_verification__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

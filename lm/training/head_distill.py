@@ -2,7 +2,7 @@
 
 ReDrafter (Cheng et al. 2024, arXiv 2403.09919) trains its head to match the target's
 distributions several tokens ahead, on the corpus and on text the target generated itself.  Per
-batch (the same mix of corpus windows and target-generated sequences as `lm.distill`):
+batch (the same mix of corpus windows and target-generated sequences as `lm.training.distill`):
 
 1. the frozen target reads each window once, giving its final-norm hidden state h_p and its
    next-token distribution at every position p;
@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lm import bpe, corpus
-from lm.distill import (
+from lm.draft_head import DraftHead, DraftHeadConfig, save_head
+from lm.model import Transformer
+from lm.training import bpe, corpus
+from lm.training.distill import (
     DistillConfig,
     distill_loss,
     load_or_generate_pool,
@@ -38,16 +40,9 @@ from lm.distill import (
     mixed_batches,
     run_summary,
 )
-from lm.draft_head import (
-    DraftHead,
-    DraftHeadConfig,
-    lookahead_inputs,
-    lookahead_targets,
-    save_head,
-)
-from lm.evaluate import evaluate_head
-from lm.model import Transformer
-from lm.train import Progress, TrainConfig, load_split_streams, run_training
+from lm.training.evaluate import evaluate_head
+from lm.training.lookahead import lookahead_inputs, lookahead_targets
+from lm.training.train import Progress, TrainConfig, load_split_streams, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +56,9 @@ class HeadShape:
     lookahead: tokens the head is teacher-forced over from each start (the K in the loss); it
         should cover the draft depth used at inference.
     start_stride: every start_stride-th position of a window is a start (offset by the row,
-        see lm.draft_head.lookahead_starts).  The target is cheap next to the head's vocabulary
-        projection over every start and step, so a batch of more windows with fewer starts each
-        sees more varied contexts for the same work.
+        see lm.training.lookahead.lookahead_starts).  The target is cheap next to the head's
+        vocabulary projection over every start and step, so a batch of more windows with fewer
+        starts each sees more varied contexts for the same work.
     """
 
     state_size: int = 256
@@ -103,7 +98,8 @@ def head_loss(
     """Mean KL(target || head) over the start positions of `batch` and `lookahead` steps.
 
     batch: (B, T) token ids; the target runs once over it (no gradient), the head over the
-    starts of lm.draft_head.lookahead_starts(B, T, lookahead, stride), `lookahead` tokens each.
+    starts of lm.training.lookahead.lookahead_starts(B, T, lookahead, stride), `lookahead` tokens
+    each.
     """
     with torch.no_grad():
         target_logits, hidden = target(batch, return_hidden=True)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from edgecloud.v1 import generation_pb2 as edgecloud_dot_v1_dot_generation__pb2
+from protocol.v1 import generation_pb2 as protocol_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in edgecloud/v1/generation_pb2_grpc.py depends on'
+        + ' but the generated code in protocol/v1/generation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class GenerationStub:
         """
         self.Generate = channel.unary_stream(
                 '/edgecloud.v1.Generation/Generate',
-                request_serializer=edgecloud_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=edgecloud_dot_v1_dot_generation__pb2.GenerateChunk.FromString,
+                request_serializer=protocol_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=protocol_dot_v1_dot_generation__pb2.GenerateChunk.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/edgecloud.v1.Generation/ListModels',
-                request_serializer=edgecloud_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=edgecloud_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+                request_serializer=protocol_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=protocol_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
 
 
@@ -67,13 +67,13 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=edgecloud_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
-                    response_serializer=edgecloud_dot_v1_dot_generation__pb2.GenerateChunk.SerializeToString,
+                    request_deserializer=protocol_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=protocol_dot_v1_dot_generation__pb2.GenerateChunk.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=edgecloud_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
-                    response_serializer=edgecloud_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=protocol_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
+                    response_serializer=protocol_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -101,8 +101,8 @@ class Generation:
             request,
             target,
             '/edgecloud.v1.Generation/Generate',
-            edgecloud_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-            edgecloud_dot_v1_dot_generation__pb2.GenerateChunk.FromString,
+            protocol_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            protocol_dot_v1_dot_generation__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -128,8 +128,8 @@ class Generation:
             request,
             target,
             '/edgecloud.v1.Generation/ListModels',
-            edgecloud_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
-            edgecloud_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+            protocol_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
+            protocol_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

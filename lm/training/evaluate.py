@@ -32,17 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.corpus import sequential_windows
-from lm.draft_head import (
-    DraftHead,
-    accepted_length,
-    extend_beams,
-    lookahead_inputs,
-    lookahead_targets,
-)
+from lm.draft_head import DraftHead, extend_beams
 from lm.errors import CheckpointError
-from lm.kv_cache import KVCache
+from lm.model import Transformer
 from lm.sampling import SamplingParams, probs_from_logits, sample
+from lm.training.corpus import sequential_windows
+from lm.training.lookahead import lookahead_inputs, lookahead_targets
 from lm.tree import TokenTree
 
 GREEDY = SamplingParams()
@@ -106,7 +101,7 @@ def greedy_agreement(
 
 @torch.no_grad()
 def generate(
-    model: nn.Module,
+    model: Transformer,
     prompts: torch.Tensor,
     new_tokens: int,
     *,
@@ -120,13 +115,9 @@ def generate(
     model's device) makes sampling reproducible.
     """
     model.eval()
-    device = _device_of(model)
-    dtype = next(model.parameters()).dtype
     rows = list(range(prompts.shape[0]))
-    cache = KVCache(
-        model.config, len(rows), prompts.shape[1] + new_tokens, device=device, dtype=dtype
-    )
-    inputs = prompts.to(device)
+    cache = model.new_cache(len(rows), prompts.shape[1] + new_tokens)
+    inputs = prompts.to(_device_of(model))
     out = []
     for _ in range(new_tokens):
         logits = model(inputs, cache=cache, rows=rows)[:, -1].float()
@@ -336,6 +327,21 @@ def head_chain_matches(
     device = _device_of(head)
     head_top = head(hidden.to(device), continuation[:, :-1].to(device)).argmax(-1).cpu()
     return head_top == continuation[:, 1:]
+
+
+def accepted_length(tree: TokenTree, wanted: list[int]) -> int:
+    """How many of `wanted` (the target's greedy continuation) a greedy verifier accepts from
+    `tree`: the length of the longest root path whose tokens are a prefix of `wanted`.
+
+    Example: tree from beams [[5, 7, 9], [5, 2]] accepts 2 of [5, 7, 1] and 0 of [2].
+    """
+    node, length = -1, 0
+    for token in wanted:
+        node = next((c for c in tree.children(node) if tree.tokens[c] == token), None)
+        if node is None:
+            break
+        length += 1
+    return length
 
 
 def head_tree_matches(

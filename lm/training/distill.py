@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
-from lm import bpe, corpus
 from lm.checkpoint import load_model
 from lm.errors import CheckpointError
-from lm.evaluate import evaluate_pair, generate
 from lm.model import Transformer
 from lm.sampling import SamplingParams
-from lm.train import (
+from lm.training import bpe, corpus
+from lm.training.evaluate import evaluate_pair, generate
+from lm.training.train import (
     ModelShape,
     Progress,
     TrainConfig,
