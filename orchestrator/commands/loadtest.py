@@ -45,6 +45,12 @@ FLAGS = {
     "timeout": "--timeout",
     "token": "--token",
     "slo": "--slo",
+    "clients": "--emulate-edges",
+    "rtt_ms": "--rtt-ms",
+    "jitter_ms": "--rtt-jitter-ms",
+    "loss": "--loss",
+    "rto_ms": "--rto-ms",
+    "edge_scale": "--edge-scale",
 }
 MODES = ("lossless", "adaptive", "edge_only", "cloud_only")
 
@@ -54,6 +60,10 @@ examples:
   edgecloud loadtest --token-file tok --rate 1,2,4,8 --duration 60 --plot sweep.png
   edgecloud loadtest --target 127.0.0.1:50051 --target 127.0.0.1:50052 \\
       --prompts prompts.jsonl --slo ttft=500,tpot=50 --out results.json
+
+  edgecloud loadtest --emulate-edges 1,4,16 --target VERIFIER:50061 --token-file edge-tok \\
+      --recording rec.json --record-with DRAFT_DIR --model target --rtt-ms 80 \\
+      --verifier-metrics 127.0.0.1:9100 --slo tpot=50
 
 Metrics follow `vllm bench serve`: TTFT, TPOT = (e2el - ttft) / (tokens - 1), ITL (per
 streamed chunk: one chunk is one verified round), E2EL, request/output throughput and
@@ -160,6 +170,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", default="", metavar="NAME", help="model name (default: the server's)"
     )
 
+    fleet = p.add_argument_group(
+        "fleet emulation (--emulate-edges: edge devices emulated against a verifier, "
+        "replaying a real edge's recorded drafts; see orchestrator/loadtest/fleet.py)"
+    )
+    fleet.add_argument(
+        "--emulate-edges",
+        metavar="N[,N...]",
+        help="emulated edges, each with one request at a time, sent to the verifier at "
+        "--target (its edge token in --token); a comma list runs a sweep. --mode is "
+        "lossless (replayed drafts) or cloud_only (server-side decoding)",
+    )
+    fleet.add_argument(
+        "--recording",
+        type=Path,
+        metavar="FILE",
+        help="the real edge's recorded streams to replay, for these --temperature, --seed, "
+        "--max-tokens (benchmarks/fleet.py makes one; so does --record-with)",
+    )
+    fleet.add_argument(
+        "--record-with",
+        type=Path,
+        metavar="DRAFT_DIR",
+        help="when --recording holds none for these settings, first record the real edge "
+        "with this draft model on the prompts, against --target serving --model",
+    )
+    fleet.add_argument(
+        "--rtt-ms", default="0", metavar="MS", help="each edge's mean round trip (default 0)"
+    )
+    fleet.add_argument(
+        "--rtt-jitter-ms",
+        default="0",
+        metavar="MS",
+        help="standard deviation of the round trip, drawn per exchange (default 0)",
+    )
+    fleet.add_argument(
+        "--loss",
+        default="0",
+        metavar="P",
+        help="chance a message is lost one way and waits --rto-ms for its resend (default 0)",
+    )
+    fleet.add_argument(
+        "--rto-ms", default="200", metavar="MS", help="retransmission timeout (default 200)"
+    )
+    fleet.add_argument(
+        "--edge-scale",
+        default="1",
+        metavar="X",
+        help="multiplies the recorded drafting time: above 1 for a slower device (default 1)",
+    )
+    fleet.add_argument(
+        "--verifier-metrics",
+        metavar="HOST:PORT",
+        help="the verifier's --metrics-port, read before and after each run for its forward "
+        "passes and busy time per generated token",
+    )
+
     out = p.add_argument_group("output")
     out.add_argument(
         "--slo", metavar="ttft=MS,tpot=MS", help="goodput counts requests meeting these (ms)"
@@ -182,6 +248,23 @@ def run_loadtest(args: argparse.Namespace) -> int:
     from orchestrator.loadtest.records import Slo
 
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    if args.emulate_edges is not None:
+        from orchestrator.commands.loadtest_fleet import run_fleet_loadtest
+
+        return run_fleet_loadtest(args, started_at)
+    fleet_only = {
+        "recording": None,
+        "record_with": None,
+        "verifier_metrics": None,
+        "rtt_ms": "0",
+        "rtt_jitter_ms": "0",
+        "loss": "0",
+        "rto_ms": "200",
+        "edge_scale": "1",
+    }
+    for name, default in fleet_only.items():
+        if getattr(args, name) != default:
+            raise UsageError(f"--{name.replace('_', '-')}: only with --emulate-edges")
     targets = checked_targets(args.target or [DEFAULT_TARGET], args.allow_remote)
     plans = load_plans(args)
     try:
@@ -327,10 +410,7 @@ def load_plans(args: argparse.Namespace) -> list[LoadPlan]:
         raise UsageError("--concurrency and --rate: give one (closed or open loop), not both")
     if args.max_concurrency is not None and args.rate is None:
         raise UsageError("--max-concurrency: only with --rate (an open loop)")
-    requests = None if args.requests is None else _int("--requests", args.requests)
-    duration = None if args.duration is None else _float("--duration", args.duration)
-    if requests is None and duration is None:
-        requests = DEFAULT_REQUESTS
+    requests, duration = run_bounds(args)
     common = {
         "requests": requests,
         "duration_s": duration,
@@ -348,6 +428,15 @@ def load_plans(args: argparse.Namespace) -> list[LoadPlan]:
         return [LoadPlan(rate=r, max_concurrency=cap, **common) for r in rates]
     except ValueError as exc:
         raise flag_error(exc) from None
+
+
+def run_bounds(args: argparse.Namespace) -> tuple[int | None, float | None]:
+    """--requests and --duration; DEFAULT_REQUESTS when neither is given."""
+    requests = None if args.requests is None else _int("--requests", args.requests)
+    duration = None if args.duration is None else _float("--duration", args.duration)
+    if requests is None and duration is None:
+        requests = DEFAULT_REQUESTS
+    return requests, duration
 
 
 def load_prompts(args: argparse.Namespace, requests: int | None) -> tuple[list[Prompt], str]:
