@@ -95,7 +95,7 @@ class VerifierProcess:
             *("--auth-token-file", str(token_file), "--max-sessions", str(max_sessions)),
             *("--max-batch", str(args.max_batch), "--session-ttl", "600"),
         ]
-        for flag in ("device", "dtype"):
+        for flag in ("device", "dtype", "schedule"):
             if getattr(args, flag):
                 command += [f"--{flag}", getattr(args, flag)]
         self.command = ["edgecloud", *command]

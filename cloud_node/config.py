@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from cloud_node.scheduling import make_policy
+
 # `--batch-invariant` on the command line: VerifierConfig.batch_invariant per choice.
 BATCH_INVARIANT_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
@@ -32,6 +34,10 @@ class VerifierConfig:
     # half precision on CPU. None: on for float16/bfloat16 models on CPU, else off (CUDA
     # GEMMs are not row-invariant, so attention alone would not make the promise true).
     batch_invariant: bool | None = None
+    # How waiting rounds are ordered into passes (cloud_node/scheduling.py): "slack"
+    # serves first the sessions closest to missing their tpot_slo_ms (with no targets
+    # set, first come first served, aged); "fifo" in arrival order.
+    schedule: str = "slack"
 
     def __post_init__(self) -> None:
         checks = {
@@ -49,6 +55,7 @@ class VerifierConfig:
             raise ValueError(f"max_context: must be in [2, {1 << 20}], got {self.max_context}")
         if not self.model_name:
             raise ValueError("model_name: must be non-empty")
+        make_policy(self.schedule)  # raises naming the field
 
     @property
     def round_room(self) -> int:

@@ -47,6 +47,7 @@ import torch
 
 from cloud_node.config import VerifierConfig
 from cloud_node.metrics import VerifierMetrics
+from cloud_node.scheduling import Pace, make_policy
 from cloud_node.validation import OpenRequest, RoundRequest
 from lm.acceptance import Acceptance, PendingRound, accept_batch
 from lm.hidden_codec import EncodedHidden, HiddenEncoding, encode_hidden
@@ -61,6 +62,7 @@ from protocol.errors import (
     ServerError,
     Unavailable,
 )
+from protocol.types import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ class Session:
     # Unseeded sampled sessions only: rejection sampling of the draft distributions
     # they send (a seeded one keeps its promise instead, PendingRound).
     generator: torch.Generator | None = None
+    # Its target and what it has been given, for the scheduling policy.
+    pace: Pace = field(default_factory=lambda: Pace(Schedule()))
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class RoundOutcome:
     batch_size: int
     # At the position that gave the bonus token; None unless the session asked.
     hidden: EncodedHidden | None = None
+    # The session is too far behind its tpot_slo_ms: its rounds now go last.
+    slo_unreachable: bool = False
 
 
 @dataclass(eq=False)
@@ -104,6 +110,12 @@ class _RoundWork:
     future: asyncio.Future = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    arrived: float = field(default_factory=time.monotonic)
+    slo_unreachable: bool = False  # set by the scheduling policy
+
+    @property
+    def pace(self) -> Pace:
+        return self.session.pace
 
 
 @dataclass(eq=False)
@@ -146,6 +158,7 @@ class VerifierEngine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="verifier-forward")
         self._draining = False
         self._tasks: list[asyncio.Task] = []
+        self.policy = make_policy(config.schedule)
         self.metrics = VerifierMetrics(
             sessions=lambda: len(self.sessions),
             queued=lambda: len(self._rounds) + len(self._prefills),
@@ -189,6 +202,7 @@ class VerifierEngine:
             pending=[request.context[-1]],
             last_used=time.monotonic(),
             return_hidden=request.return_hidden,
+            pace=Pace(request.schedule),
             generator=None
             if request.sampling.greedy or seed is not None
             else make_generator(None, self.device),
@@ -225,6 +239,7 @@ class VerifierEngine:
         self._enqueue(self._rounds, work)
         outcome = await work.future
         session.last_used = time.monotonic()
+        session.pace.record(len(outcome.acceptance.nodes) + 1, session.last_used)
         return outcome
 
     async def decode(self, session: Session, count: int) -> AsyncIterator[RoundOutcome]:
@@ -303,7 +318,7 @@ class VerifierEngine:
                 break
         batch: list[_RoundWork] = []
         seen: set[Session] = set()
-        for work in list(self._rounds):
+        for work in self.policy.order(list(self._rounds), time.monotonic()):
             if len(batch) == self.config.max_batch:
                 break
             if work.session in seen:
@@ -428,7 +443,7 @@ class VerifierEngine:
         return [
             a
             if isinstance(a, Exception)
-            else RoundOutcome(a, w.request.tree.size, server_ms, len(batch), h)
+            else RoundOutcome(a, w.request.tree.size, server_ms, len(batch), h, w.slo_unreachable)
             for a, w, h in zip(outcomes, batch, encoded, strict=True)
         ]
 

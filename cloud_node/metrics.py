@@ -62,6 +62,11 @@ class VerifierMetrics:
         self.accepted_tokens = Counter(
             "edgecloud_verifier_accepted_tokens", "Draft tokens accepted", registry=registry
         )
+        self.slo_unreachable = Counter(
+            "edgecloud_verifier_slo_unreachable_rounds",
+            "Rounds of sessions too far behind their tpot_slo_ms, served after the others",
+            registry=registry,
+        )
         gauges = {
             "sessions": ("Open sessions", sessions),
             "queue_depth": ("Prefill chunks and rounds waiting for a pass", queued),
@@ -87,6 +92,7 @@ class VerifierMetrics:
             self._count(outcome)
 
     def _count(self, outcome: RoundOutcome) -> None:
+        self.slo_unreachable.inc(outcome.slo_unreachable)
         if outcome.nodes_verified == 0:
             self.decode_steps.inc()
             return

@@ -79,6 +79,7 @@ def result_message(round_id: int, outcome: RoundOutcome) -> pb.VerifyResponse:
             server_ms=outcome.server_ms,
             batch_size=outcome.batch_size,
             hidden=hidden_message(outcome.hidden),
+            slo_unreachable=outcome.slo_unreachable,
         )
     )
 

@@ -16,8 +16,9 @@ from lm.hidden_codec import HiddenEncoding
 from lm.sampling import SamplingParams
 from lm.tree import TokenTree, TreeError
 from protocol.errors import InvalidRequest
+from protocol.types import Schedule
 from protocol.v1 import verification_pb2 as pb
-from protocol.validation import check_sampling
+from protocol.validation import check_sampling, check_schedule
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class OpenRequest:
     sampling: SamplingParams
     # Encoding of the hidden state each reply carries; NONE: no hidden state.
     return_hidden: HiddenEncoding = HiddenEncoding.NONE
+    schedule: Schedule = Schedule()
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,13 @@ def parse_open(msg: pb.OpenSession, config: VerifierConfig, vocab_size: int) -> 
         context=check_tokens("open.context", msg.context, vocab_size),
         sampling=parse_sampling("open.sampling", msg.sampling, vocab_size),
         return_hidden=HiddenEncoding(msg.return_hidden),
+        schedule=parse_schedule(msg),
     )
+
+
+def parse_schedule(msg: pb.OpenSession) -> Schedule:
+    check_schedule(msg.priority, msg.tpot_slo_ms, prefix="open.")
+    return Schedule(msg.priority, msg.tpot_slo_ms)
 
 
 def parse_round(msg: pb.Round, config: VerifierConfig, vocab_size: int) -> RoundRequest:

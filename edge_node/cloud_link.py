@@ -18,6 +18,7 @@ from lm.hidden_codec import HiddenEncoding
 from lm.sampling import SamplingParams
 from protocol.channel import TlsOptions, bearer_metadata, open_aio_channel
 from protocol.errors import InvalidRequest, ServerError
+from protocol.types import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class CloudLink:
         sampling: SamplingParams,
         exclude: frozenset[str] = frozenset(),
         return_hidden: HiddenEncoding = HiddenEncoding.NONE,
+        schedule: Schedule = Schedule(),
     ) -> tuple[VerifierSession, VerifierEndpoint]:
         """Opens a session on the first verifier that accepts it. Raises NoVerifier, or
         the refusal when every verifier tried answered with an error (`refusal`)."""
@@ -135,7 +137,9 @@ class CloudLink:
             )
             try:
                 await asyncio.wait_for(
-                    session.open(endpoint.model, context, sampling, session_id, return_hidden),
+                    session.open(
+                        endpoint.model, context, sampling, session_id, return_hidden, schedule
+                    ),
                     self.config.open_timeout_s,
                 )
                 return session, endpoint

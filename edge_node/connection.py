@@ -26,6 +26,7 @@ from lm.hidden_codec import HiddenEncoding
 from lm.sampling import SamplingParams
 from lm.tree import TokenTree
 from protocol.errors import DeadlineExceeded, EdgecloudError, ServerError, Unavailable
+from protocol.types import Schedule
 from protocol.v1 import verification_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class VerifierConnection:
         *,
         session_id: str,
         sampling: SamplingParams,
+        schedule: Schedule,
         deadline: float | None,
         history: Callable[[], Sequence[int]],
         counters: LinkCounters,
@@ -70,6 +72,7 @@ class VerifierConnection:
         self.link = link
         self.session_id = session_id
         self.sampling = sampling
+        self.schedule = schedule
         self.deadline = deadline
         self.history = history
         self.counters = counters
@@ -179,6 +182,7 @@ class VerifierConnection:
                     self.sampling,
                     exclude=failed,
                     return_hidden=self.return_hidden(),
+                    schedule=self.schedule,
                 )
                 opened = self.session.opened
                 limit = self.edge_max_tree_nodes

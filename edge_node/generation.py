@@ -75,11 +75,13 @@ class _Counters:
     draft_ms: float = 0.0
     pipelined_rounds: int = 0
     head_rounds: int = 0
+    slo_unreachable_rounds: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
 
     def count_round(self, draft: Draft | None, result: pb.RoundResult) -> None:
         self.rounds += 1
         self.cloud_forward_passes += 1
+        self.slo_unreachable_rounds += result.slo_unreachable
         accepted = len(result.accepted_tokens)
         self.accepted_tokens += accepted
         if draft is not None:
@@ -141,6 +143,7 @@ class Generation:
             link,
             session_id=self.session_id,
             sampling=request.sampling,
+            schedule=request.schedule,
             deadline=None if request.timeout_s is None else self._start + request.timeout_s,
             history=lambda: self.lm.tokens,
             counters=self.counters,

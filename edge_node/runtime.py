@@ -20,7 +20,7 @@ from lm.model import Transformer
 from lm.sampling import SamplingParams
 from lm.tokenizer import Tokenizer
 from protocol.errors import InvalidRequest, ResourceExhausted
-from protocol.types import Chunk, GenerationStats, Mode
+from protocol.types import Chunk, GenerationStats, Mode, Schedule
 from protocol.v1 import generation_pb2 as gpb
 from protocol.validation import validate_generate_request
 
@@ -141,6 +141,7 @@ class EdgeRuntime:
             stop=tuple(msg.stop),
             draft=draft,
             adaptive_threshold=msg.adaptive_threshold or self.config.adaptive_threshold,
+            schedule=Schedule(msg.priority, msg.tpot_slo_ms),
             timeout_s=timeout_s,
             request_id=request_id,
         )

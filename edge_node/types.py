@@ -8,7 +8,7 @@ from typing import Literal, get_args
 
 from edge_node.drafters.sources import check_setting
 from lm.sampling import SamplingParams
-from protocol.types import Mode
+from protocol.types import Mode, Schedule
 
 # How the verifier sends hidden states for the head (lm/hidden_codec.py).
 HiddenWire = Literal["float16", "int8"]
@@ -57,3 +57,4 @@ class GenerationRequest:
     # Seconds the whole generation may take; None = no deadline.
     timeout_s: float | None = None
     request_id: str = ""
+    schedule: Schedule = Schedule()

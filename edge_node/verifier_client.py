@@ -18,6 +18,7 @@ from lm.acceptance import DraftDistribution
 from lm.hidden_codec import EncodedHidden, HiddenEncoding
 from lm.sampling import SamplingParams
 from lm.tree import TokenTree
+from protocol.types import Schedule
 from protocol.v1 import verification_pb2 as pb
 from protocol.v1 import verification_pb2_grpc as pb_grpc
 
@@ -108,6 +109,7 @@ class VerifierSession:
         sampling: SamplingParams,
         session_id: str = "",
         return_hidden: HiddenEncoding = HiddenEncoding.NONE,
+        schedule: Schedule = Schedule(),
     ) -> pb.SessionOpened:
         """`return_hidden`: ask for the target's hidden state in every reply."""
         request = pb.VerifyRequest(
@@ -117,6 +119,8 @@ class VerifierSession:
                 sampling=sampling_message(sampling),
                 session_id=session_id,
                 return_hidden=int(return_hidden),
+                priority=schedule.priority,
+                tpot_slo_ms=schedule.tpot_slo_ms,
             )
         )
         self.opened = (await self._exchange(request)).opened

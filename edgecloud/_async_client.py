@@ -122,6 +122,8 @@ class AsyncClient:
         model: str | None = None,
         draft: DraftOptions | None = None,
         adaptive_threshold: float | None = None,
+        priority: int | None = None,
+        tpot_slo_ms: float | None = None,
         timeout: float | None = None,
     ) -> GenerationResult:
         """See `Client.generate`."""
@@ -137,6 +139,8 @@ class AsyncClient:
             model=model,
             draft=draft,
             adaptive_threshold=adaptive_threshold,
+            priority=priority,
+            tpot_slo_ms=tpot_slo_ms,
             timeout=timeout,
         ) as stream:
             return await stream.result()
@@ -155,6 +159,8 @@ class AsyncClient:
         model: str | None = None,
         draft: DraftOptions | None = None,
         adaptive_threshold: float | None = None,
+        priority: int | None = None,
+        tpot_slo_ms: float | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerationStream:
         """See `Client.stream`; use as `async for chunk in client.stream(...)`. The request
@@ -170,6 +176,8 @@ class AsyncClient:
             model=model,
             draft=draft,
             adaptive_threshold=adaptive_threshold,
+            priority=priority,
+            tpot_slo_ms=tpot_slo_ms,
         )
         request = options.request(prompt)
         call = self._stub.Generate(

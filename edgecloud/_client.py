@@ -222,6 +222,8 @@ class Client:
         model: str | None = None,
         draft: DraftOptions | None = None,
         adaptive_threshold: float | None = None,
+        priority: int | None = None,
+        tpot_slo_ms: float | None = None,
         timeout: float | None = None,
     ) -> GenerationResult:
         """Generates from `prompt` (text, or a list of token ids) and returns the whole
@@ -239,6 +241,8 @@ class Client:
             model=model,
             draft=draft,
             adaptive_threshold=adaptive_threshold,
+            priority=priority,
+            tpot_slo_ms=tpot_slo_ms,
             timeout=timeout,
         ) as stream:
             return stream.result()
@@ -257,6 +261,8 @@ class Client:
         model: str | None = None,
         draft: DraftOptions | None = None,
         adaptive_threshold: float | None = None,
+        priority: int | None = None,
+        tpot_slo_ms: float | None = None,
         timeout: float | None = None,
     ) -> GenerationStream:
         """Like `generate`, but yields chunks as tokens are produced. The request is
@@ -272,6 +278,8 @@ class Client:
             model=model,
             draft=draft,
             adaptive_threshold=adaptive_threshold,
+            priority=priority,
+            tpot_slo_ms=tpot_slo_ms,
         )
         request = options.request(prompt)
         call = self._stub.Generate(

@@ -13,5 +13,8 @@ MAX_STOP_CHARS = 64
 # Draft tree shapes and drafters are names the edge checks (it knows which it has);
 # the SDK only checks that a name is one.
 MAX_NAME_CHARS = 32
+# Scheduling at the verifier: priority classes (lower first) and per-token targets.
+MAX_PRIORITY = 100
+MAX_TPOT_SLO_MS = 60_000.0
 MAX_DRAFT_WIDTH = 16
 MAX_DRAFT_DEPTH = 32

@@ -100,6 +100,15 @@ DraftOptions.default = DraftOptions()
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """How the verifier orders a session's rounds against others' (its validated
+    `priority` and `tpot_slo_ms`, as they travel from the edge to the verifier)."""
+
+    priority: int = 0  # lower goes first
+    tpot_slo_ms: float = 0.0  # the time per output token the client needs; 0 = none
+
+
+@dataclass(frozen=True)
 class GenerateOptions:
     """Everything about a generation except the prompt. Validated on construction with
     the server's rules (`InvalidRequest` names the field and its range)."""
@@ -125,6 +134,11 @@ class GenerateOptions:
     # Adaptive mode: the edge keeps its token when its probability is at least this,
     # in [0, 1]; 0 = server default.
     adaptive_threshold: float = 0.0
+    # Scheduling class at the verifier, in [-100, 100]: lower goes first.
+    priority: int = 0
+    # The time per output token this client needs, in ms, in [0, 60000]; 0 = none. The
+    # verifier serves first the rounds closest to missing their target.
+    tpot_slo_ms: float = 0.0
 
     default: ClassVar[GenerateOptions]
 
@@ -157,6 +171,8 @@ class GenerateOptions:
             mode=Mode(self.mode).proto,
             stop=self.stop,
             adaptive_threshold=self.adaptive_threshold,
+            priority=self.priority,
+            tpot_slo_ms=self.tpot_slo_ms,
         )
 
     def updated(self, **changes: object) -> GenerateOptions:
@@ -187,6 +203,8 @@ class GenerateOptions:
             stop=self.stop,
             draft=pb.DraftOptions(**dataclasses.asdict(self.draft)),
             adaptive_threshold=self.adaptive_threshold,
+            priority=self.priority,
+            tpot_slo_ms=self.tpot_slo_ms,
         )
         if self.seed is not None:
             req.seed = int(self.seed)
@@ -224,6 +242,8 @@ class GenerationStats:
     draft_ms: float = 0.0  # time the edge spent drafting
     # Rounds whose draft was made while the previous round was verified, and used.
     pipelined_rounds: int = 0
+    # Rounds the verifier served last: this request was too far behind its tpot_slo_ms.
+    slo_unreachable_rounds: int = 0
 
     @property
     def tau(self) -> float:

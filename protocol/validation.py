@@ -22,10 +22,12 @@ from protocol.limits import (
     MAX_DRAFT_DEPTH,
     MAX_DRAFT_WIDTH,
     MAX_NAME_CHARS,
+    MAX_PRIORITY,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
     MAX_TEMPERATURE,
     MAX_TOKENS,
+    MAX_TPOT_SLO_MS,
     SEED_LIMIT,
 )
 from protocol.v1 import generation_pb2 as pb
@@ -51,6 +53,8 @@ def validate_generate_request(
         mode=req.mode,
         stop=req.stop,
         adaptive_threshold=req.adaptive_threshold,
+        priority=req.priority,
+        tpot_slo_ms=req.tpot_slo_ms,
         vocab_size=vocab_size,
         max_context=max_context,
     )
@@ -88,6 +92,8 @@ def check_generation(
     mode: int,
     stop: Sequence[str],
     adaptive_threshold: float,
+    priority: int = 0,
+    tpot_slo_ms: float = 0.0,
     vocab_size: int | None = None,
     max_context: int | None = None,
 ) -> None:
@@ -111,6 +117,14 @@ def check_generation(
                 field=f"stop[{i}]",
             )
     _check_real("adaptive_threshold", adaptive_threshold, 0.0, 1.0)
+    check_schedule(priority, tpot_slo_ms)
+
+
+def check_schedule(priority: int, tpot_slo_ms: float, *, prefix: str = "") -> None:
+    """The request's scheduling class (lower first) and time-per-token target (0: none);
+    `prefix` as in `check_sampling`."""
+    _check_int(f"{prefix}priority", priority, -MAX_PRIORITY, MAX_PRIORITY)
+    _check_real(f"{prefix}tpot_slo_ms", tpot_slo_ms, 0.0, MAX_TPOT_SLO_MS)
 
 
 def check_sampling(

@@ -183,6 +183,8 @@ async def test_wrong_or_missing_key_is_an_authentication_error(servers):
         ("mode", "fast"),
         ("stop", ["x"] * 9),
         ("prompt", [300]),  # a token id beyond the vocabulary: the edge's own check
+        ("priority", 500),
+        ("tpot_slo_ms", -5.0),
     ],
 )
 async def test_bad_parameter_is_a_bad_request_with_the_grpc_message(servers, field, value):

@@ -33,6 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--batch-window-ms", type=float, default=3.0)
     serve.add_argument("--max-batch", type=int, default=16)
     serve.add_argument(
+        "--schedule",
+        choices=("slack", "fifo"),
+        default="slack",
+        help="order of waiting rounds: slack serves first the sessions closest to missing "
+        "their tpot_slo_ms (without targets: first come, first served), fifo in arrival "
+        "order (default slack)",
+    )
+    serve.add_argument(
         "--batch-invariant",
         choices=tuple(BATCH_INVARIANT_CHOICES),
         default="auto",
@@ -96,6 +104,7 @@ def run_serve(args: argparse.Namespace) -> int:
             batch_window_ms=args.batch_window_ms,
             max_batch=args.max_batch,
             batch_invariant=BATCH_INVARIANT_CHOICES[args.batch_invariant],
+            schedule=args.schedule,
         )
         server = server_config(args)
     except ValueError as exc:

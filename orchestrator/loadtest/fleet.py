@@ -44,7 +44,7 @@ from grpc import aio
 from orchestrator.loadtest.recording import RecordedRequest, Recording
 from orchestrator.loadtest.records import RequestRecord, Slo, Summary, summarize
 from protocol.channel import bearer_metadata, open_aio_channel
-from protocol.types import Mode
+from protocol.types import Mode, Schedule
 from protocol.v1 import verification_pb2 as pb
 from protocol.v1 import verification_pb2_grpc as pb_grpc
 
@@ -92,6 +92,9 @@ class FleetPlan:
     seed: int = 0  # seeds each client's link draws
     model: str = ""  # the verifier's model name; "" keeps the recorded one
     reply_timeout_s: float = 120.0  # a reply slower than this fails the request
+    # Every client's priority and tpot_slo_ms, sent with its open (the verifier's
+    # `--schedule slack` serves the rounds closest to missing their target first).
+    schedule: Schedule = Schedule()
 
     def __post_init__(self) -> None:
         if not 1 <= self.clients <= 4096:
@@ -236,6 +239,8 @@ class EmulatedEdge:
         message.open.session_id = f"fleet-{self.plan.seed}-{self.index}-{self.requests}"
         if self.plan.model:
             message.open.model = self.plan.model
+        message.open.priority = self.plan.schedule.priority
+        message.open.tpot_slo_ms = self.plan.schedule.tpot_slo_ms
         return message
 
     async def _write(self, call, message: pb.VerifyRequest) -> None:
@@ -420,6 +425,7 @@ class VerifierWork:
     prefill_busy_s: float = 0.0
     batches: float = 0.0  # = round_passes: the batch-size histogram's count
     batched: float = 0.0  # rounds and decoding steps in those batches (its sum)
+    slo_unreachable_rounds: float = 0.0  # rounds served last: their session was too late
 
     @classmethod
     def parse(cls, text: str) -> VerifierWork:
@@ -441,6 +447,7 @@ class VerifierWork:
             prefill_busy_s=value("busy_seconds_total", "prefill"),
             batches=value("batch_size_count"),
             batched=value("batch_size_sum"),
+            slo_unreachable_rounds=value("slo_unreachable_rounds_total"),
         )
 
     def __sub__(self, other: VerifierWork) -> VerifierWork:
@@ -514,6 +521,7 @@ class FleetPoint:
                 row[f"{q}_{metric}_ms"] = s[f"{q}_{metric}_ms"]
         if self.work is not None:
             row |= self.work.per_token(s["total_output_tokens"])
+            row["verifier_slo_unreachable_rounds"] = self.work.slo_unreachable_rounds
         return row
 
 

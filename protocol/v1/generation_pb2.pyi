@@ -128,6 +128,8 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     DRAFT_FIELD_NUMBER: _builtins.int
     ADAPTIVE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    TPOT_SLO_MS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Text prompt. Exactly one of prompt and prompt_tokens must be set."""
     model: _builtins.str
@@ -145,6 +147,12 @@ class GenerateRequest(_message.Message):
     adaptive_threshold: _builtins.float
     """Adaptive mode: the edge keeps its own token when its probability is at
     least this. Allowed: 0..1; 0 means the server default.
+    """
+    priority: _builtins.int
+    """Scheduling class at the verifier: lower goes first (as in vLLM). Allowed: -100..100."""
+    tpot_slo_ms: _builtins.float
+    """The time per output token this client needs, in ms; the verifier serves the rounds
+    closest to missing their target first. Allowed: 0..60000; 0 means none.
     """
     @_builtins.property
     def prompt_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -173,10 +181,12 @@ class GenerateRequest(_message.Message):
         stop: _abc.Iterable[_builtins.str] | None = ...,
         draft: Global___DraftOptions | None = ...,
         adaptive_threshold: _builtins.float = ...,
+        priority: _builtins.int = ...,
+        tpot_slo_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "draft", b"draft", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "adaptive_threshold", b"adaptive_threshold", "draft", b"draft", "max_tokens", b"max_tokens", "mode", b"mode", "model", b"model", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "adaptive_threshold", b"adaptive_threshold", "draft", b"draft", "max_tokens", b"max_tokens", "mode", b"mode", "model", b"model", "priority", b"priority", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "tpot_slo_ms", b"tpot_slo_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -234,6 +244,7 @@ class GenerationStats(_message.Message):
     DEDUP_SAVED_TOKENS_FIELD_NUMBER: _builtins.int
     DRAFT_MS_FIELD_NUMBER: _builtins.int
     PIPELINED_ROUNDS_FIELD_NUMBER: _builtins.int
+    SLO_UNREACHABLE_ROUNDS_FIELD_NUMBER: _builtins.int
     rounds: _builtins.int
     """Verification rounds sent to the cloud."""
     tokens_per_round: _builtins.float
@@ -266,6 +277,10 @@ class GenerationStats(_message.Message):
     """Time the edge spent drafting."""
     pipelined_rounds: _builtins.int
     """Rounds whose draft was made while the previous round was verified, and used."""
+    slo_unreachable_rounds: _builtins.int
+    """Rounds the verifier answered with slo_unreachable: this request was too far behind
+    its tpot_slo_ms and waited behind requests that could still make theirs.
+    """
     @_builtins.property
     def accepted_per_position(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """accepted_per_position[i]: rounds in which the draft's (i+1)-th token was accepted."""
@@ -292,10 +307,11 @@ class GenerationStats(_message.Message):
         dedup_saved_tokens: _builtins.int = ...,
         draft_ms: _builtins.float = ...,
         pipelined_rounds: _builtins.int = ...,
+        slo_unreachable_rounds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_per_position", b"accepted_per_position", "accepted_tokens", b"accepted_tokens", "bytes_from_cloud", b"bytes_from_cloud", "bytes_to_cloud", b"bytes_to_cloud", "cloud_forward_passes", b"cloud_forward_passes", "dedup_saved_tokens", b"dedup_saved_tokens", "degraded", b"degraded", "draft_ms", b"draft_ms", "draft_tokens", b"draft_tokens", "failovers", b"failovers", "generated_tokens", b"generated_tokens", "head_rounds", b"head_rounds", "pipelined_rounds", b"pipelined_rounds", "prompt_tokens", b"prompt_tokens", "rollbacks", b"rollbacks", "rounds", b"rounds", "time_to_first_token_ms", b"time_to_first_token_ms", "tokens_per_round", b"tokens_per_round", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_per_position", b"accepted_per_position", "accepted_tokens", b"accepted_tokens", "bytes_from_cloud", b"bytes_from_cloud", "bytes_to_cloud", b"bytes_to_cloud", "cloud_forward_passes", b"cloud_forward_passes", "dedup_saved_tokens", b"dedup_saved_tokens", "degraded", b"degraded", "draft_ms", b"draft_ms", "draft_tokens", b"draft_tokens", "failovers", b"failovers", "generated_tokens", b"generated_tokens", "head_rounds", b"head_rounds", "pipelined_rounds", b"pipelined_rounds", "prompt_tokens", b"prompt_tokens", "rollbacks", b"rollbacks", "rounds", b"rounds", "slo_unreachable_rounds", b"slo_unreachable_rounds", "time_to_first_token_ms", b"time_to_first_token_ms", "tokens_per_round", b"tokens_per_round", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotocol/v1/verification.proto\x12\x0c\x65\x64gecloud.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xa6\x01\n\x0bOpenSession\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.edgecloud.v1.SamplingParams\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x33\n\rreturn_hidden\x18\x05 \x01(\x0e\x32\x1c.edgecloud.v1.HiddenEncoding\"g\n\x0bHiddenState\x12\x0b\n\x03\x64im\x18\x01 \x01(\x05\x12.\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1c.edgecloud.v1.HiddenEncoding\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x02\",\n\tDraftTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\"@\n\x11\x44raftDistribution\x12\x0c\n\x04node\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\"\xa1\x01\n\x05Round\x12\x12\n\nnew_tokens\x18\x01 \x03(\x05\x12%\n\x04tree\x18\x02 \x01(\x0b\x32\x17.edgecloud.v1.DraftTree\x12\x34\n\x0b\x64raft_dists\x18\x03 \x03(\x0b\x32\x1f.edgecloud.v1.DraftDistribution\x12\x10\n\x08round_id\x18\x04 \x01(\x04\x12\x15\n\rdecode_tokens\x18\x05 \x01(\x05\"h\n\rVerifyRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.edgecloud.v1.OpenSessionH\x00\x12$\n\x05round\x18\x02 \x01(\x0b\x32\x13.edgecloud.v1.RoundH\x00\x42\x06\n\x04kind\"\xa7\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x12\n\nprefill_ms\x18\x03 \x01(\x02\x12\x16\n\x0emax_tree_nodes\x18\x04 \x01(\x05\x12\x13\n\x0bmax_context\x18\x05 \x01(\x05\x12)\n\x06hidden\x18\x06 \x01(\x0b\x32\x19.edgecloud.v1.HiddenState\"\xcf\x01\n\x0bRoundResult\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x61\x63\x63\x65pted_nodes\x18\x02 \x03(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x03(\x05\x12\x13\n\x0b\x62onus_token\x18\x04 \x01(\x05\x12\x16\n\x0enodes_verified\x18\x05 \x01(\x05\x12\x11\n\tserver_ms\x18\x06 \x01(\x02\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12)\n\x06hidden\x18\x08 \x01(\x0b\x32\x19.edgecloud.v1.HiddenState\"t\n\x0eVerifyResponse\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.edgecloud.v1.SessionOpenedH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.edgecloud.v1.RoundResultH\x00\x42\x06\n\x04kind*F\n\x0eHiddenEncoding\x12\x0f\n\x0bHIDDEN_NONE\x10\x00\x12\x12\n\x0eHIDDEN_FLOAT16\x10\x01\x12\x0f\n\x0bHIDDEN_INT8\x10\x02\x32S\n\x08Verifier\x12G\n\x06Verify\x12\x1b.edgecloud.v1.VerifyRequest\x1a\x1c.edgecloud.v1.VerifyResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotocol/v1/verification.proto\x12\x0c\x65\x64gecloud.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xcd\x01\n\x0bOpenSession\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.edgecloud.v1.SamplingParams\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x33\n\rreturn_hidden\x18\x05 \x01(\x0e\x32\x1c.edgecloud.v1.HiddenEncoding\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x13\n\x0btpot_slo_ms\x18\x07 \x01(\x01\"g\n\x0bHiddenState\x12\x0b\n\x03\x64im\x18\x01 \x01(\x05\x12.\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1c.edgecloud.v1.HiddenEncoding\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x02\",\n\tDraftTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\"@\n\x11\x44raftDistribution\x12\x0c\n\x04node\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\"\xa1\x01\n\x05Round\x12\x12\n\nnew_tokens\x18\x01 \x03(\x05\x12%\n\x04tree\x18\x02 \x01(\x0b\x32\x17.edgecloud.v1.DraftTree\x12\x34\n\x0b\x64raft_dists\x18\x03 \x03(\x0b\x32\x1f.edgecloud.v1.DraftDistribution\x12\x10\n\x08round_id\x18\x04 \x01(\x04\x12\x15\n\rdecode_tokens\x18\x05 \x01(\x05\"h\n\rVerifyRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.edgecloud.v1.OpenSessionH\x00\x12$\n\x05round\x18\x02 \x01(\x0b\x32\x13.edgecloud.v1.RoundH\x00\x42\x06\n\x04kind\"\xa7\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x12\n\nprefill_ms\x18\x03 \x01(\x02\x12\x16\n\x0emax_tree_nodes\x18\x04 \x01(\x05\x12\x13\n\x0bmax_context\x18\x05 \x01(\x05\x12)\n\x06hidden\x18\x06 \x01(\x0b\x32\x19.edgecloud.v1.HiddenState\"\xe8\x01\n\x0bRoundResult\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x61\x63\x63\x65pted_nodes\x18\x02 \x03(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x03(\x05\x12\x13\n\x0b\x62onus_token\x18\x04 \x01(\x05\x12\x16\n\x0enodes_verified\x18\x05 \x01(\x05\x12\x11\n\tserver_ms\x18\x06 \x01(\x02\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12)\n\x06hidden\x18\x08 \x01(\x0b\x32\x19.edgecloud.v1.HiddenState\x12\x17\n\x0fslo_unreachable\x18\t \x01(\x08\"t\n\x0eVerifyResponse\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.edgecloud.v1.SessionOpenedH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.edgecloud.v1.RoundResultH\x00\x42\x06\n\x04kind*F\n\x0eHiddenEncoding\x12\x0f\n\x0bHIDDEN_NONE\x10\x00\x12\x12\n\x0eHIDDEN_FLOAT16\x10\x01\x12\x0f\n\x0bHIDDEN_INT8\x10\x02\x32S\n\x08Verifier\x12G\n\x06Verify\x12\x1b.edgecloud.v1.VerifyRequest\x1a\x1c.edgecloud.v1.VerifyResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.v1.verification_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HIDDENENCODING']._serialized_start=1299
-  _globals['_HIDDENENCODING']._serialized_end=1369
+  _globals['_HIDDENENCODING']._serialized_start=1363
+  _globals['_HIDDENENCODING']._serialized_end=1433
   _globals['_SAMPLINGPARAMS']._serialized_start=48
   _globals['_SAMPLINGPARAMS']._serialized_end=143
   _globals['_OPENSESSION']._serialized_start=146
-  _globals['_OPENSESSION']._serialized_end=312
-  _globals['_HIDDENSTATE']._serialized_start=314
-  _globals['_HIDDENSTATE']._serialized_end=417
-  _globals['_DRAFTTREE']._serialized_start=419
-  _globals['_DRAFTTREE']._serialized_end=463
-  _globals['_DRAFTDISTRIBUTION']._serialized_start=465
-  _globals['_DRAFTDISTRIBUTION']._serialized_end=529
-  _globals['_ROUND']._serialized_start=532
-  _globals['_ROUND']._serialized_end=693
-  _globals['_VERIFYREQUEST']._serialized_start=695
-  _globals['_VERIFYREQUEST']._serialized_end=799
-  _globals['_SESSIONOPENED']._serialized_start=802
-  _globals['_SESSIONOPENED']._serialized_end=969
-  _globals['_ROUNDRESULT']._serialized_start=972
-  _globals['_ROUNDRESULT']._serialized_end=1179
-  _globals['_VERIFYRESPONSE']._serialized_start=1181
-  _globals['_VERIFYRESPONSE']._serialized_end=1297
-  _globals['_VERIFIER']._serialized_start=1371
-  _globals['_VERIFIER']._serialized_end=1454
+  _globals['_OPENSESSION']._serialized_end=351
+  _globals['_HIDDENSTATE']._serialized_start=353
+  _globals['_HIDDENSTATE']._serialized_end=456
+  _globals['_DRAFTTREE']._serialized_start=458
+  _globals['_DRAFTTREE']._serialized_end=502
+  _globals['_DRAFTDISTRIBUTION']._serialized_start=504
+  _globals['_DRAFTDISTRIBUTION']._serialized_end=568
+  _globals['_ROUND']._serialized_start=571
+  _globals['_ROUND']._serialized_end=732
+  _globals['_VERIFYREQUEST']._serialized_start=734
+  _globals['_VERIFYREQUEST']._serialized_end=838
+  _globals['_SESSIONOPENED']._serialized_start=841
+  _globals['_SESSIONOPENED']._serialized_end=1008
+  _globals['_ROUNDRESULT']._serialized_start=1011
+  _globals['_ROUNDRESULT']._serialized_end=1243
+  _globals['_VERIFYRESPONSE']._serialized_start=1245
+  _globals['_VERIFYRESPONSE']._serialized_end=1361
+  _globals['_VERIFIER']._serialized_start=1435
+  _globals['_VERIFIER']._serialized_end=1518
 # @@protoc_insertion_point(module_scope)

@@ -108,6 +108,8 @@ class OpenSession(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     RETURN_HIDDEN_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    TPOT_SLO_MS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Must name the model this verifier serves."""
     session_id: _builtins.str
@@ -117,6 +119,11 @@ class OpenSession(_message.Message):
     it, such as ReDrafter's recurrent head), in this encoding. Unset (HIDDEN_NONE):
     no hidden state is sent, which is what edges written before this field get.
     """
+    priority: _builtins.int
+    """Scheduling: the request's class (lower first) and its time per output token target
+    in ms (0: none). Same ranges as GenerateRequest's.
+    """
+    tpot_slo_ms: _builtins.float
     @_builtins.property
     def context(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The whole context so far (prompt plus generated tokens). Non-empty."""
@@ -131,10 +138,12 @@ class OpenSession(_message.Message):
         sampling: Global___SamplingParams | None = ...,
         session_id: _builtins.str = ...,
         return_hidden: Global___HiddenEncoding.ValueType = ...,
+        priority: _builtins.int = ...,
+        tpot_slo_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "model", b"model", "return_hidden", b"return_hidden", "sampling", b"sampling", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "model", b"model", "priority", b"priority", "return_hidden", b"return_hidden", "sampling", b"sampling", "session_id", b"session_id", "tpot_slo_ms", b"tpot_slo_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -376,6 +385,7 @@ class RoundResult(_message.Message):
     SERVER_MS_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     HIDDEN_FIELD_NUMBER: _builtins.int
+    SLO_UNREACHABLE_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     bonus_token: _builtins.int
     """One token sampled from the target after the accepted path."""
@@ -385,6 +395,11 @@ class RoundResult(_message.Message):
     """Server-side time for this round (queueing excluded), in milliseconds."""
     batch_size: _builtins.int
     """Target forward passes this round shared with other sessions (batch size)."""
+    slo_unreachable: _builtins.bool
+    """The session is so far behind its tpot_slo_ms that its rounds now wait behind
+    every session that can still make its own (it is not starved: it still runs when
+    the verifier has room). Set on each reply while that holds.
+    """
     @_builtins.property
     def accepted_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Indices into the round's tree of the accepted root-to-node path."""
@@ -411,10 +426,11 @@ class RoundResult(_message.Message):
         server_ms: _builtins.float = ...,
         batch_size: _builtins.int = ...,
         hidden: Global___HiddenState | None = ...,
+        slo_unreachable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden", b"hidden"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_nodes", b"accepted_nodes", "accepted_tokens", b"accepted_tokens", "batch_size", b"batch_size", "bonus_token", b"bonus_token", "hidden", b"hidden", "nodes_verified", b"nodes_verified", "round_id", b"round_id", "server_ms", b"server_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_nodes", b"accepted_nodes", "accepted_tokens", b"accepted_tokens", "batch_size", b"batch_size", "bonus_token", b"bonus_token", "hidden", b"hidden", "nodes_verified", b"nodes_verified", "round_id", b"round_id", "server_ms", b"server_ms", "slo_unreachable", b"slo_unreachable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -155,6 +155,8 @@ def parse_request(body: Mapping[str, object], *, chat: bool, config: HttpConfig)
         model=_first(body, "model", default=""),
         draft=draft_options,
         adaptive_threshold=_first(body, "adaptive_threshold", default=0.0),
+        priority=_first(body, "priority", default=0),
+        tpot_slo_ms=_first(body, "tpot_slo_ms", default=0.0),
     )
     timeout_s = body.get("timeout")
     if timeout_s is None:

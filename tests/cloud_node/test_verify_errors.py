@@ -47,6 +47,8 @@ BAD_OPENS = {
     "bad temperature": (open_msg(sampling=pb.SamplingParams(temperature=-1)), "temperature"),
     "bad top_p": (open_msg(sampling=pb.SamplingParams(top_p=1.5)), "top_p"),
     "bad top_k": (open_msg(sampling=pb.SamplingParams(top_k=VOCAB + 1)), "top_k"),
+    "priority out of range": (open_msg(priority=101), "open.priority: must be in [-100, 100]"),
+    "negative tpot target": (open_msg(tpot_slo_ms=-1), "open.tpot_slo_ms: must be in [0, 60000]"),
 }
 
 BAD_ROUNDS = {

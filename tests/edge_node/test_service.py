@@ -158,3 +158,21 @@ async def test_cancelled_generation_leaves_no_verifier_session(edge, verifier):
         await asyncio.sleep(0.02)
     assert verifier.engine.sessions == {}
     assert edge.runtime.load.active == 0
+
+
+async def test_priority_and_tpot_target_reach_the_verifier(edge, verifier):
+    """The request's scheduling fields cross SDK -> edge -> verifier once each: the
+    verifier's session carries them (its open is wrapped to record, then runs)."""
+    engine, opened = verifier.engine, []
+    real_open = engine.open
+
+    async def recording_open(request):
+        opened.append(request.schedule)
+        return await real_open(request)
+
+    engine.open = recording_open
+    async with client_for(edge) as client:
+        await client.generate(PROMPT, max_tokens=8, priority=-3, tpot_slo_ms=40.0)
+        with pytest.raises(edgecloud.InvalidRequest, match="tpot_slo_ms"):
+            await client.generate(PROMPT, max_tokens=8, tpot_slo_ms=-1.0)
+    assert [(s.priority, s.tpot_slo_ms) for s in opened] == [(-3, 40.0)]
