@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Unpack
 
 from grpc import aio
 
-from edgecloud._client import ClientSettings, health_modules, health_status
+from edgecloud._client import ClientSettings, health_modules, health_status, options_signature
 from protocol.channel import KeepAliveOptions, RetryPolicy, TlsOptions, open_aio_channel
 from protocol.errors import translated_rpc_errors
 from protocol.types import (
     Chunk,
-    DraftOptions,
+    GenerateKwargs,
     GenerateOptions,
     GenerationResult,
     HealthStatus,
-    Mode,
     ModelInfo,
-    ModeName,
     Transcript,
 )
 from protocol.v1 import generation_pb2 as pb
@@ -108,78 +107,29 @@ class AsyncClient:
         )
         self._stub = pb_grpc.GenerationStub(self._channel)
 
+    @options_signature
     async def generate(
         self,
         prompt: str | Sequence[int],
         *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        mode: Mode | ModeName | None = None,
-        stop: str | Sequence[str] | None = None,
-        model: str | None = None,
-        draft: DraftOptions | None = None,
-        adaptive_threshold: float | None = None,
-        priority: int | None = None,
-        tpot_slo_ms: float | None = None,
         timeout: float | None = None,
+        **options: Unpack[GenerateKwargs],
     ) -> GenerationResult:
         """See `Client.generate`."""
-        async with self.stream(
-            prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            mode=mode,
-            stop=stop,
-            model=model,
-            draft=draft,
-            adaptive_threshold=adaptive_threshold,
-            priority=priority,
-            tpot_slo_ms=tpot_slo_ms,
-            timeout=timeout,
-        ) as stream:
+        async with self.stream(prompt, timeout=timeout, **options) as stream:
             return await stream.result()
 
+    @options_signature
     def stream(
         self,
         prompt: str | Sequence[int],
         *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        mode: Mode | ModeName | None = None,
-        stop: str | Sequence[str] | None = None,
-        model: str | None = None,
-        draft: DraftOptions | None = None,
-        adaptive_threshold: float | None = None,
-        priority: int | None = None,
-        tpot_slo_ms: float | None = None,
         timeout: float | None = None,
+        **options: Unpack[GenerateKwargs],
     ) -> AsyncGenerationStream:
         """See `Client.stream`; use as `async for chunk in client.stream(...)`. The request
         is validated here, before the call starts."""
-        options = self._settings.defaults.updated(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            mode=mode,
-            stop=stop,
-            model=model,
-            draft=draft,
-            adaptive_threshold=adaptive_threshold,
-            priority=priority,
-            tpot_slo_ms=tpot_slo_ms,
-        )
-        request = options.request(prompt)
+        request = self._settings.defaults.updated(**options).request(prompt)
         call = self._stub.Generate(
             request, timeout=self._settings.timeout_for(timeout), metadata=self._settings.metadata
         )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Unpack, get_type_hints
 
 from protocol.channel import (
     KeepAliveOptions,
@@ -17,13 +19,11 @@ from protocol.channel import (
 from protocol.errors import InvalidRequest, translated_rpc_errors
 from protocol.types import (
     Chunk,
-    DraftOptions,
+    GenerateKwargs,
     GenerateOptions,
     GenerationResult,
     HealthStatus,
-    Mode,
     ModelInfo,
-    ModeName,
     Transcript,
 )
 from protocol.v1 import generation_pb2 as pb
@@ -37,6 +37,21 @@ RETRIED_SERVICES = (
     pb.DESCRIPTOR.services_by_name["Generation"].full_name,
     "grpc.health.v1.Health",
 )
+
+
+def options_signature(method: Callable) -> Callable:
+    """Shows `GenerateKwargs`' keywords in `method`'s signature (for help() and editors)
+    in place of its `**options`, before `timeout`."""
+    signature = inspect.signature(method)
+    fixed = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    timeout = [p for p in fixed if p.name == "timeout"]
+    keywords = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+        for name, kind in get_type_hints(GenerateKwargs).items()
+    ]
+    parameters = [p for p in fixed if p.name != "timeout"] + keywords + timeout
+    method.__signature__ = signature.replace(parameters=parameters)
+    return method
 
 
 @dataclass(frozen=True)
@@ -208,80 +223,31 @@ class Client:
         )
         self._stub = pb_grpc.GenerationStub(self._channel)
 
+    @options_signature
     def generate(
         self,
         prompt: str | Sequence[int],
         *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        mode: Mode | ModeName | None = None,
-        stop: str | Sequence[str] | None = None,
-        model: str | None = None,
-        draft: DraftOptions | None = None,
-        adaptive_threshold: float | None = None,
-        priority: int | None = None,
-        tpot_slo_ms: float | None = None,
         timeout: float | None = None,
+        **options: Unpack[GenerateKwargs],
     ) -> GenerationResult:
         """Generates from `prompt` (text, or a list of token ids) and returns the whole
         output with its statistics. Parameters left as None come from `defaults`;
         see `GenerateOptions` for their meaning and ranges."""
-        with self.stream(
-            prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            mode=mode,
-            stop=stop,
-            model=model,
-            draft=draft,
-            adaptive_threshold=adaptive_threshold,
-            priority=priority,
-            tpot_slo_ms=tpot_slo_ms,
-            timeout=timeout,
-        ) as stream:
+        with self.stream(prompt, timeout=timeout, **options) as stream:
             return stream.result()
 
+    @options_signature
     def stream(
         self,
         prompt: str | Sequence[int],
         *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        mode: Mode | ModeName | None = None,
-        stop: str | Sequence[str] | None = None,
-        model: str | None = None,
-        draft: DraftOptions | None = None,
-        adaptive_threshold: float | None = None,
-        priority: int | None = None,
-        tpot_slo_ms: float | None = None,
         timeout: float | None = None,
+        **options: Unpack[GenerateKwargs],
     ) -> GenerationStream:
         """Like `generate`, but yields chunks as tokens are produced. The request is
         validated here, before the call starts."""
-        options = self._settings.defaults.updated(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            mode=mode,
-            stop=stop,
-            model=model,
-            draft=draft,
-            adaptive_threshold=adaptive_threshold,
-            priority=priority,
-            tpot_slo_ms=tpot_slo_ms,
-        )
-        request = options.request(prompt)
+        request = self._settings.defaults.updated(**options).request(prompt)
         call = self._stub.Generate(
             request, timeout=self._settings.timeout_for(timeout), metadata=self._settings.metadata
         )

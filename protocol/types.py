@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypedDict
 
 from protocol.errors import InvalidRequest, ServerError
 from protocol.v1 import generation_pb2 as pb
@@ -212,6 +212,25 @@ class GenerateOptions:
 
 
 GenerateOptions.default = GenerateOptions()
+
+
+class GenerateKwargs(TypedDict, total=False):
+    """`GenerateOptions`' fields as keyword arguments of the clients' `generate` and
+    `stream` (None: the client's default). tests/sdk/test_contract.py keeps the two
+    equal."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    mode: Mode | ModeName | None
+    stop: str | Sequence[str] | None
+    model: str | None
+    draft: DraftOptions | None
+    adaptive_threshold: float | None
+    priority: int | None
+    tpot_slo_ms: float | None
 
 
 @dataclass(frozen=True)
