@@ -101,6 +101,8 @@ class RoundOutcome:
     hidden: EncodedHidden | None = None
     # The session is too far behind its tpot_slo_ms: its rounds now go last.
     slo_unreachable: bool = False
+    # A step of the verifier's own decoding (`VerifierEngine.decode`), not a round.
+    decode_step: bool = False
 
 
 @dataclass(eq=False)
@@ -239,7 +241,9 @@ class VerifierEngine:
         self._enqueue(self._rounds, work)
         outcome = await work.future
         session.last_used = time.monotonic()
-        session.pace.record(len(outcome.acceptance.nodes) + 1, session.last_used)
+        # The client has the round's tokens and the unverified ones it sent (adaptive).
+        given = len(request.new_tokens) + len(outcome.acceptance.nodes) + 1
+        session.pace.record(given, session.last_used)
         return outcome
 
     async def decode(self, session: Session, count: int) -> AsyncIterator[RoundOutcome]:
@@ -247,7 +251,9 @@ class VerifierEngine:
         that it shares the next pass with whatever else is waiting (continuous batching).
         A step past the context raises OutOfRange, as a round would; the client ends it
         sooner by cancelling its stream."""
-        step = RoundRequest(new_tokens=(), tree=TokenTree((), ()), draft={}, round_id=0)
+        step = RoundRequest(
+            new_tokens=(), tree=TokenTree((), ()), draft={}, round_id=0, decode_step=True
+        )
         for _ in range(count):
             yield await self.verify(session, step)
 
@@ -347,12 +353,10 @@ class VerifierEngine:
         for session in sessions:
             session.in_pass = True
         start = time.perf_counter()
-        kind = "prefill" if execute == self._prefill else "round"
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, execute, items
             )
-            self.metrics.pass_done(kind, time.perf_counter() - start, results)
         except Exception as exc:  # a failed pass fails its callers, not the loop
             log.exception("forward pass failed")
             results = [exc] * len(items)
@@ -363,6 +367,11 @@ class VerifierEngine:
                 session.last_used = now  # the reaper counts idleness from here
                 if session.closed_reason is not None:  # closed while the pass held it
                     self._free(session)
+        kind = "prefill" if execute == self._prefill else "round"
+        try:
+            self.metrics.pass_done(kind, time.perf_counter() - start, results)
+        except Exception:  # counting must never fail the pass's callers
+            log.exception("counting a pass failed")
         for item, result in zip(items, results, strict=True):
             if isinstance(result, BaseException):
                 self.close(item.session, "its round failed")
@@ -443,7 +452,15 @@ class VerifierEngine:
         return [
             a
             if isinstance(a, Exception)
-            else RoundOutcome(a, w.request.tree.size, server_ms, len(batch), h, w.slo_unreachable)
+            else RoundOutcome(
+                a,
+                w.request.tree.size,
+                server_ms,
+                len(batch),
+                h,
+                slo_unreachable=w.slo_unreachable,
+                decode_step=w.request.decode_step,
+            )
             for a, w, h in zip(outcomes, batch, encoded, strict=True)
         ]
 

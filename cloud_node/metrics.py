@@ -79,8 +79,9 @@ class VerifierMetrics:
         self.totals = {"rounds": 0, "proposed_tokens": 0, "accepted_tokens": 0}
 
     def pass_done(self, kind: str, seconds: float, outcomes: Sequence[object]) -> None:
-        """One forward pass ended; `outcomes` are its items' results (a `RoundOutcome`,
-        or an exception for an item that failed), empty for a prefill chunk."""
+        """One forward pass ended, or failed; `outcomes` are its items' results (a
+        `RoundOutcome`, or an exception for an item that failed; a prefill chunk's is
+        None)."""
         self.passes.labels(kind).inc()
         self.busy.labels(kind).inc(seconds)
         if kind != "round":
@@ -93,7 +94,7 @@ class VerifierMetrics:
 
     def _count(self, outcome: RoundOutcome) -> None:
         self.slo_unreachable.inc(outcome.slo_unreachable)
-        if outcome.nodes_verified == 0:
+        if outcome.decode_step:
             self.decode_steps.inc()
             return
         accepted = len(outcome.acceptance.nodes)

@@ -11,9 +11,11 @@ has been given since: by `due` the client needs its next token. Rounds are taken
 (priority class, due), lowest first. A session that set no target is due
 `BEST_EFFORT_S` after its round arrived, so best-effort work ages and is never
 starved by targeted work that is comfortably ahead. A session more than
-`hopeless_tokens` tokens' worth behind its target cannot make it: its rounds go after
-everyone else's, and the reply says so (`RoundResult.slo_unreachable`), rather than
-letting one lost cause push every other session past its own target.
+`hopeless_tokens` tokens' worth behind its target cannot make it: its rounds are due
+as best-effort rounds are (`BEST_EFFORT_S` after they arrive), behind the sessions that
+can still make theirs but never starved, and the reply says so
+(`RoundResult.slo_unreachable`), rather than letting one lost cause push every other
+session past its own target.
 
 Example: a and b target 50 ms per token; a was paced from t = 0 and has had 10 tokens,
 b from t = 0 with 4 (drafts accepted less often). At t = 0.3 s a is due at 0.55 s (slack
@@ -84,15 +86,19 @@ class Slack:
         self.hopeless_tokens = hopeless_tokens
 
     def order(self, waiting: Sequence[Waiting], now: float) -> list[Waiting]:
-        """By (beyond hope, priority class, due time); marks the ones beyond hope."""
+        """By (priority class, due time); marks the rounds beyond hope, which are due
+        as best effort is (so they still age, and run within `BEST_EFFORT_S`)."""
         for work in waiting:
             target_s = work.pace.schedule.tpot_slo_ms / 1000
             late = now - work.pace.due(work.arrived)
             work.slo_unreachable = bool(target_s) and late > self.hopeless_tokens * target_s
-        return sorted(
-            waiting,
-            key=lambda w: (w.slo_unreachable, w.pace.schedule.priority, w.pace.due(w.arrived)),
-        )
+        return sorted(waiting, key=lambda w: (w.pace.schedule.priority, self.due(w)))
+
+    @staticmethod
+    def due(work: Waiting) -> float:
+        if work.slo_unreachable:
+            return work.arrived + BEST_EFFORT_S
+        return work.pace.due(work.arrived)
 
 
 POLICIES = {policy.name: policy for policy in (Fifo, Slack)}

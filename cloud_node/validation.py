@@ -40,6 +40,8 @@ class RoundRequest:
     round_id: int
     # Tokens the verifier decodes on its own after this round (Round.decode_tokens).
     decode_tokens: int = 0
+    # One of those tokens: made by the engine's `decode`, not sent by the client.
+    decode_step: bool = False
 
 
 def check_tokens(field: str, tokens: Sequence[int], vocab_size: int) -> tuple[int, ...]:

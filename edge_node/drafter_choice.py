@@ -57,7 +57,7 @@ class DrafterChoice:
     probe_rounds: int = 2
     reprobe_every: int = 16
     smoothing: float = 0.3
-    # Sources that draft from the history alone, so may draft ahead (pipelining).
+    # Sources that may draft a round ahead (`DraftSource.pipelines`).
     pipelined: frozenset[str] = frozenset({FALLBACK})
     estimates: dict[str, _Estimate] = field(init=False)
     # Rounds since each candidate last drafted.

@@ -119,10 +119,13 @@ class Generation:
             model.config.eos_token_id,
             tokenizer,
         )
-        # Lossless rounds use the configured sources; every other mode drafts with the SLM.
-        setting = request.draft.drafter if request.mode is Mode.LOSSLESS else FALLBACK
-        self.sources = make_sources(setting, tree=request.draft.tree, head=head)
-        self.choice = DrafterChoice(setting)
+        # Built (and so checked against what this edge offers) in every mode; lossless
+        # rounds use them, every other mode drafts with the SLM.
+        self.sources = make_sources(request.draft.drafter, tree=request.draft.tree, head=head)
+        self.choice = DrafterChoice(
+            request.draft.drafter if request.mode is Mode.LOSSLESS else FALLBACK,
+            pipelined=frozenset(n for n, s in self.sources.items() if s.pipelines),
+        )
         # One shape policy per source: their acceptance and cost per level differ.
         self.policies = {
             name: ShapePolicy(

@@ -129,7 +129,7 @@ class AsyncClient:
     ) -> AsyncGenerationStream:
         """See `Client.stream`; use as `async for chunk in client.stream(...)`. The request
         is validated here, before the call starts."""
-        request = self._settings.defaults.updated(**options).request(prompt)
+        request = self._settings.request(prompt, options)
         call = self._stub.Generate(
             request, timeout=self._settings.timeout_for(timeout), metadata=self._settings.metadata
         )

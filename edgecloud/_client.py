@@ -104,6 +104,14 @@ class ClientSettings:
             "service_config": self.retry.service_config(RETRIED_SERVICES) if self.retry else None,
         }
 
+    def request(self, prompt: str | Sequence[int], options: GenerateKwargs) -> pb.GenerateRequest:
+        """The wire request for `prompt` with `options` over the client's defaults;
+        TypeError for a keyword that is not an option (even one passed as None)."""
+        unknown = sorted(options.keys() - GenerateKwargs.__annotations__.keys())
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+        return self.defaults.updated(**options).request(prompt)
+
     def timeout_for(self, override: float | None) -> float:
         return self.timeout if override is None else checked_timeout(override)
 
@@ -247,7 +255,7 @@ class Client:
     ) -> GenerationStream:
         """Like `generate`, but yields chunks as tokens are produced. The request is
         validated here, before the call starts."""
-        request = self._settings.defaults.updated(**options).request(prompt)
+        request = self._settings.request(prompt, options)
         call = self._stub.Generate(
             request, timeout=self._settings.timeout_for(timeout), metadata=self._settings.metadata
         )

@@ -154,11 +154,17 @@ async def start_server(
         port = server.add_secure_port(address, config.tls.credentials())
     if port == 0:
         raise OSError(f"port: cannot bind {address}")
+    endpoint = None
+    if metrics is not None and config.metrics_port is not None:
+        try:  # before serving, so that a taken port leaves nothing running
+            endpoint = serve_metrics(metrics, config.host, config.metrics_port)
+        except OSError as error:
+            await server.stop(None)
+            raise OSError(
+                f"metrics_port: cannot bind {config.host}:{config.metrics_port} ({error.strerror})"
+            ) from error
     await server.start()
     for name in ("", *names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    endpoint = None
-    if metrics is not None and config.metrics_port is not None:
-        endpoint = serve_metrics(metrics, config.host, config.metrics_port)
     log.info("serving", extra={"address": f"{config.host}:{port}", "services": names})
     return RunningServer(server, port, health, config.grace_s, endpoint)

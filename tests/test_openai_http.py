@@ -333,3 +333,12 @@ async def test_seeds_through_sdk_and_http(servers):
     )
     assert over_http[1].choices[0].token_ids == over_http[2].choices[0].token_ids
     assert over_http[1].choices[0].token_ids == list(cloud.tokens)
+
+
+async def test_server_side_errors_name_their_field_as_param(servers):
+    """A field the edge refuses (not the SDK) still reaches `param`: the model name."""
+    edge, http = servers
+    async with openai_client(http) as client:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.completions.create(model="other-model", prompt=PROMPT, max_tokens=2)
+    assert caught.value.body["param"] == "model"

@@ -236,7 +236,7 @@ def classify(error: Exception) -> tuple[int, str, str | None, str | None]:
     """The one mapping from internal errors to (HTTP status, message, param, code).
     `param` is the field an INVALID_ARGUMENT message starts with ("top_p: must be ..."),
     `code` the gRPC status name."""
-    if isinstance(error, InvalidRequest):
+    if isinstance(error, InvalidRequest) and error.field:  # the SDK's checks name it
         return 400, error.message, error.field, "invalid_argument"
     if isinstance(error, EdgecloudError):
         status = http_status(error.code)

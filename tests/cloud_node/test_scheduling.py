@@ -52,11 +52,15 @@ def test_slack_orders_the_docstring_example():
     # Two tokens given instead of four: 150 ms late is 3 tokens' worth, within 8.
     b.tokens = 2
     assert Slack().order([wa, wb], now=0.3) == [wb, wa] and not wb.slo_unreachable
-    # Behind by more than 8 tokens' worth: after everyone, and flagged.
+    # Behind by more than 8 tokens' worth: flagged, and due as best effort (1 s after
+    # it arrived), so behind a that can still make its target, but never starved.
     assert Slack().order([wb, wa], now=0.3 + 8 * 0.05) == [wa, wb] and wb.slo_unreachable
     # A lower priority class goes first whatever the slack; no target: due 1 s after arrival.
     wc = Work(Pace(Schedule(priority=-1, tpot_slo_ms=0)), arrived=0.29)
     assert Slack().order([wa, wb, wc], now=0.3)[0] is wc
+    # Best effort that arrived long ago goes before a hopeless round that just came.
+    old = Work(Pace(Schedule()), arrived=0.0)
+    assert Slack().order([wb, old], now=0.3 + 8 * 0.05) == [old, wb]
     assert Pace(Schedule()).due(2.0) == 3.0
 
 

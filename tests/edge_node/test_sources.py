@@ -74,6 +74,14 @@ async def test_the_edge_names_the_draft_field_it_does_not_offer(draft, verifier)
             for options, message in cases:
                 with pytest.raises(edgecloud.InvalidRequest, match=message):
                     await client.generate(list(LOOPING), max_tokens=4, draft=options)
+            # Refused in every mode, not only the one that would draft with it.
+            with pytest.raises(edgecloud.InvalidRequest, match="needs a draft head"):
+                await client.generate(
+                    list(LOOPING),
+                    max_tokens=4,
+                    mode="edge_only",
+                    draft=edgecloud.DraftOptions(drafter="head"),
+                )
             # The edge still serves, and a drafter named in the request is used.
             result = await client.generate(
                 list(LOOPING), max_tokens=8, draft=edgecloud.DraftOptions(drafter="ngram")

@@ -139,3 +139,11 @@ def test_sdk_imports_only_grpc_and_protobuf():
             for name in names:
                 top = name.split(".")[0]
                 assert top in allowed, f"{path.relative_to(SDK_DIR.parent)} imports {name}"
+
+
+def test_an_unknown_option_is_a_type_error_even_as_none():
+    """`**options` would otherwise drop a misspelled keyword passed as None."""
+    settings = edgecloud.Client("127.0.0.1:1")._settings
+    with pytest.raises(TypeError, match="max_token"):
+        settings.request([1, 2], {"max_token": None})
+    assert settings.request([1, 2], {"max_tokens": 3}).max_tokens == 3
