@@ -174,9 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device) if args.device else default_device()
     target = load_model(target_dir, device=device)
     draft = load_model(draft_dir, device="cpu", dtype=torch.float32)
-    tokenizer = (
-        Tokenizer.from_dir(target_dir) if (Path(target_dir) / "tokenizer.json").exists() else None
-    )
+    tokenizer = Tokenizer.from_dir(target_dir) if Tokenizer.found_in(target_dir) else None
     prompts = make_prompts(tokenizer, args.requests, target.config.vocab_size, args.seed)
     print(
         f"{STACK}; {args.streams} streams, {args.requests} requests x {args.max_tokens} tokens "

@@ -16,7 +16,7 @@ from lm.tokenizer import Tokenizer
 @dataclass(frozen=True)
 class EdgeModels:
     slm: Transformer
-    tokenizer: Tokenizer | None  # None when the model directory has no tokenizer.json
+    tokenizer: Tokenizer | None  # None when the model has none (Tokenizer.found_in)
     head: DraftHead | None
 
 
@@ -41,6 +41,6 @@ def load_edge_models(
         from edge_node.flash.ffn import load_flash_model
 
         slm = load_flash_model(path, int(flash_budget_mb * 2**20), device=device, dtype=dtype)
-    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+    tokenizer = Tokenizer.from_dir(path) if Tokenizer.found_in(path) else None
     head = None if head_dir is None else load_head(head_dir, device=device, dtype=dtype)
     return EdgeModels(slm, tokenizer, head)

@@ -1,4 +1,5 @@
-"""Load and save `Transformer` weights: Hugging Face directories and llama2.c `.bin` files.
+"""Load and save `Transformer` weights: Hugging Face directories, llama2.c `.bin` files and
+GGUF files (loading only).
 
 Our module names are gpt-fast style; `hf_names` is the single table that maps them to
 Hugging Face LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM names, used both
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from lm.config import ModelConfig
 from lm.device import default_device, default_dtype
 from lm.errors import CheckpointError
+from lm.gguf import read_gguf
 from lm.llama2c import read_llama2c
 from lm.model import Transformer
 
@@ -72,7 +74,8 @@ def load_model(
     """Load a checkpoint into a Transformer in eval mode (its `.config` says what it is).
 
     path: a Hugging Face directory (config.json plus model.safetensors or a sharded
-        model.safetensors.index.json) or a llama2.c `.bin` file.
+        model.safetensors.index.json), a llama2.c `.bin` file or a `.gguf` file (its
+        quantized tensors are dequantized to `dtype`).
     device: default `lm.device.default_device()`; dtype: default `default_dtype(device)`.
     """
     path = Path(path)
@@ -85,9 +88,13 @@ def load_model(
         elif path.suffix == ".bin" and path.is_file():
             config, raw = read_llama2c(path)
             listing, tensors = path, {name: (path, lambda t=t: t) for name, t in raw.items()}
+        elif path.suffix == ".gguf" and path.is_file():
+            config, loaders = read_gguf(path)
+            listing, tensors = path, {name: (path, load) for name, load in loaders.items()}
         elif path.exists():
             raise CheckpointError(
-                f"{path}: expected a Hugging Face model directory or a llama2.c .bin file"
+                f"{path}: expected a Hugging Face model directory, a llama2.c .bin file "
+                "or a .gguf file"
             )
         else:
             raise CheckpointError(f"{path}: no such file or directory")

@@ -1,7 +1,8 @@
 """Text to token ids and back, and streaming detokenisation that never emits half a character.
 
 `Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` loaded from a `tokenizer.json` (the
-format every Llama, Qwen2 and Mistral checkpoint ships, and the one `lm.training.bpe` writes).
+format every Llama, Qwen2 and Mistral checkpoint ships, and the one `lm.training.bpe` writes),
+or built from the vocabulary and merges inside a `.gguf` file (`lm.gguf`).
 
 `IncrementalDetokenizer` turns a growing list of ids into text deltas.  Decoding one token at a
 time is wrong in two ways: a byte-level token can hold part of a UTF-8 character (an emoji is
@@ -26,6 +27,7 @@ from pathlib import Path
 import tokenizers
 
 from lm.errors import CheckpointError
+from lm.gguf import read_gguf_tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -42,6 +44,7 @@ class Tokenizer:
 
     bos_token, eos_token: the special tokens' spellings (as in tokenizer_config.json); when
     None, the first special token spelled like one of BOS_NAMES / EOS_NAMES is used, if any.
+    chat_template: the checkpoint's Jinja chat template, kept as text (nothing renders it yet).
     """
 
     def __init__(
@@ -50,8 +53,10 @@ class Tokenizer:
         *,
         bos_token: str | None = None,
         eos_token: str | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self._inner = inner
+        self.chat_template = chat_template
         self._bos_id = self._special_id("bos_token", bos_token, BOS_NAMES)
         self._eos_id = self._special_id("eos_token", eos_token, EOS_NAMES)
 
@@ -61,10 +66,33 @@ class Tokenizer:
         return cls(_load(Path(path)))
 
     @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """Build the tokenizer a `.gguf` file holds, with its bos/eos and chat template."""
+        found = read_gguf_tokenizer(path)
+        return cls(
+            found.inner,
+            bos_token=found.bos_token,
+            eos_token=found.eos_token,
+            chat_template=found.chat_template,
+        )
+
+    @staticmethod
+    def found_in(path: str | Path) -> bool:
+        """Whether `from_dir(path)` has a tokenizer to load: a model directory with a
+        tokenizer.json, or a `.gguf` file (which always holds one)."""
+        path = Path(path)
+        if path.suffix == ".gguf":
+            return path.is_file()
+        return (path / "tokenizer.json").is_file()
+
+    @classmethod
     def from_dir(cls, directory: str | Path) -> Tokenizer:
-        """Load `directory`/tokenizer.json, with the bos/eos spellings of tokenizer_config.json
-        when that file exists (it is optional)."""
+        """Load `directory`/tokenizer.json, with the bos/eos spellings and chat template of
+        tokenizer_config.json when that file exists (it is optional). A `.gguf` file in
+        place of the directory is read by `from_gguf`."""
         directory = Path(directory)
+        if directory.suffix == ".gguf" and directory.is_file():
+            return cls.from_gguf(directory)
         inner = _load(directory / TOKENIZER_FILE)
         config_path = directory / TOKENIZER_CONFIG_FILE
         if not config_path.is_file():
@@ -73,10 +101,12 @@ class Tokenizer:
             config = json.loads(config_path.read_text(encoding="utf-8"))
             if not isinstance(config, dict):
                 raise ValueError("the top level must be a JSON object")
+            template = config.get("chat_template")
             return cls(
                 inner,
                 bos_token=_token_content(config.get("bos_token")),
                 eos_token=_token_content(config.get("eos_token")),
+                chat_template=template if isinstance(template, str) else None,
             )
         except ValueError as error:  # json.JSONDecodeError is a ValueError
             raise CheckpointError(f"{config_path}: {error}") from error

@@ -165,8 +165,7 @@ async def record_with(args: argparse.Namespace, target: str, token, tls, key):
     prompts, source = load_prompts(args, RECORDED_PROMPTS)
     prompts = prompts[:RECORDED_PROMPTS]
     if any(isinstance(p, str) for p in prompts):
-        tokenizer_file = Path(args.record_with) / "tokenizer.json"
-        if not tokenizer_file.exists():
+        if not Tokenizer.found_in(args.record_with):
             raise UsageError("--record-with: the draft has no tokenizer; give token-id --prompts")
         tokenizer = Tokenizer.from_dir(args.record_with)
         prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]

