@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import os
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -162,10 +164,25 @@ def run_up(args: argparse.Namespace) -> int:
         insecure_no_auth=args.insecure_no_auth,
     )
 
+    check_ports_free(
+        args.host,
+        {"--port": args.port, "--http-port": args.http_port, "--metrics-port": args.metrics_port},
+    )
+
     async def main() -> None:
+        # SIGTERM and Ctrl-C end the wait below; everything started is stopped in order.
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signals() -> None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stopping.set)
+
+        on_signals()
         stack = Stack(config, progress)
         try:
             await stack.start()
+            on_signals()  # again: starting Ray installs its own handlers over ours
             STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
             state = {
                 "redis_url": stack.redis_url,
@@ -181,15 +198,33 @@ def run_up(args: argparse.Namespace) -> int:
                 print(f"OpenAI-compatible HTTP on {stack.http.url}/v1", flush=True)
             if token is None and stack.client_token:
                 print(f"client token: {stack.client_token}", flush=True)
-            await stack.gateway.wait()
+            stopped = asyncio.ensure_future(stopping.wait())
+            # Not cancelled when a signal comes: grpc's termination wait shares the
+            # server's shutdown, which the drain below completes.
+            served = asyncio.ensure_future(stack.gateway.wait())
+            await asyncio.wait({stopped, served}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
         finally:
+            progress("stopping")
             await stack.stop()
+            STATE_FILE.unlink(missing_ok=True)
 
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        progress("stopped")
+    asyncio.run(main())
+    progress("stopped")
     return 0
+
+
+def check_ports_free(host: str, ports: dict[str, int | None]) -> None:
+    """UsageError naming the flag whose port is taken, before anything starts."""
+    for flag, port in ports.items():
+        if not port:  # None: not served; 0: any free port
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise UsageError(f"{flag}: {host}:{port} is taken ({exc.strerror})") from None
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -263,6 +298,11 @@ def run_status(args: argparse.Namespace) -> int:
 
     url = args.redis_url
     if url is None:
+        if not STATE_FILE.exists():
+            raise UsageError(
+                f"no `edgecloud up` is running here ({STATE_FILE} is absent); for a stack "
+                "started elsewhere, give its --redis-url"
+            )
         try:
             url = json.loads(STATE_FILE.read_text())["redis_url"]
         except (OSError, ValueError, KeyError) as exc:

@@ -1,0 +1,81 @@
+"""`edgecloud up` owns what it starts: SIGTERM and Ctrl-C (SIGINT) stop the gateway, the
+actors, Ray and its private Redis, and remove the state file; a taken port is refused
+before anything starts. Real processes: the CLI in a subprocess, its Redis, local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.processes import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+pytestmark = pytest.mark.slow
+
+
+def accepts(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_everything_up_started(tmp_path, sig):
+    state = tmp_path / "up.json"
+    up = ServerProcess(
+        ["up", "--port", "0", "--insecure-no-auth", "--edges", "1", "--verifiers", "1"],
+        timeout=180,
+        log_path=tmp_path / "up.log",
+        env={"EDGECLOUD_STATE": str(state)},
+        listening=re.compile(r"gateway listening on [\w.\-]+:(\d+)"),
+    )
+    redis_port = int(json.loads(state.read_text())["redis_url"].rsplit(":", 1)[1].split("/")[0])
+    assert accepts(redis_port) and accepts(up.port)
+    up.proc.send_signal(sig)
+    assert up.proc.wait(90) == 0, (tmp_path / "up.log").read_text()
+    log = (tmp_path / "up.log").read_text()
+    assert "Traceback" not in log and "never awaited" not in log, log
+    assert not state.exists()
+    deadline = time.monotonic() + 10
+    while accepts(redis_port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not accepts(redis_port), "the private redis-server outlived `edgecloud up`"
+    status = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "status"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "EDGECLOUD_STATE": str(state)},
+        timeout=60,
+    )
+    assert status.returncode == 2 and "no `edgecloud up` is running" in status.stderr
+
+
+def test_a_taken_port_is_refused_before_anything_starts(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "up", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "EDGECLOUD_STATE": str(tmp_path / "up.json")},
+            timeout=60,
+        )
+    assert done.returncode == 2
+    assert f"--port: 127.0.0.1:{port} is taken" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - start < 20  # no Redis, Ray or actors were started first
+    assert not (tmp_path / "up.json").exists()
