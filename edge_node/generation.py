@@ -41,7 +41,7 @@ from edge_node.drafters import Draft, DraftContext, DraftShape
 from edge_node.drafters.head import HeadSource
 from edge_node.drafters.sources import FALLBACK, make_sources
 from edge_node.modes import MODES
-from edge_node.output import Output
+from edge_node.output import Output, stop_ids
 from edge_node.policy import ShapePolicy
 from edge_node.slm import EdgeLM
 from edge_node.types import GenerationRequest
@@ -116,7 +116,7 @@ class Generation:
             request.prompt_tokens,
             request.max_tokens,
             request.stop,
-            model.config.eos_token_id,
+            stop_ids(model.config.eos_token_id, tokenizer),
             tokenizer,
         )
         # Built (and so checked against what this edge offers) in every mode; lossless

@@ -1,9 +1,9 @@
 """The output side of a generation: limits, stop conditions, text, rollbacks.
 
 Every token the client sees goes through `Output.emit`, which cuts at `max_tokens`,
-the end-of-sequence token and stop strings, and detokenises incrementally (never
-splitting a UTF-8 character). `rollback` undoes unverified tokens when the cloud
-corrects them; the client applies the same `Rollback` to its text.
+the model's end-of-sequence and end-of-turn tokens and stop strings, and detokenises
+incrementally (never splitting a UTF-8 character). `rollback` undoes unverified
+tokens when the cloud corrects them; the client applies the same `Rollback` to its text.
 """
 
 from __future__ import annotations
@@ -14,18 +14,26 @@ from lm.tokenizer import IncrementalDetokenizer, Tokenizer
 from protocol.types import Chunk, FinishReason, Rollback
 
 
+def stop_ids(eos_id: int | None, tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    """The ids that end a generation: the model config's end-of-sequence token and
+    the tokenizer's (`Tokenizer.stop_ids`: eos and end-of-turn tokens)."""
+    found = [] if eos_id is None else [eos_id]
+    return tuple(dict.fromkeys([*found, *(tokenizer.stop_ids if tokenizer else ())]))
+
+
 class Output:
     def __init__(
         self,
         prompt: Sequence[int],
         max_tokens: int,
         stop: Sequence[str] = (),
-        eos_id: int | None = None,
+        eos_ids: Sequence[int] = (),
         tokenizer: Tokenizer | None = None,
     ) -> None:
+        """`eos_ids`: every token that ends the output (not included in it)."""
         self.max_tokens = max_tokens
         self.stop = tuple(stop)
-        self.eos_id = eos_id
+        self.eos_ids = frozenset(eos_ids)
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: FinishReason | None = None
@@ -39,8 +47,9 @@ class Output:
         self, tokens: Sequence[int], verified: bool, rollback: Rollback | None = None
     ) -> Chunk:
         tokens = list(tokens[: self.max_tokens - len(self.tokens)])
-        if self.eos_id is not None and self.eos_id in tokens:
-            tokens = tokens[: tokens.index(self.eos_id)]
+        end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
+        if end is not None:
+            tokens = tokens[:end]
             self.finish_reason = FinishReason.STOP
         delta = self._detok.push(tokens) if self._detok else ""
         if self.finish_reason and self._detok:

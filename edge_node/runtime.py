@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+
+import jinja2
 
 from edge_node.cloud_link import CloudLink
 from edge_node.drafters.sources import make_sources
@@ -100,9 +102,13 @@ class EdgeRuntime:
             raise InvalidRequest(
                 f"model: this edge serves {self.config.model_name!r}, got {msg.model!r}"
             )
-        if msg.prompt and self.tokenizer is None:
-            raise InvalidRequest("prompt: this model has no tokenizer; send prompt_tokens")
-        prompt = tuple(self.tokenizer.encode(msg.prompt) if msg.prompt else msg.prompt_tokens)
+        if (msg.prompt or msg.messages) and self.tokenizer is None:
+            field = "prompt" if msg.prompt else "messages"
+            raise InvalidRequest(f"{field}: this model has no tokenizer; send prompt_tokens")
+        if msg.messages:
+            prompt = self._chat_prompt(msg.messages)
+        else:
+            prompt = tuple(self.tokenizer.encode(msg.prompt) if msg.prompt else msg.prompt_tokens)
         if not prompt:
             raise InvalidRequest("prompt: encodes to no tokens")
         # Drafting needs cache room past the history: one round's tree, and the next
@@ -145,6 +151,15 @@ class EdgeRuntime:
             timeout_s=timeout_s,
             request_id=request_id,
         )
+
+    def _chat_prompt(self, messages: Sequence[gpb.ChatMessage]) -> tuple[int, ...]:
+        """The tokenizer's chat template rendered for `messages`; a template's own refusal
+        (raise_exception: "roles must alternate", ...) is the client's error."""
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            return tuple(self.tokenizer.chat_prompt_ids(chat))
+        except jinja2.TemplateError as error:
+            raise InvalidRequest(f"messages: the chat template refused them: {error}") from None
 
     def models(self) -> list[gpb.ModelInfo]:
         """What this edge serves, for ListModels and the HTTP front's /v1/models."""

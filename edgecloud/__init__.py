@@ -18,6 +18,7 @@ from protocol.errors import (
     Unavailable,
 )
 from protocol.types import (
+    ChatMessage,
     Chunk,
     DraftOptions,
     FinishReason,
@@ -33,6 +34,7 @@ from protocol.types import (
 __all__ = [
     "AsyncClient",
     "AsyncGenerationStream",
+    "ChatMessage",
     "Chunk",
     "Client",
     "DeadlineExceeded",

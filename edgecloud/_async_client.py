@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Unpack
 
 from grpc import aio
@@ -17,6 +16,7 @@ from protocol.types import (
     GenerationResult,
     HealthStatus,
     ModelInfo,
+    Prompt,
     Transcript,
 )
 from protocol.v1 import generation_pb2 as pb
@@ -110,7 +110,7 @@ class AsyncClient:
     @options_signature
     async def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         timeout: float | None = None,
         **options: Unpack[GenerateKwargs],
@@ -122,7 +122,7 @@ class AsyncClient:
     @options_signature
     def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         timeout: float | None = None,
         **options: Unpack[GenerateKwargs],

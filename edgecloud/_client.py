@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Unpack, get_type_hints
@@ -24,6 +24,7 @@ from protocol.types import (
     GenerationResult,
     HealthStatus,
     ModelInfo,
+    Prompt,
     Transcript,
 )
 from protocol.v1 import generation_pb2 as pb
@@ -104,7 +105,7 @@ class ClientSettings:
             "service_config": self.retry.service_config(RETRIED_SERVICES) if self.retry else None,
         }
 
-    def request(self, prompt: str | Sequence[int], options: GenerateKwargs) -> pb.GenerateRequest:
+    def request(self, prompt: Prompt, options: GenerateKwargs) -> pb.GenerateRequest:
         """The wire request for `prompt` with `options` over the client's defaults;
         TypeError for a keyword that is not an option (even one passed as None)."""
         unknown = sorted(options.keys() - GenerateKwargs.__annotations__.keys())
@@ -234,13 +235,15 @@ class Client:
     @options_signature
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         timeout: float | None = None,
         **options: Unpack[GenerateKwargs],
     ) -> GenerationResult:
-        """Generates from `prompt` (text, or a list of token ids) and returns the whole
-        output with its statistics. Parameters left as None come from `defaults`;
+        """Generates from `prompt` and returns the whole output with its statistics.
+        `prompt` is text, a list of token ids, or a chat: a list of `ChatMessage`s or
+        {"role", "content"} dicts, which the edge renders with its model's chat template
+        (ending in an open assistant turn). Parameters left as None come from `defaults`;
         see `GenerateOptions` for their meaning and ranges."""
         with self.stream(prompt, timeout=timeout, **options) as stream:
             return stream.result()
@@ -248,7 +251,7 @@ class Client:
     @options_signature
     def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         timeout: float | None = None,
         **options: Unpack[GenerateKwargs],

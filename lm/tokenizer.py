@@ -21,11 +21,12 @@ return "", "", "" and then "🙂"; nothing ever contains U+FFFD.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import tokenizers
 
+from lm.chat import plain_chat_prompt, render_chat_template
 from lm.errors import CheckpointError
 from lm.gguf import read_gguf_tokenizer
 
@@ -34,6 +35,9 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # Special-token spellings of the common model families, tried when no config names them.
 BOS_NAMES = ("<|bos|>", "<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>", "[BOS]")
 EOS_NAMES = ("<|eos|>", "</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]")
+# Special tokens that close a chat turn (ChatML, Llama 3, Phi-3, Gemma): generation stops
+# on them as on the end-of-sequence token.
+END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
 # Prompt tokens decoded before the first generated one, as context for its leading space.
 PROMPT_CONTEXT_TOKENS = 5
 REPLACEMENT_CHAR = "\ufffd"
@@ -44,7 +48,7 @@ class Tokenizer:
 
     bos_token, eos_token: the special tokens' spellings (as in tokenizer_config.json); when
     None, the first special token spelled like one of BOS_NAMES / EOS_NAMES is used, if any.
-    chat_template: the checkpoint's Jinja chat template, kept as text (nothing renders it yet).
+    chat_template: the checkpoint's Jinja chat template, rendered by `chat_prompt_ids`.
     """
 
     def __init__(
@@ -59,6 +63,13 @@ class Tokenizer:
         self.chat_template = chat_template
         self._bos_id = self._special_id("bos_token", bos_token, BOS_NAMES)
         self._eos_id = self._special_id("eos_token", eos_token, EOS_NAMES)
+        # What a chat template sees: the spellings the checkpoint names (as transformers'
+        # special_tokens_map), not the ones guessed from BOS_NAMES / EOS_NAMES.
+        self._template_tokens = {
+            name: token
+            for name, token in (("bos_token", bos_token), ("eos_token", eos_token))
+            if token is not None
+        }
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -123,6 +134,33 @@ class Tokenizer:
     @property
     def eos_id(self) -> int | None:
         return self._eos_id
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: the end-of-sequence token, then every special token
+        spelled like an end of sequence or of a chat turn (EOS_NAMES, END_OF_TURN_NAMES).
+        SmolLM2's ChatML: (2, 0) for <|im_end|> (its eos) and <|endoftext|>."""
+        special = {
+            added.content: token_id
+            for token_id, added in self._inner.get_added_tokens_decoder().items()
+            if added.special
+        }
+        found = [special[n] for n in (*END_OF_TURN_NAMES, *EOS_NAMES) if n in special]
+        first = [] if self._eos_id is None else [self._eos_id]
+        return tuple(dict.fromkeys([*first, *found]))
+
+    def chat_prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """The prompt for a chat ({"role", "content"} dicts) with an open assistant turn:
+        the chat template rendered as transformers' `apply_chat_template(messages,
+        add_generation_prompt=True)` and encoded as it does (no special tokens added: the
+        template writes them); without a template, `plain_chat_prompt`'s text, encoded as
+        any text prompt."""
+        if self.chat_template is None:
+            return self.encode(plain_chat_prompt(messages))
+        text = render_chat_template(
+            self.chat_template, messages, add_generation_prompt=True, **self._template_tokens
+        )
+        return self.encode(text, add_special_tokens=False)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; add_special_tokens runs the tokenizer's post-processor (which

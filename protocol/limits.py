@@ -18,3 +18,7 @@ MAX_PRIORITY = 100
 MAX_TPOT_SLO_MS = 60_000.0
 MAX_DRAFT_WIDTH = 16
 MAX_DRAFT_DEPTH = 32
+# Chat requests: the roles a message may have, how many messages, how long each.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_CHAT_MESSAGES = 256
+MAX_MESSAGE_CHARS = 1 << 20

@@ -8,7 +8,7 @@ servers convert them to protos with the same functions the SDK reads them back w
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, Literal, TypedDict
@@ -18,6 +18,7 @@ from protocol.v1 import generation_pb2 as pb
 from protocol.validation import check_draft, check_generation, check_prompt
 
 ModeName = Literal["lossless", "adaptive", "edge_only", "cloud_only"]
+ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class Mode(StrEnum):
@@ -100,6 +101,38 @@ DraftOptions.default = DraftOptions()
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a chat. A list of them (or of {"role", "content"} dicts) given as a
+    prompt is rendered by the edge with its model's chat template, followed by an open
+    assistant turn."""
+
+    role: ChatRole | str
+    content: str
+
+    @classmethod
+    def of(cls, message: ChatMessage | Mapping[str, object], i: int) -> ChatMessage:
+        """`message`, or a {"role", "content"} mapping as one; `i` its index, for errors."""
+        if isinstance(message, ChatMessage):
+            return message
+        if not isinstance(message, Mapping):
+            raise InvalidRequest(
+                f"messages[{i}]: must be a ChatMessage or a {{'role', 'content'}} dict, "
+                f"got {message!r}",
+                field=f"messages[{i}]",
+            )
+        extra = sorted(set(message) - {"role", "content"})
+        if extra:
+            raise InvalidRequest(
+                f"messages[{i}]: allowed keys are role and content, got {extra}",
+                field=f"messages[{i}]",
+            )
+        return cls(role=message.get("role"), content=message.get("content"))
+
+    def to_proto(self) -> pb.ChatMessage:
+        return pb.ChatMessage(role=self.role, content=self.content)
+
+
+@dataclass(frozen=True)
 class Schedule:
     """How the verifier orders a session's rounds against others' (its validated
     `priority` and `tpot_slo_ms`, as they travel from the edge to the verifier)."""
@@ -179,21 +212,29 @@ class GenerateOptions:
         """A copy with the changes that are not None (None means "keep mine")."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def request(self, prompt: str | Sequence[int]) -> pb.GenerateRequest:
-        """The wire request for `prompt`: text, or token ids (sent as prompt_tokens)."""
+    def request(self, prompt: Prompt) -> pb.GenerateRequest:
+        """The wire request for `prompt`: text, token ids (sent as prompt_tokens), or a
+        chat, a list of `ChatMessage`s or {"role", "content"} dicts (sent as messages)."""
+        text, tokens, messages = "", (), ()
         if isinstance(prompt, str):
-            text, tokens = prompt, ()
+            text = prompt
         elif isinstance(prompt, Iterable) and not isinstance(prompt, (bytes, bytearray)):
-            text, tokens = "", tuple(prompt)
+            items = tuple(prompt)
+            if items and isinstance(items[0], (ChatMessage, Mapping)):
+                messages = tuple(ChatMessage.of(m, i) for i, m in enumerate(items))
+            else:
+                tokens = items
         else:
             raise InvalidRequest(
-                f"prompt: must be a str or a sequence of token ids, got {type(prompt).__name__}",
+                "prompt: must be a str, a sequence of token ids or a list of chat messages, "
+                f"got {type(prompt).__name__}",
                 field="prompt",
             )
-        check_prompt(text, tokens)
+        check_prompt(text, tokens, messages)
         req = pb.GenerateRequest(
             prompt=text,
             prompt_tokens=[int(t) for t in tokens],
+            messages=[m.to_proto() for m in messages],
             model=self.model,
             max_tokens=self.max_tokens,
             temperature=self.temperature,
@@ -212,6 +253,8 @@ class GenerateOptions:
 
 
 GenerateOptions.default = GenerateOptions()
+# What `generate` and `stream` take: text, token ids, or a chat.
+Prompt = str | Sequence[int] | Sequence[ChatMessage | Mapping[str, str]]
 
 
 class GenerateKwargs(TypedDict, total=False):

@@ -18,9 +18,12 @@ from collections.abc import Sequence
 
 from protocol.errors import InvalidRequest
 from protocol.limits import (
+    CHAT_ROLES,
     INT32_MAX,
+    MAX_CHAT_MESSAGES,
     MAX_DRAFT_DEPTH,
     MAX_DRAFT_WIDTH,
+    MAX_MESSAGE_CHARS,
     MAX_NAME_CHARS,
     MAX_PRIORITY,
     MAX_STOP_CHARS,
@@ -43,7 +46,7 @@ def validate_generate_request(
     `vocab_size` and `max_context` are the serving model's, when known: they tighten
     the bounds of top_k and the prompt token ids (< vocab_size) and of max_tokens.
     """
-    check_prompt(req.prompt, req.prompt_tokens, vocab_size=vocab_size)
+    check_prompt(req.prompt, req.prompt_tokens, req.messages, vocab_size=vocab_size)
     check_generation(
         max_tokens=req.max_tokens,
         temperature=req.temperature,
@@ -62,24 +65,57 @@ def validate_generate_request(
 
 
 def check_prompt(
-    prompt: str, prompt_tokens: Sequence[int], *, vocab_size: int | None = None
+    prompt: str,
+    prompt_tokens: Sequence[int],
+    messages: Sequence[object] = (),
+    *,
+    vocab_size: int | None = None,
 ) -> None:
-    """Exactly one of `prompt` (text) and `prompt_tokens` (ids) is non-empty."""
+    """Exactly one of `prompt` (text), `prompt_tokens` (ids) and `messages` (a chat:
+    objects with `role` and `content`, the proto's or `types.ChatMessage`) is non-empty."""
     _check_model_limit("vocab_size", vocab_size)
     if not isinstance(prompt, str):
         raise InvalidRequest(
             f"prompt: must be a string, got {type(prompt).__name__}", field="prompt"
         )
-    if bool(prompt) == bool(len(prompt_tokens)):
-        got = "both" if prompt else "neither"
+    given = [bool(prompt), bool(len(prompt_tokens)), bool(len(messages))]
+    if sum(given) != 1:
+        got = "none" if not any(given) else "more than one"
         raise InvalidRequest(
-            f"prompt: exactly one of prompt and prompt_tokens must be non-empty, got {got}",
+            "prompt: exactly one of prompt, prompt_tokens and messages must be non-empty, "
+            f"got {got}",
             field="prompt",
         )
     high = INT32_MAX if vocab_size is None else vocab_size - 1
     shown = None if vocab_size is None else f"[0, {vocab_size})"
     for i, token in enumerate(prompt_tokens):
         _check_int(f"prompt_tokens[{i}]", token, 0, high, shown=shown)
+    check_messages(messages)
+
+
+def check_messages(messages: Sequence[object]) -> None:
+    """At most MAX_CHAT_MESSAGES, each with a role of CHAT_ROLES and a string content of
+    at most MAX_MESSAGE_CHARS characters (empty allowed)."""
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise InvalidRequest(
+            f"messages: at most {MAX_CHAT_MESSAGES} messages, got {len(messages)}",
+            field="messages",
+        )
+    for i, message in enumerate(messages):
+        role = getattr(message, "role", None)
+        if role not in CHAT_ROLES:
+            raise InvalidRequest(
+                f"messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
+                field=f"messages[{i}].role",
+            )
+        content = getattr(message, "content", None)
+        if not isinstance(content, str) or len(content) > MAX_MESSAGE_CHARS:
+            shown = f"{len(content)} characters" if isinstance(content, str) else repr(content)
+            raise InvalidRequest(
+                f"messages[{i}].content: must be a string of at most {MAX_MESSAGE_CHARS} "
+                f"characters, got {shown}",
+                field=f"messages[{i}].content",
+            )
 
 
 def check_generation(

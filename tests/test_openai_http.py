@@ -6,20 +6,25 @@ and, for rollbacks (which only an outage makes), a scripted chunk stream."""
 from __future__ import annotations
 
 import asyncio
+import json
 
+import grpc
 import openai
 import pytest
 
 import edgecloud
 from edge_node.http import start_edge_http
 from edge_node.server import start_edge_server
+from lm.chat import plain_chat_prompt, render_chat_template
 from lm.tokenizer import Tokenizer
-from lm.training.bpe import train_bpe
+from lm.training.bpe import save_tokenizer, train_bpe
+from protocol.channel import bearer_metadata
 from protocol.errors import Unavailable
 from protocol.v1 import generation_pb2 as gpb
+from protocol.v1 import generation_pb2_grpc
 from serving.auth import AuthConfig
 from serving.http.app import create_app
-from serving.http.schema import HttpConfig, chat_prompt
+from serving.http.schema import HttpConfig
 from serving.http.server import start_http_server
 from serving.server import ServerConfig
 from tests.edge_node.conftest import draft, make_runtime, verifier  # noqa: F401 (fixtures)
@@ -124,7 +129,13 @@ async def test_text_prompt_and_chat(servers):
         {"role": "system", "content": "Write Python."},
         {"role": "user", "content": [{"type": "text", "text": "def add(a, b):"}]},
     ]
-    prompt = chat_prompt(messages)
+    # The tokenizer has no chat template: the edge writes "Role: content" turns.
+    prompt = plain_chat_prompt(
+        [
+            {"role": "system", "content": "Write Python."},
+            {"role": "user", "content": "def add(a, b):"},
+        ]
+    )
     assert prompt == "System: Write Python.\n\nUser: def add(a, b):\n\nAssistant:"
     async with openai_client(http) as client:
         completion = await client.completions.create(
@@ -139,7 +150,15 @@ async def test_text_prompt_and_chat(servers):
         chunks = [chunk async for chunk in stream]
     async with sdk_client(edge) as sdk:
         grpc_result = await sdk.generate(prompt, max_tokens=12)
+        sdk_chat = await sdk.generate(
+            [
+                edgecloud.ChatMessage("system", "Write Python."),
+                messages[1] | {"content": "def add(a, b):"},
+            ],
+            max_tokens=12,
+        )
 
+    assert sdk_chat.tokens == grpc_result.tokens
     assert completion.choices[0].text == grpc_result.text
     assert chat.choices[0].message.content == grpc_result.text
     assert chat.choices[0].message.role == "assistant" and chat.object == "chat.completion"
@@ -148,6 +167,72 @@ async def test_text_prompt_and_chat(servers):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == grpc_result.text
     assert chunks[-1].choices[0].finish_reason == "length" and "tau" in chunks[-1].edgecloud
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|bos|>' + message['role'] + '\\n' + message['content']"
+    " + '<|eos|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|bos|>assistant\\n' }}{% endif %}"
+)
+
+
+async def test_chat_is_rendered_with_the_models_template(servers, tmp_path):
+    """A tokenizer_config.json with a chat_template next to the tokenizer: the edge
+    receives the template's encoding, through the SDK and /v1/chat/completions alike."""
+    edge, http = servers
+    save_tokenizer(train_bpe(CODE_LINES, vocab_size=300), tmp_path, max_length=512)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": CHATML}))
+    templated = Tokenizer.from_dir(tmp_path)
+    runtime = edge.runtime
+    runtime.tokenizer = templated
+    received = []
+    parse = runtime.request_from_proto
+
+    def spy(msg, *args, **kwargs):
+        request = parse(msg, *args, **kwargs)
+        received.append(request.prompt_tokens)
+        return request
+
+    runtime.request_from_proto = spy
+    messages = [
+        {"role": "system", "content": "Write Python."},
+        {"role": "user", "content": "def add(a, b):"},
+    ]
+    text = render_chat_template(CHATML, messages, add_generation_prompt=True)
+    assert text.endswith("<|bos|>assistant\n")
+    expected = tuple(templated.encode(text, add_special_tokens=False))
+    async with sdk_client(edge) as sdk:
+        sdk_chat = await sdk.generate(messages, max_tokens=12)
+        by_tokens = await sdk.generate(list(expected), max_tokens=12)
+    async with openai_client(http) as client:
+        chat = await client.chat.completions.create(
+            model=MODEL_NAME, messages=messages, max_tokens=12, temperature=0
+        )
+    assert received == [expected] * 3
+    assert sdk_chat.tokens == by_tokens.tokens == tuple(chat.choices[0].token_ids)
+    assert chat.usage.prompt_tokens == sdk_chat.stats.prompt_tokens == len(expected)
+
+
+async def test_bad_chat_role_is_invalid_argument_naming_it(servers):
+    edge, http = servers
+    messages = [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]
+    async with openai_client(http) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model=MODEL_NAME, messages=messages)
+    assert caught.value.body["param"] == "messages[1].role"
+    request = gpb.GenerateRequest(
+        messages=[gpb.ChatMessage(role="user", content="hi"), gpb.ChatMessage(role="robot")],
+        max_tokens=4,
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{edge.port}")
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as via_grpc:
+        async for _ in stub.Generate(request, metadata=bearer_metadata(CLIENT_TOKEN)):
+            pass
+    await channel.close()
+    assert via_grpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert via_grpc.value.details().startswith("messages[1].role: must be one of")
 
 
 async def test_models_are_listed(servers):
@@ -212,7 +297,7 @@ async def test_unsupported_openai_options_and_bad_bodies(servers):
         assert caught.value.body["message"] == "n: this server supports only null or 1, got 2"
         with pytest.raises(openai.BadRequestError, match=r"messages\[0\].role"):
             await client.chat.completions.create(
-                model=MODEL_NAME, messages=[{"role": "tool", "content": "x"}]
+                model=MODEL_NAME, messages=[{"role": "function", "content": "x"}]
             )
         with pytest.raises(openai.BadRequestError, match="draft: allowed fields"):
             await client.completions.create(

@@ -84,7 +84,9 @@ def test_field_numbers_are_stable():
             "stop": 10,
             "draft": 11,
             "adaptive_threshold": 12,
+            "messages": 15,
         },
+        generation_pb2.ChatMessage: {"role": 1, "content": 2},
         generation_pb2.GenerationStats: {"failovers": 11, "rollbacks": 15, "head_rounds": 16},
         generation_pb2.GenerateChunk: {
             "text": 1,

@@ -113,6 +113,31 @@ class DraftOptions(_message.Message):
 Global___DraftOptions: _TypeAlias = DraftOptions  # noqa: Y015
 
 @_typing.final
+class ChatMessage(_message.Message):
+    """One turn of a chat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """"system", "developer", "user", "assistant" or "tool"."""
+    content: _builtins.str
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
 class GenerateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -130,8 +155,9 @@ class GenerateRequest(_message.Message):
     ADAPTIVE_THRESHOLD_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     TPOT_SLO_MS_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
-    """Text prompt. Exactly one of prompt and prompt_tokens must be set."""
+    """Text prompt. Exactly one of prompt, prompt_tokens and messages must be set."""
     model: _builtins.str
     """Model name; empty means the server's default."""
     max_tokens: _builtins.int
@@ -166,6 +192,13 @@ class GenerateRequest(_message.Message):
 
     @_builtins.property
     def draft(self) -> Global___DraftOptions: ...
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """A chat, rendered by the edge with its model's chat template (a model without one:
+        "Role: content" turns) and an open assistant turn. At most 256 messages, each at
+        most 1048576 characters.
+        """
+
     def __init__(
         self,
         *,
@@ -183,10 +216,11 @@ class GenerateRequest(_message.Message):
         adaptive_threshold: _builtins.float = ...,
         priority: _builtins.int = ...,
         tpot_slo_ms: _builtins.float = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "draft", b"draft", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "adaptive_threshold", b"adaptive_threshold", "draft", b"draft", "max_tokens", b"max_tokens", "mode", b"mode", "model", b"model", "priority", b"priority", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "tpot_slo_ms", b"tpot_slo_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "adaptive_threshold", b"adaptive_threshold", "draft", b"draft", "max_tokens", b"max_tokens", "messages", b"messages", "mode", b"mode", "model", b"model", "priority", b"priority", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "tpot_slo_ms", b"tpot_slo_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015

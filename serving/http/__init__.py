@@ -16,7 +16,8 @@ gRPC answer a bad field with the same message:
 |-----------------------|---------------------------------------------------------------|
 | prompt                | a string, or a list of token ids (models without a tokenizer);|
 |                       | a list of one of either; more prompts than one: 400           |
-| messages (chat)       | joined into one prompt by `schema.chat_prompt`                |
+| messages (chat)       | sent as `messages`; the edge renders its model's chat template|
+|                       | (`lm.chat`; without one, "Role: content" turns)               |
 | max_tokens            | default 16 (completions, as OpenAI); chat also reads          |
 |                       | max_completion_tokens, default CHAT_MAX_TOKENS                |
 | temperature           | default 1.0 as OpenAI (sampling); 0 is greedy, the only       |

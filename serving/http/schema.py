@@ -47,7 +47,6 @@ ERROR_TYPES = {
     404: "not_found_error",
     429: "rate_limit_error",
 }  # any other status: "server_error"
-CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 
 
@@ -78,29 +77,20 @@ class OpenAIRequest:
     timeout_s: float | None
 
 
-def chat_prompt(messages: object) -> str:
-    """The prompt for a chat: the demo models are code models without a chat template,
-    so every message becomes "<Role>: <content>" (roles System, User, Assistant;
-    "developer" is System), messages are separated by a blank line, and "Assistant:"
-    closes the prompt for the model to continue.
-
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    -> "System: Be brief.\\n\\nUser: Hi\\n\\nAssistant:"
-    """
+def chat_messages(messages: object) -> list[dict[str, object]]:
+    """OpenAI's chat messages as the protocol's {"role", "content"}: content given as a
+    list of {"type": "text", "text"} parts is joined, null is "". The edge renders them
+    with its model's chat template (`lm.chat`); roles are checked with the SDK's rule."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest(
             f"messages: must be a non-empty list of messages, got {messages!r}", field="messages"
         )
-    turns = []
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in CHAT_ROLES:
-            raise InvalidRequest(
-                f"messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
-                field=f"messages[{i}].role",
-            )
-        turns.append(f"{CHAT_ROLES[role]}: {_message_text(message.get('content'), i)}")
-    return "\n\n".join([*turns, "Assistant:"])
+    return [
+        {"role": m.get("role"), "content": _message_text(m.get("content"), i)}
+        if isinstance(m, dict)
+        else m
+        for i, m in enumerate(messages)
+    ]
 
 
 def _message_text(content: object, i: int) -> str:
@@ -138,7 +128,7 @@ def parse_request(body: Mapping[str, object], *, chat: bool, config: HttpConfig)
             field="draft",
         ) from None
     if chat:
-        prompt: str | list[int] = chat_prompt(body.get("messages"))
+        prompt: str | list = chat_messages(body.get("messages"))
         max_tokens = _first(body, "max_completion_tokens", "max_tokens", default=CHAT_MAX_TOKENS)
     else:
         prompt = _single_prompt(body.get("prompt"))

@@ -81,6 +81,7 @@ def test_public_names_are_pinned():
     assert edgecloud.__all__ == [
         "AsyncClient",
         "AsyncGenerationStream",
+        "ChatMessage",
         "Chunk",
         "Client",
         "DeadlineExceeded",

@@ -11,7 +11,8 @@ from edgecloud import InvalidRequest
 from protocol.v1 import generation_pb2 as pb
 from protocol.validation import validate_generate_request
 
-EXACTLY_ONE = "prompt: exactly one of prompt and prompt_tokens must be non-empty"
+NOT_A_PROMPT = "prompt: must be a str, a sequence of token ids or a list of chat messages"
+EXACTLY_ONE = "prompt: exactly one of prompt, prompt_tokens and messages must be non-empty"
 
 
 def valid_request(**fields: object) -> pb.GenerateRequest:
@@ -41,8 +42,8 @@ def test_valid_requests_pass():
 @pytest.mark.parametrize(
     ("fields", "limits", "message"),
     [
-        ({"prompt": ""}, {}, f"{EXACTLY_ONE}, got neither"),
-        ({"prompt_tokens": [1]}, {}, f"{EXACTLY_ONE}, got both"),
+        ({"prompt": ""}, {}, f"{EXACTLY_ONE}, got none"),
+        ({"prompt_tokens": [1]}, {}, f"{EXACTLY_ONE}, got more than one"),
         (
             {"prompt": "", "prompt_tokens": [1, -3]},
             {},
@@ -52,6 +53,16 @@ def test_valid_requests_pass():
             {"prompt": "", "prompt_tokens": [100]},
             {"vocab_size": 100},
             "prompt_tokens[0]: must be in [0, 100), got 100",
+        ),
+        (
+            {"prompt": "", "messages": [pb.ChatMessage(role="user"), pb.ChatMessage(role="")]},
+            {},
+            "messages[1].role: must be one of system, developer, user, assistant, tool, got ''",
+        ),
+        (
+            {"messages": [pb.ChatMessage(role="user", content="hi")]},
+            {},
+            f"{EXACTLY_ONE}, got more than one",
         ),
         ({"max_tokens": 0}, {}, "max_tokens: must be in [1, 1048576], got 0"),
         ({"max_tokens": (1 << 20) + 1}, {}, "max_tokens: must be in [1, 1048576], got 1048577"),
@@ -142,17 +153,45 @@ def test_values_the_proto_cannot_hold_are_rejected_by_name(options, message):
 @pytest.mark.parametrize(
     ("prompt", "message"),
     [
-        ("", f"{EXACTLY_ONE}, got neither"),
-        ([], f"{EXACTLY_ONE}, got neither"),
+        ("", f"{EXACTLY_ONE}, got none"),
+        ([], f"{EXACTLY_ONE}, got none"),
         ([3, 2**31], "prompt_tokens[1]: must be in [0, 2147483647], got 2147483648"),
-        (b"bytes", "prompt: must be a str or a sequence of token ids, got bytes"),
-        (7, "prompt: must be a str or a sequence of token ids, got int"),
+        (b"bytes", f"{NOT_A_PROMPT}, got bytes"),
+        (7, f"{NOT_A_PROMPT}, got int"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}],
+            "messages[1].role: must be one of system, developer, user, assistant, tool, "
+            "got 'robot'",
+        ),
+        (
+            [{"role": "user", "content": 3}],
+            "messages[0].content: must be a string of at most 1048576 characters, got 3",
+        ),
+        (
+            [{"role": "user", "content": "hi"}, 5],
+            "messages[1]: must be a ChatMessage or a {'role', 'content'} dict, got 5",
+        ),
+        (
+            [{"role": "user", "content": "hi", "name": "x"}],
+            "messages[0]: allowed keys are role and content, got ['name']",
+        ),
+        ([{"role": "user", "content": ""}] * 257, "messages: at most 256 messages, got 257"),
     ],
 )
-def test_prompt_is_text_or_token_ids(prompt, message):
+def test_prompt_is_text_or_token_ids_or_a_chat(prompt, message):
     with pytest.raises(InvalidRequest) as info:
         edgecloud.GenerateOptions.default.request(prompt)
     assert str(info.value) == message
+
+
+def test_a_chat_prompt_is_sent_as_messages():
+    messages = [edgecloud.ChatMessage("system", "Be brief."), {"role": "user", "content": "Hi"}]
+    req = edgecloud.GenerateOptions.default.request(messages)
+    assert [(m.role, m.content) for m in req.messages] == [
+        ("system", "Be brief."),
+        ("user", "Hi"),
+    ]
+    assert req.prompt == "" and not req.prompt_tokens
 
 
 def test_draft_options_are_checked_on_construction():
