@@ -24,6 +24,7 @@ from orchestrator.registry import AsyncRegistry, check_model
 from protocol.errors import (
     EdgecloudError,
     InvalidRequest,
+    NotFound,
     ResourceExhausted,
     ServerError,
     Unavailable,
@@ -128,7 +129,11 @@ class Gateway(gpb_grpc.GenerationServicer):
     async def _no_edge(self, model: str, tried: list[str]) -> EdgecloudError:
         edges = await self.registry.list_nodes(kind="edge", model=model)
         if not edges:
-            return Unavailable(f"model: no edge node serves {model!r}")
+            # A model this stack serves whose edges are all away (restarting) is worth a
+            # retry (503); one nothing serves is not (404: clients do not retry it).
+            if model == self.default_model or await self.registry.list_nodes(model=model):
+                return Unavailable(f"model: no edge node serves {model!r} right now")
+            return NotFound(f"model: no node serves {model!r}")
         if tried:
             return Unavailable(f"edges {', '.join(tried)} failed and no other is free")
         return ResourceExhausted(f"every edge serving {model!r} is at capacity")

@@ -164,6 +164,8 @@ async def test_openai_http_through_the_gateway(stack):
         temperature=0,
         extra_body={"mode": "cloud_only"},
     )
+    with pytest.raises(openai.NotFoundError, match="no node serves 'nope'"):
+        await client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
     await client.close()
     assert lossless.choices[0].token_ids == cloud.choices[0].token_ids
     assert len(lossless.choices[0].token_ids) == 16
