@@ -12,13 +12,10 @@ password never shows in `ps` nor in the log.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,16 +64,6 @@ def free_port() -> int:
 def _config_value(value: str) -> str:
     """A redis.conf string literal: double quotes, with backslash and quote escaped."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM when the parent dies, however it dies
-    (kill -9 included), so no server outlives the process that started it."""
-    if sys.platform != "linux":
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 class RedisServer:
@@ -187,9 +174,10 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             # Its own process group: a Ctrl-C at the terminal reaches the parent, which
-            # stops it in order, not the server behind its back.
+            # stops it in order, not the server behind its back. (No preexec_fn such as a
+            # parent-death signal: Python code between fork and exec can deadlock in a
+            # process with threads, as Ray's and gRPC's are when a Redis is restarted.)
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         assert self._process.stdin is not None
         self._process.stdin.write(("\n".join(lines) + "\n").encode())
