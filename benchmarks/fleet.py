@@ -38,7 +38,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -69,6 +68,7 @@ from orchestrator.loadtest.recording import (
     save_recordings,
 )
 from orchestrator.loadtest.records import Slo, percentile
+from orchestrator.redis_server import free_port
 from protocol.types import Mode
 
 DEMO_DIR = REPO_ROOT / "orchestrator" / "demo_models"
@@ -128,12 +128,6 @@ class VerifierProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def keys(args: argparse.Namespace) -> list[RecordingKey]:

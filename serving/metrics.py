@@ -74,6 +74,7 @@ class RequestMetrics:
         """Yields `chunks` unchanged while timing them, and closes them when closed;
         `mode` is the request's proto mode."""
         label = Mode.from_proto(mode).value if mode in gpb.Mode.values() else "unknown"
+        itl = self.itl.labels(label)  # once, not per token: labels() locks and looks up
         start = last = time.perf_counter()
         first: float | None = None
         tokens = 0
@@ -82,14 +83,14 @@ class RequestMetrics:
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
                     now = time.perf_counter()
-                    if chunk.tokens:
-                        gaps = [(now - last) / len(chunk.tokens)] * len(chunk.tokens)
+                    if count := len(chunk.tokens):
+                        gap = (now - last) / count
                         if first is None:
                             first = now
                             self.ttft.labels(label).observe(now - start)
-                            gaps = [0.0] * (len(chunk.tokens) - 1)  # came with the first
-                        for gap in gaps:
-                            self.itl.labels(label).observe(gap)
+                            gap, count = 0.0, count - 1  # the rest came with the first
+                        for _ in range(count):
+                            itl.observe(gap)
                         last = now
                     tokens += len(chunk.tokens)
                     if chunk.HasField("stats"):
