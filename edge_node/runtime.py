@@ -22,9 +22,8 @@ from lm.model import Transformer
 from lm.sampling import SamplingParams
 from lm.tokenizer import Tokenizer
 from protocol.errors import InvalidRequest, ResourceExhausted
-from protocol.types import Chunk, GenerationStats, Mode, Schedule
+from protocol.types import ChatMessage, Chunk, GenerationStats, Mode, Request, Schedule
 from protocol.v1 import generation_pb2 as gpb
-from protocol.validation import validate_generate_request
 
 
 @dataclass(frozen=True)
@@ -92,23 +91,23 @@ class EdgeRuntime:
     def max_context(self) -> int:
         return self.model.config.max_seq_len
 
-    def request_from_proto(
-        self, msg: gpb.GenerateRequest, timeout_s: float | None, request_id: str = ""
+    def resolve(
+        self, request: Request, timeout_s: float | None, request_id: str = ""
     ) -> GenerationRequest:
-        """Checks `msg` with the SDK's rules plus this model's limits."""
-        vocab = self.model.config.vocab_size
-        validate_generate_request(msg, vocab_size=vocab, max_context=self.max_context)
-        if msg.model and msg.model != self.config.model_name:
+        """`request` (checked where it was built) against this model: its vocabulary,
+        context and tokenizer, and the drafters and trees this edge offers."""
+        options = request.options
+        request.check_fits(vocab_size=self.model.config.vocab_size, max_context=self.max_context)
+        if options.model and options.model != self.config.model_name:
             raise InvalidRequest(
-                f"model: this edge serves {self.config.model_name!r}, got {msg.model!r}"
+                f"model: this edge serves {self.config.model_name!r}, got {options.model!r}"
             )
-        if (msg.prompt or msg.messages) and self.tokenizer is None:
-            field = "prompt" if msg.prompt else "messages"
-            raise InvalidRequest(f"{field}: this model has no tokenizer; send prompt_tokens")
-        if msg.messages:
-            prompt = self._chat_prompt(msg.messages)
+        if isinstance(request.prompt, str):
+            prompt = tuple(self._tokenizer("prompt").encode(request.prompt))
+        elif request.messages:
+            prompt = self._chat_prompt(request.messages)
         else:
-            prompt = tuple(self.tokenizer.encode(msg.prompt) if msg.prompt else msg.prompt_tokens)
+            prompt = request.prompt_tokens
         if not prompt:
             raise InvalidRequest("prompt: encodes to no tokens")
         # Drafting needs cache room past the history: one round's tree, and the next
@@ -120,44 +119,52 @@ class EdgeRuntime:
                 f"prompt: {len(prompt)} tokens leave no room in the "
                 f"{self.max_context}-token context, {reserve} of which drafts need"
             )
-        default = self.config.draft
+        default, asked = self.config.draft, options.draft
         try:  # the names: what this edge offers (the SDK only checked they are names)
             draft = replace(
                 default,
-                tree=msg.draft.tree or default.tree,
-                width=msg.draft.width or default.width,
-                depth=msg.draft.depth or default.depth,
-                drafter=msg.draft.drafter or default.drafter,
-                adapt=default.adapt and not (msg.draft.width or msg.draft.depth),
+                tree=asked.tree or default.tree,
+                width=asked.width or default.width,
+                depth=asked.depth or default.depth,
+                drafter=asked.drafter or default.drafter,
+                adapt=default.adapt and not (asked.width or asked.depth),
             )
         except ValueError as error:
             raise InvalidRequest(str(error)) from None
-        mode = Mode.from_proto(msg.mode)
+        mode = Mode(options.mode)
         return GenerationRequest(
             prompt_tokens=prompt,
             # cloud_only never runs the SLM: the verifier's context bounds it (`length`).
-            max_tokens=msg.max_tokens if mode is Mode.CLOUD_ONLY else min(msg.max_tokens, room),
+            max_tokens=options.max_tokens
+            if mode is Mode.CLOUD_ONLY
+            else min(options.max_tokens, room),
             sampling=SamplingParams(
-                temperature=msg.temperature,
-                top_k=msg.top_k,
-                top_p=msg.top_p,
-                seed=msg.seed if msg.HasField("seed") else None,
+                temperature=options.temperature,
+                top_k=options.top_k,
+                top_p=options.top_p,
+                seed=options.seed,
             ),
             mode=mode,
-            stop=tuple(msg.stop),
+            stop=options.stop,
             draft=draft,
-            adaptive_threshold=msg.adaptive_threshold or self.config.adaptive_threshold,
-            schedule=Schedule(msg.priority, msg.tpot_slo_ms),
+            adaptive_threshold=options.adaptive_threshold or self.config.adaptive_threshold,
+            schedule=Schedule(options.priority, options.tpot_slo_ms),
             timeout_s=timeout_s,
             request_id=request_id,
         )
 
-    def _chat_prompt(self, messages: Sequence[gpb.ChatMessage]) -> tuple[int, ...]:
+    def _tokenizer(self, field: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InvalidRequest(f"{field}: this model has no tokenizer; send prompt_tokens")
+        return self.tokenizer
+
+    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
         """The tokenizer's chat template rendered for `messages`; a template's own refusal
         (raise_exception: "roles must alternate", ...) is the client's error."""
         chat = [{"role": m.role, "content": m.content} for m in messages]
+        tokenizer = self._tokenizer("messages")
         try:
-            return tuple(self.tokenizer.chat_prompt_ids(chat))
+            return tuple(tokenizer.chat_prompt_ids(chat))
         except jinja2.TemplateError as error:
             raise InvalidRequest(f"messages: the chat template refused them: {error}") from None
 
@@ -172,21 +179,18 @@ class EdgeRuntime:
         )
         return [info]
 
-    def serve(
-        self, msg: gpb.GenerateRequest, timeout_s: float | None
-    ) -> AsyncIterator[gpb.GenerateChunk]:
-        """Proto in, proto out: the one entry of the gRPC service, the gateway's actor
-        and the HTTP front, measured by `metrics.requests`. The request is checked here,
-        where the model's vocabulary, context and tokenizer are known."""
+    def serve(self, request: Request, timeout_s: float | None) -> AsyncIterator[gpb.GenerateChunk]:
+        """The one entry of the gRPC service, the gateway's actor and the HTTP front:
+        the client's request in, wire chunks out, measured by `metrics.requests`."""
 
         async def chunks() -> AsyncGenerator[gpb.GenerateChunk, None]:
             async with contextlib.aclosing(
-                self.generate(self.request_from_proto(msg, timeout_s))
+                self.generate(self.resolve(request, timeout_s))
             ) as generated:
                 async for chunk in generated:
                     yield chunk.to_proto()
 
-        return self.metrics.requests.observe(msg.mode, chunks())
+        return self.metrics.requests.observe(Mode(request.options.mode), chunks())
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if self.load.active >= self.config.max_concurrency:

@@ -25,7 +25,8 @@ class GenerationService(gpb_grpc.GenerationServicer):
         self, request: gpb.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[gpb.GenerateChunk]:
         try:
-            async for chunk in self.runtime.serve(request, context.time_remaining()):
+            parsed = self.runtime.metrics.requests.admit(request)
+            async for chunk in self.runtime.serve(parsed, context.time_remaining()):
                 yield chunk
         except EdgecloudError as error:
             await abort_with(context, error)

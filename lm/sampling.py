@@ -21,8 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from protocol.limits import MAX_TEMPERATURE, SEED_LIMIT
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -30,6 +28,10 @@ class SamplingParams:
 
     The defaults are proto3's zero values: an unset request decodes greedily with every filter
     off.  `top_p == 0` therefore means "unset" and is normalised to 1.
+
+    The values are trusted: each service checks them once, where a request enters it, with
+    the protocol's rules (`protocol.validation.check_sampling`); the sampling code does not
+    check them again on every pass.
     """
 
     temperature: float = 0.0  # 0 = greedy (argmax); otherwise logits / temperature, in (0, 100]
@@ -44,21 +46,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-    def validate(self, vocab_size: int) -> None:
-        """Raise ValueError naming the first bad field and its allowed range."""
-        if not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size: must be an integer >= 1, got {vocab_size!r}")
-        if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(
-                f"temperature: must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}"
-            )
-        if not _is_int(self.top_k) or not 0 <= self.top_k <= vocab_size:
-            raise ValueError(f"top_k: must be an integer in [0, {vocab_size}], got {self.top_k!r}")
-        if not _is_number(self.top_p) or not 0 <= self.top_p <= 1:
-            raise ValueError(f"top_p: must be in [0, 1], got {self.top_p!r}")
-        if self.seed is not None:
-            _check_seed(self.seed)
 
 
 def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -76,7 +63,6 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     hold 0.842 >= 0.8, so top-p leaves (0.625, 0.375, 0, 0).
     """
     if params.greedy:
-        params.validate(logits.shape[-1])
         logits = logits.float()
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     weights = warped_weights(logits, params)
@@ -91,7 +77,6 @@ def warped_weights(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     fresh tensor per step cost more than the arithmetic.
     """
     vocab = logits.shape[-1]
-    params.validate(vocab)
     if params.greedy:
         raise ValueError("temperature: warped_weights is for sampling; greedy is the argmax")
     # Subtracting the max first keeps tiny temperatures finite: every scaled logit is <= 0,
@@ -121,7 +106,6 @@ def make_generator(seed: int | None, device: torch.device | str | None = None) -
     if seed is None:
         generator.seed()
     else:
-        _check_seed(seed)
         generator.manual_seed(seed)
     return generator
 
@@ -200,16 +184,3 @@ def sample_by_inversion(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     token = (chosen * block + inner).squeeze(-1)
     # No finite positive total (a NaN or +inf logit): no token, -1.
     return token.masked_fill_(~(torch.isfinite(total) & (total > 0)).squeeze(-1), -1)
-
-
-def _check_seed(seed: int) -> None:
-    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed: must be an integer in [0, 2**64), got {seed!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

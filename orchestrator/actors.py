@@ -26,7 +26,9 @@ from edge_node.cloud_link import CloudLinkConfig
 from edge_node.runtime import EdgeConfig
 from orchestrator.heartbeat import HeartbeatTask
 from orchestrator.registry import AsyncRegistry, NodeInfo, NodeStats, connect_async
+from protocol.types import Request
 from protocol.v1 import generation_pb2 as gpb
+from serving.metrics import MetricsEndpoint, serve_metrics
 from serving.server import ServerConfig
 
 
@@ -64,6 +66,7 @@ class VerifierActor:
         self.verifier = await start_verifier(Path(self.model_dir), self.config, self.server_config)
         host = self.advertise_host or ray.util.get_node_ip_address()
         address = f"{host}:{self.verifier.port}"
+        endpoint = self.verifier.server.metrics
         node = NodeInfo(
             node_id=self.spec.node_id,
             kind="cloud",
@@ -71,6 +74,7 @@ class VerifierActor:
             models=(self.config.model_name,),
             capacity=self.config.max_sessions,
             labels=self.spec.labels,
+            metrics_address="" if endpoint is None else f"{host}:{endpoint.port}",
         )
         metrics = self.verifier.engine.metrics
         self.heartbeat = HeartbeatTask(
@@ -109,7 +113,11 @@ class EdgeActor(EdgeNode):
         head_dir: str | None = None,
         flash_budget_mb: float | None = None,
         dtype: str | None = None,
+        metrics_host: str | None = None,
+        advertise_host: str | None = None,
     ) -> None:
+        """`metrics_host`: serve Prometheus /metrics on a free port of this address and
+        register it (None: no endpoint); `advertise_host` as the verifier's."""
         super().__init__(
             spec.node_id,
             model_dir,
@@ -122,12 +130,20 @@ class EdgeActor(EdgeNode):
         )
         self.spec = spec
         self.heartbeat: HeartbeatTask | None = None
+        self.metrics: MetricsEndpoint | None = None
+        if metrics_host is not None:
+            self.metrics = serve_metrics(self.runtime.metrics.registry, metrics_host, 0)
+        self.advertise_host = advertise_host
         self._started = asyncio.get_running_loop().create_task(self._start())
 
     async def ready(self) -> str:
         return await self._started
 
     async def _start(self) -> str:
+        metrics_address = ""
+        if self.metrics is not None:
+            host = self.advertise_host or ray.util.get_node_ip_address()
+            metrics_address = f"{host}:{self.metrics.port}"
         node = NodeInfo(
             node_id=self.spec.node_id,
             kind="edge",
@@ -135,6 +151,7 @@ class EdgeActor(EdgeNode):
             models=(self.runtime.config.model_name,),
             capacity=self.runtime.config.max_concurrency,
             labels=self.spec.labels,
+            metrics_address=metrics_address,
         )
         load = self.runtime.load
         self.heartbeat = HeartbeatTask(
@@ -151,14 +168,16 @@ class EdgeActor(EdgeNode):
         return self.spec.node_id
 
     async def serve(
-        self, request: gpb.GenerateRequest, timeout_s: float | None
+        self, request: Request, timeout_s: float | None
     ) -> AsyncIterator[gpb.GenerateChunk]:
-        """The gateway's entry: a proto request in, proto chunks out, checked here where
-        the model's vocabulary and tokenizer are."""
+        """The gateway's entry: the request it parsed in, wire chunks out (resolved here,
+        where the model's vocabulary and tokenizer are)."""
         async for chunk in self.runtime.serve(request, timeout_s):
             yield chunk
 
     async def stop(self) -> None:
         if self.heartbeat is not None:
             await self.heartbeat.stop()
+        if self.metrics is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.metrics.stop)
         await self.runtime.close()

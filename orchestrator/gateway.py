@@ -29,6 +29,7 @@ from protocol.errors import (
     ServerError,
     Unavailable,
 )
+from protocol.types import Mode, Request
 from protocol.v1 import generation_pb2 as gpb
 from protocol.v1 import generation_pb2_grpc as gpb_grpc
 from serving.errors import abort_with
@@ -67,7 +68,8 @@ class Gateway(gpb_grpc.GenerationServicer):
         self, request: gpb.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[gpb.GenerateChunk]:
         try:
-            async for chunk in self.route(request, context.time_remaining()):
+            parsed = self.requests.admit(request)
+            async for chunk in self.route(parsed, context.time_remaining()):
                 yield chunk
         except EdgecloudError as error:
             await abort_with(context, error)
@@ -75,20 +77,19 @@ class Gateway(gpb_grpc.GenerationServicer):
             log.exception("gateway failed")
             await abort_with(context, ServerError("internal error"))
 
-    def route(
-        self, request: gpb.GenerateRequest, timeout_s: float | None
-    ) -> AsyncIterator[gpb.GenerateChunk]:
+    def route(self, request: Request, timeout_s: float | None) -> AsyncIterator[gpb.GenerateChunk]:
         """Streams the chunks of one request from an edge actor; raises EdgecloudError.
 
         Shared by the gRPC service and the OpenAI-compatible HTTP front, and measured
-        for both (`metrics`).
+        for both (`metrics`). The edge gets `request` as it is: checked once, here or
+        where the HTTP front built it, and resolved against the model there.
         """
-        return self.requests.observe(request.mode, self._route(request, timeout_s))
+        return self.requests.observe(Mode(request.options.mode), self._route(request, timeout_s))
 
     async def _route(
-        self, request: gpb.GenerateRequest, timeout_s: float | None
+        self, request: Request, timeout_s: float | None
     ) -> AsyncGenerator[gpb.GenerateChunk, None]:
-        model = request.model or self.default_model
+        model = request.options.model or self.default_model
         try:
             check_model("model", model)
         except ValueError as error:

@@ -214,6 +214,8 @@ class NodeInfo:
     """E.g. {"region": "eu-west", "tier": "gpu"}; stored read-only and key-sorted."""
     version: str = "0"
     """Software version of the node, for rolling upgrades and debugging."""
+    metrics_address: str = ""
+    """Where Prometheus scrapes its /metrics ("10.0.0.5:9100"); "" when it serves none."""
 
     def __post_init__(self) -> None:
         check_node_id("node_id", self.node_id)
@@ -239,6 +241,11 @@ class NodeInfo:
         object.__setattr__(self, "labels", MappingProxyType(check_labels("labels", self.labels)))
         if not isinstance(self.version, str) or not 0 < len(self.version) <= 64:
             raise ValueError(f"version: must be a string of 1-64 characters, got {self.version!r}")
+        if not isinstance(self.metrics_address, str) or len(self.metrics_address) > 256:
+            raise ValueError(
+                f"metrics_address: must be a string of 0-256 characters, "
+                f"got {self.metrics_address!r}"
+            )
 
     def to_fields(self) -> dict[str, str]:
         return {
@@ -248,6 +255,7 @@ class NodeInfo:
             "capacity": str(self.capacity),
             "labels": json.dumps(dict(self.labels)),
             "version": self.version,
+            "metrics_address": self.metrics_address,
         }
 
     @classmethod
@@ -260,6 +268,7 @@ class NodeInfo:
             capacity=int(fields["capacity"]),
             labels=json.loads(fields["labels"]),
             version=fields["version"],
+            metrics_address=fields.get("metrics_address", ""),  # absent: an older node
         )
 
 

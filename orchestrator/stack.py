@@ -63,7 +63,8 @@ class StackConfig:
     # gateway_host at this port, with the same client token; 0 picks a free port.
     http_port: int | None = None
     # The gateway's Prometheus /metrics on gateway_host at this port, without a token;
-    # the HTTP API serves it too, with one.
+    # the HTTP API serves it too, with one. When set, each verifier and edge actor also
+    # serves its own on a free port of its node, registered as its metrics_address.
     metrics_port: int | None = None
     # TLS for the gateway and the HTTP API; with tls.client_ca, clients must present a
     # certificate that CA signed (mutual TLS). None: plaintext.
@@ -155,6 +156,11 @@ class Stack:
         return f"{self.config.gateway_host}:{self.gateway.port}"
 
     @property
+    def gateway_metrics_address(self) -> str | None:
+        endpoint = self.gateway.metrics
+        return None if endpoint is None else f"{self.config.gateway_host}:{endpoint.port}"
+
+    @property
     def http_address(self) -> str:
         return f"{self.config.gateway_host}:{self.http.port}"
 
@@ -173,7 +179,16 @@ class Stack:
         verifier = ray.remote(VerifierActor).options(
             resources={"cloud": 1}, num_cpus=0, num_gpus=1 if gpus else 0, max_restarts=3
         )
-        internal = ServerConfig(host=bind, port=0, auth=AuthConfig(token=self.internal_token))
+        # With a gateway metrics port, every actor serves its own /metrics on a free
+        # port of its node (registered as its metrics_address; `edgecloud status`).
+        metrics_host = None if config.metrics_port is None else bind
+        advertise = "127.0.0.1" if local else None
+        internal = ServerConfig(
+            host=bind,
+            port=0,
+            auth=AuthConfig(token=self.internal_token),
+            metrics_port=None if metrics_host is None else 0,
+        )
         for i in range(config.verifiers):
             spec = NodeSpec(f"verifier-{i}", self.redis_url, config.labels)
             vconfig = VerifierConfig(
@@ -181,7 +196,6 @@ class Stack:
                 max_sessions=config.max_sessions,
                 max_tree_nodes=config.max_tree_nodes,
             )
-            advertise = "127.0.0.1" if local else None
             self.verifier_actors.append(
                 verifier.remote(spec, str(config.target_dir), vconfig, internal, advertise)
             )
@@ -215,6 +229,8 @@ class Stack:
                     None if config.head_dir is None else str(config.head_dir),
                     config.draft_flash_budget_mb,
                     config.draft_dtype,
+                    metrics_host,
+                    advertise,
                 )
             )
         await asyncio.gather(*(a.ready.remote() for a in self.verifier_actors + self.edge_actors))

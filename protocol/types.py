@@ -15,7 +15,7 @@ from typing import ClassVar, Literal, TypedDict
 
 from protocol.errors import InvalidRequest, ServerError
 from protocol.v1 import generation_pb2 as pb
-from protocol.validation import check_draft, check_generation, check_prompt
+from protocol.validation import check_draft, check_fits_model, check_generation, check_prompt
 
 ModeName = Literal["lossless", "adaptive", "edge_only", "cloud_only"]
 ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
@@ -213,8 +213,34 @@ class GenerateOptions:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def request(self, prompt: Prompt) -> pb.GenerateRequest:
-        """The wire request for `prompt`: text, token ids (sent as prompt_tokens), or a
-        chat, a list of `ChatMessage`s or {"role", "content"} dicts (sent as messages)."""
+        """The wire request for `prompt` with these options (see `Request.of`)."""
+        return Request.of(prompt, self).to_proto()
+
+
+GenerateOptions.default = GenerateOptions()
+# What `generate` and `stream` take: text, token ids, or a chat.
+Prompt = str | Sequence[int] | Sequence[ChatMessage | Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation as the client asked for it: the prompt and the options, checked
+    against every rule that does not depend on the model (`check_fits` adds those).
+
+    This is what the servers hand each other: the gateway parses the wire request into
+    one and gives it to an edge actor, the HTTP front builds one from an OpenAI body,
+    and the edge runtime resolves it against its model (tokenizer, vocabulary,
+    context). It is validated once, where it is built.
+    """
+
+    # Text, token ids, or a chat; exactly one form, non-empty.
+    prompt: str | tuple[int, ...] | tuple[ChatMessage, ...]
+    options: GenerateOptions = GenerateOptions.default
+
+    @classmethod
+    def of(cls, prompt: Prompt, options: GenerateOptions) -> Request:
+        """`prompt` as text, a sequence of token ids, or a chat: a list of `ChatMessage`s
+        or {"role", "content"} dicts."""
         text, tokens, messages = "", (), ()
         if isinstance(prompt, str):
             text = prompt
@@ -231,30 +257,59 @@ class GenerateOptions:
                 field="prompt",
             )
         check_prompt(text, tokens, messages)
-        req = pb.GenerateRequest(
-            prompt=text,
-            prompt_tokens=[int(t) for t in tokens],
-            messages=[m.to_proto() for m in messages],
-            model=self.model,
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            mode=Mode(self.mode).proto,
-            stop=self.stop,
-            draft=pb.DraftOptions(**dataclasses.asdict(self.draft)),
-            adaptive_threshold=self.adaptive_threshold,
-            priority=self.priority,
-            tpot_slo_ms=self.tpot_slo_ms,
+        return cls(text or tuple(int(t) for t in tokens) or messages, options)
+
+    @classmethod
+    def from_proto(cls, msg: pb.GenerateRequest) -> Request:
+        """The server's entry: a received request checked with the SDK's rules (a client
+        that skips the SDK gets the same answers)."""
+        check_prompt(msg.prompt, msg.prompt_tokens, msg.messages)
+        if msg.mode not in pb.Mode.values():
+            names = ", ".join(pb.Mode.keys())
+            raise InvalidRequest(f"mode: must be one of {names}, got {msg.mode!r}", field="mode")
+        read = {
+            "seed": msg.seed if msg.HasField("seed") else None,
+            "mode": Mode.from_proto(msg.mode),
+            "draft": DraftOptions(**_fields_of(DraftOptions, msg.draft)),
+        }
+        for field in dataclasses.fields(GenerateOptions):  # the rest: same name, same value
+            read.setdefault(field.name, getattr(msg, field.name))
+        options = GenerateOptions(**read)
+        messages = tuple(ChatMessage(m.role, m.content) for m in msg.messages)
+        return cls(msg.prompt or tuple(msg.prompt_tokens) or messages, options)
+
+    @property
+    def prompt_tokens(self) -> tuple[int, ...]:
+        """The prompt's token ids, when it was given as ids; () otherwise."""
+        return self.prompt if self.prompt and isinstance(self.prompt[0], int) else ()
+
+    @property
+    def messages(self) -> tuple[ChatMessage, ...]:
+        return self.prompt if self.prompt and isinstance(self.prompt[0], ChatMessage) else ()
+
+    def check_fits(self, *, vocab_size: int, max_context: int) -> None:
+        """The rules that depend on the serving model: token ids and top_k within its
+        vocabulary, max_tokens within its context."""
+        check_fits_model(
+            self.prompt_tokens,
+            top_k=self.options.top_k,
+            max_tokens=self.options.max_tokens,
+            vocab_size=vocab_size,
+            max_context=max_context,
         )
-        if self.seed is not None:
-            req.seed = int(self.seed)
-        return req
 
-
-GenerateOptions.default = GenerateOptions()
-# What `generate` and `stream` take: text, token ids, or a chat.
-Prompt = str | Sequence[int] | Sequence[ChatMessage | Mapping[str, str]]
+    def to_proto(self) -> pb.GenerateRequest:
+        options = self.options
+        fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)} | {
+            "mode": Mode(options.mode).proto,
+            "draft": pb.DraftOptions(**dataclasses.asdict(options.draft)),
+        }
+        return pb.GenerateRequest(
+            prompt=self.prompt if isinstance(self.prompt, str) else "",
+            prompt_tokens=self.prompt_tokens,
+            messages=[m.to_proto() for m in self.messages],
+            **{name: value for name, value in fields.items() if value is not None},  # seed
+        )
 
 
 class GenerateKwargs(TypedDict, total=False):

@@ -1,8 +1,9 @@
 """The rules a GenerateRequest must follow, shared by the SDK and the servers.
 
 The SDK checks them before sending (so a bad call fails without a round trip) and
-servers check the received proto with `validate_generate_request` (so a client that
-skips the SDK gets the same answer). Keeping one copy keeps the two from drifting.
+servers check the received proto with the same functions, through
+`types.Request.from_proto` (so a client that skips the SDK gets the same answer).
+Keeping one copy keeps the two from drifting.
 Everything here is a pure function: no I/O, no model, no gRPC call.
 
 Each failure raises `InvalidRequest` (a `ValueError`) whose message starts with the
@@ -38,42 +39,32 @@ from protocol.v1 import generation_pb2 as pb
 _NAME = re.compile(rf"[a-z0-9_]{{0,{MAX_NAME_CHARS}}}")
 
 
-def validate_generate_request(
-    req: pb.GenerateRequest, *, vocab_size: int | None = None, max_context: int | None = None
+def check_fits_model(
+    prompt_tokens: Sequence[int],
+    *,
+    top_k: int,
+    max_tokens: int,
+    vocab_size: int,
+    max_context: int,
 ) -> None:
-    """Raise `InvalidRequest` naming the first bad field of `req`.
-
-    `vocab_size` and `max_context` are the serving model's, when known: they tighten
-    the bounds of top_k and the prompt token ids (< vocab_size) and of max_tokens.
-    """
-    check_prompt(req.prompt, req.prompt_tokens, req.messages, vocab_size=vocab_size)
-    check_generation(
-        max_tokens=req.max_tokens,
-        temperature=req.temperature,
-        top_k=req.top_k,
-        top_p=req.top_p,
-        seed=req.seed if req.HasField("seed") else None,
-        mode=req.mode,
-        stop=req.stop,
-        adaptive_threshold=req.adaptive_threshold,
-        priority=req.priority,
-        tpot_slo_ms=req.tpot_slo_ms,
-        vocab_size=vocab_size,
-        max_context=max_context,
-    )
-    check_draft(req.draft.tree, req.draft.width, req.draft.depth, req.draft.drafter)
+    """The request's rules that depend on the serving model: prompt token ids and top_k
+    within its vocabulary, max_tokens within its context. The rest were checked where
+    the request was built (`types.Request`)."""
+    _check_model_limit("vocab_size", vocab_size)
+    _check_model_limit("max_context", max_context)
+    for i, token in enumerate(prompt_tokens):
+        _check_int(f"prompt_tokens[{i}]", token, 0, vocab_size - 1, shown=f"[0, {vocab_size})")
+    _check_int("top_k", top_k, 0, vocab_size)
+    _check_int("max_tokens", max_tokens, 1, min(MAX_TOKENS, max_context))
 
 
 def check_prompt(
     prompt: str,
     prompt_tokens: Sequence[int],
     messages: Sequence[object] = (),
-    *,
-    vocab_size: int | None = None,
 ) -> None:
     """Exactly one of `prompt` (text), `prompt_tokens` (ids) and `messages` (a chat:
     objects with `role` and `content`, the proto's or `types.ChatMessage`) is non-empty."""
-    _check_model_limit("vocab_size", vocab_size)
     if not isinstance(prompt, str):
         raise InvalidRequest(
             f"prompt: must be a string, got {type(prompt).__name__}", field="prompt"
@@ -86,10 +77,8 @@ def check_prompt(
             f"got {got}",
             field="prompt",
         )
-    high = INT32_MAX if vocab_size is None else vocab_size - 1
-    shown = None if vocab_size is None else f"[0, {vocab_size})"
     for i, token in enumerate(prompt_tokens):
-        _check_int(f"prompt_tokens[{i}]", token, 0, high, shown=shown)
+        _check_int(f"prompt_tokens[{i}]", token, 0, INT32_MAX)
     check_messages(messages)
 
 
@@ -130,15 +119,11 @@ def check_generation(
     adaptive_threshold: float,
     priority: int = 0,
     tpot_slo_ms: float = 0.0,
-    vocab_size: int | None = None,
-    max_context: int | None = None,
 ) -> None:
-    """The per-request generation settings. `mode` is the proto enum value; 0 (unset)
-    is allowed and means lossless."""
-    _check_model_limit("vocab_size", vocab_size)
-    _check_model_limit("max_context", max_context)
-    _check_int("max_tokens", max_tokens, 1, min(MAX_TOKENS, max_context or MAX_TOKENS))
-    check_sampling(temperature, top_k, top_p, seed, vocab_size=vocab_size)
+    """The per-request generation settings, whatever the model. `mode` is the proto
+    enum value; 0 (unset) is allowed and means lossless."""
+    _check_int("max_tokens", max_tokens, 1, MAX_TOKENS)
+    check_sampling(temperature, top_k, top_p, seed)
     if mode not in pb.Mode.values():
         names = ", ".join(pb.Mode.keys())
         raise InvalidRequest(f"mode: must be one of {names}, got {mode!r}", field="mode")
@@ -211,7 +196,7 @@ def _check_real(field: str, value: object, low: float, high: float) -> None:
         raise InvalidRequest(f"{field}: must be in [{low:g}, {high:g}], got {value!r}", field=field)
 
 
-def _check_model_limit(name: str, value: int | None) -> None:
+def _check_model_limit(name: str, value: int) -> None:
     """The caller's own bound (not the request's): a wrong one is a programming error."""
-    if value is not None and (not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name}: must be an integer >= 1 or None, got {value!r}")
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")

@@ -31,7 +31,7 @@ from prometheus_client import (
 )
 
 from protocol.errors import EdgecloudError
-from protocol.types import FinishReason, GenerationStats, Mode
+from protocol.types import FinishReason, GenerationStats, Mode, Request
 from protocol.v1 import generation_pb2 as gpb
 
 # Seconds: 1 ms to about 80 s, doubling.
@@ -68,12 +68,22 @@ class RequestMetrics:
             "edgecloud_generation_tokens", "Output tokens", ["mode"], registry=registry
         )
 
+    def admit(self, msg: gpb.GenerateRequest) -> Request:
+        """The wire request parsed (`Request.from_proto`); one it refuses is counted as a
+        request with that outcome, so bad input shows in `requests_total` too."""
+        try:
+            return Request.from_proto(msg)
+        except EdgecloudError as error:
+            label = Mode.from_proto(msg.mode).value if msg.mode in gpb.Mode.values() else "unknown"
+            self.requests.labels(label, error.code.name.lower()).inc()
+            raise
+
     async def observe(
-        self, mode: int, chunks: AsyncGenerator[gpb.GenerateChunk, None]
+        self, mode: Mode, chunks: AsyncGenerator[gpb.GenerateChunk, None]
     ) -> AsyncIterator[gpb.GenerateChunk]:
         """Yields `chunks` unchanged while timing them, and closes them when closed;
-        `mode` is the request's proto mode."""
-        label = Mode.from_proto(mode).value if mode in gpb.Mode.values() else "unknown"
+        `mode` is the request's."""
+        label = mode.value
         itl = self.itl.labels(label)  # once, not per token: labels() locks and looks up
         start = last = time.perf_counter()
         first: float | None = None

@@ -187,14 +187,14 @@ async def test_chat_is_rendered_with_the_models_template(servers, tmp_path):
     runtime = edge.runtime
     runtime.tokenizer = templated
     received = []
-    parse = runtime.request_from_proto
+    resolve = runtime.resolve
 
-    def spy(msg, *args, **kwargs):
-        request = parse(msg, *args, **kwargs)
-        received.append(request.prompt_tokens)
-        return request
+    def spy(request, *args, **kwargs):
+        resolved = resolve(request, *args, **kwargs)
+        received.append(resolved.prompt_tokens)
+        return resolved
 
-    runtime.request_from_proto = spy
+    runtime.resolve = spy
     messages = [
         {"role": "system", "content": "Write Python."},
         {"role": "user", "content": "def add(a, b):"},

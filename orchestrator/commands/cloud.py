@@ -61,13 +61,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(run=run_serve)
 
 
-async def register_verifier(args: argparse.Namespace, config, bound: str, metrics):
+async def register_verifier(args: argparse.Namespace, config, verifier):
     """Keeps this verifier registered as a `cloud` node while it serves; each heartbeat
-    carries its acceptance totals (`metrics`: its engine's `VerifierMetrics`)."""
+    carries its acceptance totals (its engine's `VerifierMetrics`), and the node names
+    its /metrics endpoint when it serves one."""
     from orchestrator.heartbeat import HeartbeatTask
     from orchestrator.registry import AsyncRegistry, NodeInfo, NodeStats, connect_async
 
-    address = args.advertise or bound
+    address = args.advertise or f"{args.host}:{verifier.port}"
+    host = address.rsplit(":", 1)[0]
+    endpoint = verifier.server.metrics
+    metrics = verifier.engine.metrics
     try:
         node = NodeInfo(
             node_id=args.node_id or f"verifier-{address.replace(':', '-')}",
@@ -75,6 +79,7 @@ async def register_verifier(args: argparse.Namespace, config, bound: str, metric
             address=address,
             models=(config.model_name,),
             capacity=config.max_sessions,
+            metrics_address="" if endpoint is None else f"{host}:{endpoint.port}",
         )
         heartbeat = HeartbeatTask(
             AsyncRegistry(connect_async(args.redis_url)),
@@ -117,9 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
         verifier.server.drain_on_signals()
         heartbeat = None
         if args.redis_url:
-            heartbeat = await register_verifier(
-                args, config, f"{server.host}:{verifier.port}", verifier.engine.metrics
-            )
+            heartbeat = await register_verifier(args, config, verifier)
         print(
             f"verifier for {config.model_name!r} listening on {server.host}:{verifier.port}",
             flush=True,

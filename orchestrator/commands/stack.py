@@ -96,6 +96,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--redis-url", help=f"default: the one `edgecloud up` wrote to {STATE_FILE}"
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="print the /metrics endpoints as a Prometheus file_sd target list "
+        "(`up --metrics-port` makes the gateway and every actor serve one)",
+    )
     status.set_defaults(run=run_status)
 
 
@@ -189,6 +195,7 @@ def run_up(args: argparse.Namespace) -> int:
                 "gateway": stack.gateway_address,
                 "tls": tls is not None,
                 "mutual_tls": tls is not None and tls.client_ca is not None,
+                "metrics": stack.gateway_metrics_address,
             }
             STATE_FILE.write_text(json.dumps(state))
             STATE_FILE.chmod(0o600)
@@ -296,7 +303,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     from orchestrator.registry import Registry, connect
 
-    url = args.redis_url
+    url, state = args.redis_url, {}
     if url is None:
         if not STATE_FILE.exists():
             raise UsageError(
@@ -304,7 +311,8 @@ def run_status(args: argparse.Namespace) -> int:
                 "started elsewhere, give its --redis-url"
             )
         try:
-            url = json.loads(STATE_FILE.read_text())["redis_url"]
+            state = json.loads(STATE_FILE.read_text())
+            url = state["redis_url"]
         except (OSError, ValueError, KeyError) as exc:
             raise UsageError(f"--redis-url: not given and {STATE_FILE} is unreadable") from exc
     registry = Registry(connect(url))
@@ -324,9 +332,13 @@ def run_status(args: argparse.Namespace) -> int:
             "labels": dict(n.info.labels),
             "heartbeat_age_s": round(max(0.0, now_ms - n.heartbeat_ms) / 1000, 1),
             "acceptance_rate": n.stats.acceptance_rate,
+            "metrics_address": n.info.metrics_address,
         }
         for n in nodes
     ]
+    if args.prometheus:
+        print(json.dumps(prometheus_targets(rows, state.get("metrics")), indent=2))
+        return 0
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -341,3 +353,14 @@ def run_status(args: argparse.Namespace) -> int:
             f"{r['acceptance_rate']:>8.2f}"
         )
     return 0
+
+
+def prometheus_targets(rows: list[dict], gateway: str | None) -> list[dict]:
+    """Prometheus' file_sd format: one group per endpoint, labelled with its node."""
+    groups = [{"targets": [gateway], "labels": {"node": "gateway", "kind": "gateway"}}]
+    groups = groups if gateway else []
+    for r in rows:
+        if r["metrics_address"]:
+            labels = {"node": r["node_id"], "kind": r["kind"], "model": ",".join(r["models"])}
+            groups.append({"targets": [r["metrics_address"]], "labels": labels})
+    return groups

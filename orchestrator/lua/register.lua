@@ -1,6 +1,6 @@
 -- Registers node ARGV[4] (or refreshes it) for ARGV[5] ms. ARGV[6..] are field/value pairs of
--- its hash (kind, address, models, capacity, labels, version); KEYS are the load sorted sets it
--- belongs to. Statistics fields the node wrote earlier are kept. A node that was not registered
+-- its hash (kind, address, models, capacity, labels, version, metrics_address); KEYS are the
+-- load sorted sets it belongs to. Statistics fields the node wrote earlier are kept. A node that was not registered
 -- (new, or lost with a Redis restart) gets a 'join' event; if its old entry had expired but
 -- was not swept yet, that one is removed first, with an 'expire' event.
 -- Returns 1 when the node joined, 0 when it was refreshed.

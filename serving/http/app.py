@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from protocol import types
 from protocol.channel import AUTH_HEADER
 from protocol.errors import InvalidRequest
 from protocol.v1 import generation_pb2 as gpb
@@ -23,7 +24,7 @@ from serving.http.sse import Chunks, Responder
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import exposition
 
-StreamFn = Callable[[gpb.GenerateRequest, float | None], Chunks]
+StreamFn = Callable[[types.Request, float | None], Chunks]
 ModelsFn = Callable[[], Awaitable[list[gpb.ModelInfo]]]
 
 

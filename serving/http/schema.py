@@ -1,6 +1,6 @@
 """OpenAI's request and response objects, mapped onto the protocol's: a completions or
-chat body becomes a `GenerateRequest` through the SDK's `GenerateOptions` (so HTTP and
-gRPC refuse a bad field with the same message), and errors become OpenAI error bodies."""
+chat body becomes a `Request` through the SDK's `GenerateOptions` (so HTTP and gRPC
+refuse a bad field with the same message), and errors become OpenAI error bodies."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from protocol.errors import EdgecloudError, InvalidRequest
-from protocol.types import DraftOptions, GenerateOptions, GenerationStats
-from protocol.v1 import generation_pb2 as gpb
+from protocol.types import DraftOptions, GenerateOptions, GenerationStats, Request
 from serving.auth import AuthConfig
 from serving.errors import http_status
 
@@ -69,7 +68,7 @@ class HttpConfig:
 class OpenAIRequest:
     """One parsed /v1/completions or /v1/chat/completions body."""
 
-    request: gpb.GenerateRequest
+    request: Request
     model: str  # echoed in responses
     chat: bool
     stream: bool
@@ -109,7 +108,7 @@ def _message_text(content: object, i: int) -> str:
 
 
 def parse_request(body: Mapping[str, object], *, chat: bool, config: HttpConfig) -> OpenAIRequest:
-    """Maps an OpenAI request body onto a GenerateRequest; raises `InvalidRequest` naming
+    """Maps an OpenAI request body onto a `Request`; raises `InvalidRequest` naming
     the field (the SDK's messages, so gRPC and HTTP agree)."""
     for name, allowed in UNSUPPORTED.items():
         if body.get(name) not in allowed:
@@ -154,7 +153,7 @@ def parse_request(body: Mapping[str, object], *, chat: bool, config: HttpConfig)
     else:
         check_timeout("timeout", timeout_s)
     return OpenAIRequest(
-        request=options.request(prompt),
+        request=Request.of(prompt, options),
         model=options.model or config.default_model,
         chat=chat,
         stream=stream,

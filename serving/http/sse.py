@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 from protocol.errors import DeadlineExceeded, ServerError
-from protocol.types import FinishReason, GenerationResult, GenerationStats, Transcript
+from protocol.types import FinishReason, GenerationResult, GenerationStats, Mode, Transcript
 from protocol.v1 import generation_pb2 as gpb
 from serving.http.schema import OpenAIRequest, classify, error_body, stats_object, usage
 
@@ -107,7 +107,7 @@ class Responder:
     async def events(self, upstream: Chunks, first: gpb.GenerateChunk | None) -> AsyncIterator[str]:
         """`data: {chunk}` events, then `data: [DONE]`. An error after the first chunk
         becomes a `data: {"error": ...}` event (the status is already 200)."""
-        output = StreamedOutput(hold_unverified=self.call.request.mode == gpb.MODE_ADAPTIVE)
+        output = StreamedOutput(hold_unverified=self.call.request.options.mode is Mode.ADAPTIVE)
         async with aclosing(upstream):
             try:
                 if self.call.chat:

@@ -20,7 +20,8 @@ from edge_node.picker import FixedListPicker, VerifierEndpoint
 from edge_node.runtime import EdgeConfig, EdgeRuntime
 from edge_node.types import DraftConfig, GenerationRequest
 from lm.sampling import SamplingParams
-from protocol.types import Mode
+from protocol import validation
+from protocol.types import GenerateOptions, Mode, Request
 from protocol.v1 import generation_pb2 as gpb
 from serving.auth import AuthConfig
 from serving.server import ServerConfig
@@ -224,7 +225,7 @@ async def test_cloud_only_is_not_clipped_to_the_edge_models_context(target, veri
 
     def parsed(mode):  # through the servers' own parsing, where the budget is set
         message = gpb.GenerateRequest(prompt_tokens=PROMPT, max_tokens=60, mode=mode)
-        return runtime.request_from_proto(message, timeout_s=None)
+        return runtime.resolve(Request.from_proto(message), timeout_s=None)
 
     try:
         cloud, cloud_last = await generate(runtime, parsed(gpb.MODE_CLOUD_ONLY))
@@ -234,6 +235,33 @@ async def test_cloud_only_is_not_clipped_to_the_edge_models_context(target, veri
     assert len(cloud) == 60 and cloud_last.finish_reason == "length"
     # 160 positions - 1 - 2 x 65 reserved for drafts - 4 prompt tokens = 25.
     assert lossless == cloud[:25] and lossless_last.finish_reason == "length"
+
+
+async def test_temperature_is_checked_once_on_its_way_to_the_sampler(draft, monkeypatch):
+    """SDK options -> wire -> the server's `Request` -> the edge's `GenerationRequest`:
+    the sampling rules run where the SDK builds its options and where the server
+    receives the proto, and not again in the runtime or the sampling code."""
+    checked = []
+    rule = validation.check_sampling
+
+    def counted(temperature, *args, **kwargs):
+        checked.append(temperature)
+        return rule(temperature, *args, **kwargs)
+
+    monkeypatch.setattr(validation, "check_sampling", counted)
+    options = GenerateOptions(temperature=0.7, seed=5, max_tokens=8)
+    assert checked == [0.7], "the SDK checks its options once"
+    request = Request.from_proto(options.request(list(PROMPT)))
+    assert checked == [0.7, 0.7], "the server checks the received proto once"
+    runtime = make_runtime(draft, ["127.0.0.1:1"])
+    try:
+        resolved = runtime.resolve(request, timeout_s=None)
+        tokens, _ = await generate(runtime, replace(resolved, mode=Mode.EDGE_ONLY))
+    finally:
+        await runtime.close()
+    assert resolved.sampling == SamplingParams(temperature=0.7, seed=5)
+    assert len(tokens) == 8
+    assert checked == [0.7, 0.7], "nothing after the server's entry checks it again"
 
 
 async def test_a_failover_to_a_smaller_verifier_recuts_the_round(target, draft):

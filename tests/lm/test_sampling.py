@@ -11,33 +11,6 @@ def test_defaults_are_greedy_and_top_p_zero_means_off() -> None:
     assert SamplingParams(top_p=0.0).top_p == 1.0
 
 
-@pytest.mark.parametrize(
-    ("params", "message"),
-    [
-        (SamplingParams(temperature=-0.1), r"temperature: must be in \[0, 100\], got -0.1"),
-        (SamplingParams(temperature=100.5), r"temperature: must be in \[0, 100\]"),
-        (SamplingParams(temperature=float("nan")), r"temperature: must be in \[0, 100\]"),
-        (SamplingParams(top_k=-1), r"top_k: must be an integer in \[0, 10\], got -1"),
-        (SamplingParams(top_k=11), r"top_k: must be an integer in \[0, 10\], got 11"),
-        (SamplingParams(top_k=2.5), r"top_k: must be an integer"),  # type: ignore[arg-type]
-        (SamplingParams(top_p=1.5), r"top_p: must be in \[0, 1\], got 1.5"),
-        (SamplingParams(top_p=-0.5), r"top_p: must be in \[0, 1\], got -0.5"),
-        (SamplingParams(seed=-1), r"seed: must be an integer in \[0, 2\*\*64\), got -1"),
-        (SamplingParams(seed=2**64), r"seed: must be an integer in \[0, 2\*\*64\)"),
-    ],
-)
-def test_validate_names_field_and_range(params: SamplingParams, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        params.validate(vocab_size=10)
-    with pytest.raises(ValueError, match=message):
-        probs_from_logits(torch.zeros(10), params)
-
-
-def test_validate_accepts_the_edges_of_each_range() -> None:
-    SamplingParams(temperature=100.0, top_k=10, top_p=1.0, seed=2**64 - 1).validate(10)
-    SamplingParams(temperature=0.0, top_k=0, top_p=0.0, seed=0).validate(10)
-
-
 def test_greedy_is_one_hot_on_first_argmax() -> None:
     logits = torch.tensor([[1.0, 3.0, 3.0, -2.0], [0.0, -1.0, -5.0, 2.0]], dtype=torch.bfloat16)
     probs = probs_from_logits(logits, SamplingParams(top_k=1, top_p=0.1))
@@ -124,9 +97,8 @@ def test_sample_one_hot_is_deterministic() -> None:
     assert torch.equal(sample(probs, make_generator(None)), probs.argmax(-1))
 
 
-def test_make_generator_seeds_and_rejects_bad_seed() -> None:
+def test_make_generator_seeds() -> None:
     a = torch.rand(4, generator=make_generator(2**64 - 1))
     assert torch.equal(a, torch.rand(4, generator=make_generator(2**64 - 1)))
+    assert not torch.equal(a, torch.rand(4, generator=make_generator(2**64 - 2)))
     assert make_generator(None, "cpu").device == torch.device("cpu")
-    with pytest.raises(ValueError, match="seed: must be an integer in"):
-        make_generator(-3)

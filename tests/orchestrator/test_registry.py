@@ -44,6 +44,7 @@ def test_register_writes_the_hash_with_ttl_and_one_join_event(registry, redis_cl
         "capacity": "4",
         "labels": '{"host": "h1", "region": "eu", "tier": "gpu"}',
         "version": "1.0",
+        "metrics_address": "",
     }
     assert 0 < redis_client.pttl(key) <= 5000
     [state] = registry.list_nodes()

@@ -34,7 +34,13 @@ async def stack(model_dirs):
     target, draft = model_dirs
     s = Stack(
         StackConfig(
-            target_dir=target, draft_dir=draft, edges=2, verifiers=2, gateway_port=0, http_port=0
+            target_dir=target,
+            draft_dir=draft,
+            edges=2,
+            verifiers=2,
+            gateway_port=0,
+            http_port=0,
+            metrics_port=0,
         )
     )
     await s.start()
@@ -82,10 +88,11 @@ async def test_an_edge_error_reaches_the_client_clean(stack):
     assert "Traceback" not in str(caught.value) and "ray" not in str(caught.value).lower()
 
 
-async def test_heartbeats_and_gateway_metrics_count_the_traffic(stack):
+async def test_heartbeats_and_every_metrics_endpoint_count_the_traffic(stack):
     """`edgecloud status` reads acceptance from the heartbeats: after traffic, the edges'
     and the verifiers' totals grew by what the generations report; the gateway's
-    /metrics (behind the token on the HTTP port) counted the requests."""
+    /metrics (behind the token on the HTTP port) counted the requests, and each actor's
+    own /metrics, found through the registry, counted its share."""
     registry = AsyncRegistry(connect_async(stack.redis_url))
 
     async def totals() -> dict[str, tuple[int, int, int]]:
@@ -128,8 +135,8 @@ async def test_heartbeats_and_gateway_metrics_count_the_traffic(stack):
     # server-side steps, which the edges count as rounds).
     assert now["cloud"][1:] == after[1:]
 
-    def scrape(token: str | None) -> tuple[int, str]:
-        request = urllib.request.Request(f"{stack.http.url}/metrics")
+    def scrape(token: str | None, url: str = f"{stack.http.url}/metrics") -> tuple[int, str]:
+        request = urllib.request.Request(url)
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         try:
@@ -141,13 +148,30 @@ async def test_heartbeats_and_gateway_metrics_count_the_traffic(stack):
     assert (await asyncio.to_thread(scrape, None))[0] == 401
     status, text = await asyncio.to_thread(scrape, stack.client_token)
     assert status == 200
-    samples = {
+    key = ("edgecloud_requests_total", (("mode", "lossless"), ("outcome", "length")))
+    assert parse(text)[key] >= 3
+
+    nodes = await registry.list_nodes()
+    assert all(n.info.metrics_address for n in nodes), [n.info for n in nodes]
+    accepted = {"edge": 0.0, "cloud": 0.0}
+    names = {
+        "edge": "edgecloud_spec_decode_num_accepted_tokens_total",
+        "cloud": "edgecloud_verifier_accepted_tokens_total",
+    }
+    for node in nodes:
+        url = f"http://{node.info.metrics_address}/metrics"
+        status, text = await asyncio.to_thread(scrape, None, url)
+        assert status == 200, node.info
+        accepted[node.info.kind] += parse(text)[(names[node.info.kind], ())]
+    assert accepted == {"edge": after[2], "cloud": after[2]}
+
+
+def parse(text: str) -> dict[tuple[str, tuple], float]:
+    return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-    key = ("edgecloud_requests_total", (("mode", "lossless"), ("outcome", "length")))
-    assert samples[key] >= 3
 
 
 async def test_openai_http_through_the_gateway(stack):

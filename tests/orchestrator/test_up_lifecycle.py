@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,10 @@ def accepts(port: int) -> bool:
 def test_a_signal_stops_everything_up_started(tmp_path, sig):
     state = tmp_path / "up.json"
     up = ServerProcess(
-        ["up", "--port", "0", "--insecure-no-auth", "--edges", "1", "--verifiers", "1"],
+        [
+            *("up", "--port", "0", "--insecure-no-auth", "--edges", "1", "--verifiers", "1"),
+            *("--metrics-port", "0"),
+        ],
         timeout=180,
         log_path=tmp_path / "up.log",
         env={"EDGECLOUD_STATE": str(state)},
@@ -40,6 +44,12 @@ def test_a_signal_stops_everything_up_started(tmp_path, sig):
     )
     redis_port = int(json.loads(state.read_text())["redis_url"].rsplit(":", 1)[1].split("/")[0])
     assert accepts(redis_port) and accepts(up.port)
+    targets = json.loads(status(state, "--prometheus").stdout)
+    assert sorted(t["labels"]["node"] for t in targets) == ["edge-0", "gateway", "verifier-0"]
+    for target in targets:  # Prometheus' file_sd format: each one scrapes
+        (address,) = target["targets"]
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+            assert b"# TYPE edgecloud_" in reply.read(), target
     up.proc.send_signal(sig)
     assert up.proc.wait(90) == 0, (tmp_path / "up.log").read_text()
     log = (tmp_path / "up.log").read_text()
@@ -49,15 +59,19 @@ def test_a_signal_stops_everything_up_started(tmp_path, sig):
     while accepts(redis_port) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not accepts(redis_port), "the private redis-server outlived `edgecloud up`"
-    status = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "status"],
+    gone = status(state)
+    assert gone.returncode == 2 and "no `edgecloud up` is running" in gone.stderr
+
+
+def status(state: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "status", *flags],
         capture_output=True,
         text=True,
         cwd=ROOT,
         env={**os.environ, "EDGECLOUD_STATE": str(state)},
         timeout=60,
     )
-    assert status.returncode == 2 and "no `edgecloud up` is running" in status.stderr
 
 
 def test_a_taken_port_is_refused_before_anything_starts(tmp_path):

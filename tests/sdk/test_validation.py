@@ -1,5 +1,6 @@
 """The request rules that the SDK checks before sending and servers check on receipt
-(`protocol.validation`): every rule rejects its bad values with the field's name and
+(`protocol.validation`, through `Request.from_proto`, and `Request.check_fits` for the
+serving model's limits): every rule rejects its bad values with the field's name and
 allowed range, and the SDK's options and the server's proto check agree."""
 
 from __future__ import annotations
@@ -8,8 +9,19 @@ import pytest
 
 import edgecloud
 from edgecloud import InvalidRequest
+from protocol.types import Request
 from protocol.v1 import generation_pb2 as pb
-from protocol.validation import validate_generate_request
+
+
+def validate_generate_request(
+    msg: pb.GenerateRequest, *, vocab_size: int | None = None, max_context: int | None = None
+) -> Request:
+    """A server's two checks: the request's own rules on receipt, then the model's."""
+    request = Request.from_proto(msg)
+    if vocab_size or max_context:
+        request.check_fits(vocab_size=vocab_size or 2**31, max_context=max_context or 2**20)
+    return request
+
 
 NOT_A_PROMPT = "prompt: must be a str, a sequence of token ids or a list of chat messages"
 EXACTLY_ONE = "prompt: exactly one of prompt, prompt_tokens and messages must be non-empty"
