@@ -1,4 +1,4 @@
-"""`edgecloud up`, `edgecloud demo` and `edgecloud status`."""
+"""`edgecloud up`, `edgecloud down`, `edgecloud demo` and `edgecloud status`."""
 
 from __future__ import annotations
 
@@ -66,12 +66,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up = subparsers.add_parser("up", help="start Redis, Ray actors and the gateway; serve")
     config_flag(up)
     stack_flags(up)
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=50051)
+    up.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the gateway, its HTTP API and metrics bind (default: 127.0.0.1)",
+    )
+    up.add_argument(
+        "--port", type=int, default=50051, help="the gateway's gRPC port (default: 50051)"
+    )
     up.add_argument(
         "--http-port",
         type=int,
-        help="also serve the OpenAI-compatible HTTP API (/v1/completions, ...) on this port",
+        help="also serve the OpenAI-compatible HTTP API (/v1/completions, ...) on this port "
+        "(default: off; 0 picks a free port)",
     )
     metrics_flag(up)
     up.add_argument("--auth-token-file", help="clients' bearer token (default: generated)")
@@ -79,10 +86,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tls_flags(up)
     up.set_defaults(run=run_up)
 
+    down = subparsers.add_parser(
+        "down", help="stop the `edgecloud up` running on this machine (e.g. in the background)"
+    )
+    down.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for it to stop its children and exit (default: 120)",
+    )
+    down.set_defaults(run=run_down)
+
     demo = subparsers.add_parser("demo", help="run the whole system on this machine, once")
     stack_flags(demo)
     demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to complete")
-    demo.add_argument("--max-tokens", type=int, default=96)
+    demo.add_argument("--max-tokens", type=int, default=96, help="tokens to generate (default: 96)")
     demo.add_argument(
         "--rtt-ms",
         type=float,
@@ -170,6 +188,12 @@ def run_up(args: argparse.Namespace) -> int:
         insecure_no_auth=args.insecure_no_auth,
     )
 
+    state = read_state(missing_ok=True)
+    if state and up_alive(state.get("pid")):
+        raise UsageError(
+            f"an `edgecloud up` already runs here (pid {state['pid']}, {STATE_FILE}); "
+            "`edgecloud down` stops it"
+        )
     check_ports_free(
         args.host,
         {"--port": args.port, "--http-port": args.http_port, "--metrics-port": args.metrics_port},
@@ -191,6 +215,7 @@ def run_up(args: argparse.Namespace) -> int:
             on_signals()  # again: starting Ray installs its own handlers over ours
             STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
             state = {
+                "pid": os.getpid(),
                 "redis_url": stack.redis_url,
                 "gateway": stack.gateway_address,
                 "tls": tls is not None,
@@ -218,6 +243,69 @@ def run_up(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     progress("stopped")
+    return 0
+
+
+def read_state(missing_ok: bool = False) -> dict:
+    """What the running `edgecloud up` wrote to STATE_FILE ({} when absent and
+    `missing_ok`); a UsageError saying so otherwise."""
+    if not STATE_FILE.exists():
+        if missing_ok:
+            return {}
+        raise UsageError(
+            f"no `edgecloud up` is running here ({STATE_FILE} is absent); for a stack "
+            "started elsewhere, give its --redis-url"
+        )
+    try:
+        state = json.loads(STATE_FILE.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--redis-url: not given and {STATE_FILE} is unreadable") from exc
+    if not isinstance(state, dict) or "redis_url" not in state:
+        raise UsageError(f"--redis-url: not given and {STATE_FILE} names no Redis")
+    return state
+
+
+def up_alive(pid: object) -> bool:
+    """Whether `pid` is a live (not zombie) `edgecloud up`: a stale state file left by a
+    killed one names a pid that may be gone or reused by another program."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: not our up
+        return False
+    proc = Path(f"/proc/{pid}")
+    if not proc.exists():  # no procfs (macOS): the pid is all we can check
+        return True
+    try:
+        stat = (proc / "stat").read_text()
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state != "Z" and b"up" in argv
+
+
+def run_down(args: argparse.Namespace) -> int:
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout: must be > 0, got {args.timeout}")
+    state = read_state()
+    pid = state.get("pid")
+    if not up_alive(pid):
+        STATE_FILE.unlink(missing_ok=True)
+        print(f"no `edgecloud up` was running; removed its stale {STATE_FILE}", flush=True)
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while up_alive(pid):
+        if time.monotonic() > deadline:
+            raise UsageError(
+                f"--timeout: `edgecloud up` (pid {pid}) is still stopping after {args.timeout:g} s"
+            )
+        time.sleep(0.2)
+    print(f"stopped `edgecloud up` (pid {pid})", flush=True)
     return 0
 
 
@@ -305,16 +393,8 @@ def run_status(args: argparse.Namespace) -> int:
 
     url, state = args.redis_url, {}
     if url is None:
-        if not STATE_FILE.exists():
-            raise UsageError(
-                f"no `edgecloud up` is running here ({STATE_FILE} is absent); for a stack "
-                "started elsewhere, give its --redis-url"
-            )
-        try:
-            state = json.loads(STATE_FILE.read_text())
-            url = state["redis_url"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise UsageError(f"--redis-url: not given and {STATE_FILE} is unreadable") from exc
+        state = read_state()
+        url = state["redis_url"]
     registry = Registry(connect(url))
     try:
         nodes = registry.list_nodes()

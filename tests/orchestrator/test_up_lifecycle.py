@@ -29,8 +29,8 @@ def accepts(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_everything_up_started(tmp_path, sig):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT", "down"])
+def test_a_signal_or_down_stops_everything_up_started(tmp_path, stop):
     state = tmp_path / "up.json"
     up = ServerProcess(
         [
@@ -44,13 +44,19 @@ def test_a_signal_stops_everything_up_started(tmp_path, sig):
     )
     redis_port = int(json.loads(state.read_text())["redis_url"].rsplit(":", 1)[1].split("/")[0])
     assert accepts(redis_port) and accepts(up.port)
-    targets = json.loads(status(state, "--prometheus").stdout)
+    targets = json.loads(cli(state, "status", "--prometheus").stdout)
     assert sorted(t["labels"]["node"] for t in targets) == ["edge-0", "gateway", "verifier-0"]
     for target in targets:  # Prometheus' file_sd format: each one scrapes
         (address,) = target["targets"]
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
             assert b"# TYPE edgecloud_" in reply.read(), target
-    up.proc.send_signal(sig)
+    second = cli(state, "up", "--port", "0", "--insecure-no-auth")
+    assert second.returncode == 2 and "`edgecloud down` stops it" in second.stderr
+    if stop == "down":
+        down = cli(state, "down")
+        assert down.returncode == 0 and f"pid {up.proc.pid}" in down.stdout, down.stderr
+    else:
+        up.proc.send_signal(getattr(signal, stop))
     assert up.proc.wait(90) == 0, (tmp_path / "up.log").read_text()
     log = (tmp_path / "up.log").read_text()
     assert "Traceback" not in log and "never awaited" not in log, log
@@ -59,13 +65,31 @@ def test_a_signal_stops_everything_up_started(tmp_path, sig):
     while accepts(redis_port) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not accepts(redis_port), "the private redis-server outlived `edgecloud up`"
-    gone = status(state)
-    assert gone.returncode == 2 and "no `edgecloud up` is running" in gone.stderr
+    for command in ("status", "down"):
+        gone = cli(state, command)
+        assert gone.returncode == 2 and "no `edgecloud up` is running" in gone.stderr
 
 
-def status(state: Path, *flags: str) -> subprocess.CompletedProcess:
+def test_down_removes_the_state_file_of_an_up_that_was_killed(tmp_path):
+    """A SIGKILLed up leaves its state file; its pid is gone (or reused by another
+    program): down removes the file and signals nothing."""
+    state = tmp_path / "up.json"
+    sleeper = subprocess.Popen(["sleep", "30"])  # a live pid that is not an up
+    try:
+        for pid in (sleeper.pid, 2**22 + 1):
+            state.write_text(json.dumps({"pid": pid, "redis_url": "redis://127.0.0.1:1/0"}))
+            down = cli(state, "down")
+            assert down.returncode == 0 and "stale" in down.stdout, down.stderr
+            assert not state.exists()
+        assert sleeper.poll() is None, "down signalled a process that is not an up"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def cli(state: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "status", *flags],
+        [sys.executable, "-m", "orchestrator.cli", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
