@@ -74,6 +74,7 @@ KEPT = (
     "median_tpot_ms",
     "p99_tpot_ms",
     "p99_itl_ms",
+    "p99_inter_chunk_ms",
     "p99_e2el_ms",
     "num_drafts",
     "mean_acceptance_length",

@@ -70,6 +70,7 @@ from lm.checkpoint import load_model
 from lm.device import default_device, default_dtype
 from lm.draft_head import DraftHead, load_head
 from lm.model import Transformer
+from lm.sampling import SamplingParams
 from lm.tokenizer import Tokenizer
 from lm.training import corpus
 from lm.training.evaluate import check_pair
@@ -100,6 +101,30 @@ class RunConfig:
     draft: DraftConfig
 
 
+# Chat prompts (--chat), written for this benchmark: no model here was trained on them.
+CHAT_QUESTIONS = (
+    "Explain in three sentences why the sky is blue.",
+    "Write a short Python function that checks whether a string is a palindrome.",
+    "What are three tips for writing a good cover letter?",
+    "Summarize the plot of a heist movie in four sentences.",
+    "How do I make a simple tomato sauce? List the steps.",
+    "What is the difference between a list and a tuple in Python?",
+    "Give me a packing list for a two-day hiking trip.",
+    "Describe how a bicycle gear system works.",
+)
+
+
+def chat_prompts(tokenizer: Tokenizer, count: int) -> list[Prompt]:
+    """The first `count` CHAT_QUESTIONS as one user turn each, rendered with the model's
+    chat template (`lm.chat`) and an open assistant turn."""
+    if count > len(CHAT_QUESTIONS):
+        raise SystemExit(f"--chat: at most {len(CHAT_QUESTIONS)}, got {count}")
+    return [
+        Prompt(f"chat-{i}", tuple(tokenizer.chat_prompt_ids([{"role": "user", "content": q}])))
+        for i, q in enumerate(CHAT_QUESTIONS[:count])
+    ]
+
+
 def run_configs(width: int, depth: int, pipeline: bool) -> dict[str, RunConfig]:
     def lossless(name: str, tree: str, width: int, adapt: bool, **head) -> RunConfig:
         options = DraftConfig(tree, width, depth, adapt=adapt, pipeline=pipeline, **head)
@@ -116,6 +141,8 @@ def run_configs(width: int, depth: int, pipeline: bool) -> dict[str, RunConfig]:
             "head_int8", "beam", width, adapt=False, drafter="head", hidden_encoding="int8"
         ),
         "auto": lossless("auto", "beam", width, adapt=True, drafter="auto"),
+        # Prompt lookup in the history (no model): vLLM's `ngram`, llama.cpp's lookup.
+        "ngram": lossless("ngram", "chain", 1, adapt=False, drafter="ngram"),
     }
 
 
@@ -141,6 +168,7 @@ class Bench:
     head: DraftHead | None
     tokenizer: Tokenizer
     max_tokens: int
+    sampling: SamplingParams = SamplingParams()
     runs: list[Run] = field(default_factory=list)
 
     def runtime(self, proxy: DelayProxy) -> EdgeRuntime:
@@ -167,7 +195,11 @@ class Bench:
         engine = self.verifier.engine
         passes, up, down = engine.forward_passes, proxy.bytes_up, proxy.bytes_down
         request = GenerationRequest(
-            prompt_tokens=prompt.tokens, max_tokens=max_tokens, mode=config.mode, draft=config.draft
+            prompt_tokens=prompt.tokens,
+            max_tokens=max_tokens,
+            sampling=self.sampling,
+            mode=config.mode,
+            draft=config.draft,
         )
         with timed(engine.device) as t:
             chunks = [chunk async for chunk in runtime.generate(request)]
@@ -424,6 +456,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="draft head for the target, for the head configs (the demo head)",
     )
     parser.add_argument("--prompts", type=int, help="held-out files to prompt with (8)")
+    parser.add_argument(
+        "--chat",
+        type=int,
+        help="prompt with this many chat questions (the model's chat template) instead of "
+        "held-out code",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature (0: greedy); seeded, so lossless must still equal "
+        "cloud_only token for token",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the requests' seed (0)")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="tokens per prompt (256)")
     parser.add_argument("--max-tokens", type=int, help="tokens to generate per prompt (64)")
     parser.add_argument("--rtt-ms", help="injected round-trip times, comma-separated (0,20,50)")
@@ -431,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--configs",
         default="cloud_only,beam,beam_adaptive,chain",
         help="which to run, comma-separated, among cloud_only, beam, beam_adaptive, chain, "
-        f"{', '.join(HEAD_CONFIGS)}; cloud_only is always run first",
+        f"ngram, {', '.join(HEAD_CONFIGS)}; cloud_only is always run first",
     )
     parser.add_argument("--width", type=int, default=4, help="beam width (4)")
     parser.add_argument("--depth", type=int, default=6, help="draft depth (6)")
@@ -455,7 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"--configs: must be among {sorted(configs)}, got {unknown}")
     for name in ("target", "draft"):
-        if not (getattr(args, name) / "config.json").exists():
+        path = getattr(args, name)
+        if not ((path / "config.json").exists() or (path.suffix == ".gguf" and path.is_file())):
             parser.error(
                 f"--{name}: no checkpoint at {getattr(args, name)} (the demo pair is not "
                 f"bundled yet? pass --target DIR --draft DIR)"
@@ -473,7 +520,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     head = load_head(args.head, device=device, dtype=dtype) if uses_head else None
     check_pair(args.target, args.draft, target.config.vocab_size, draft.config.vocab_size)
     tokenizer = Tokenizer.from_dir(args.target)
-    prompts = heldout_prompts(tokenizer, prompts_n, args.prompt_tokens)
+    if args.chat:
+        prompts = chat_prompts(tokenizer, args.chat)
+        args.prompt_tokens = max(len(p.tokens) for p in prompts)
+    else:
+        prompts = heldout_prompts(tokenizer, prompts_n, args.prompt_tokens)
     room = min(
         target.config.max_seq_len - VerifierConfig(MODEL_NAME).round_room, draft.config.max_seq_len
     )
@@ -483,17 +534,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--prompt-tokens + --max-tokens: at most {room - max(args.depth, 12) - 2} "
             f"for these models, got {args.prompt_tokens + max_tokens}"
         )
+    sampling_name = f"temperature {args.temperature:g}" if args.temperature else "greedy"
     print(
         f"target {args.target} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M), "
         f"draft {args.draft} ({sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M), "
         f"{dtype} on {device}; {len(prompts)} prompts x {args.prompt_tokens} tokens, "
-        f"{max_tokens} new tokens, greedy; RTT {', '.join(f'{r:g}' for r in rtts)} ms"
+        f"{max_tokens} new tokens, {sampling_name}; RTT {', '.join(f'{r:g}' for r in rtts)} ms"
     )
     print(f"topology: {TOPOLOGY}")
 
     async def run_all() -> list[Run]:
         verifier = await start_verifier(target, VerifierConfig(MODEL_NAME), ServerConfig(port=0))
-        bench = Bench(verifier, draft, head, tokenizer, max_tokens)
+        sampling = SamplingParams(temperature=args.temperature, seed=args.seed)
+        bench = Bench(verifier, draft, head, tokenizer, max_tokens, sampling)
         try:
             for rtt in rtts:
                 await bench.at_rtt(rtt, [configs[n] for n in names], prompts)
@@ -524,13 +577,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "prompts": {
                 "count": len(prompts),
                 "tokens": args.prompt_tokens,
-                "source": "lm.training.corpus held-out split of the stdlib, first tokens of each "
-                "file",
+                "source": "CHAT_QUESTIONS, one user turn each, the target's chat template"
+                if args.chat
+                else "lm.training.corpus held-out split of the stdlib, first tokens of each file",
                 "heldout_digest": corpus.heldout_digest(split),
                 "files": [p.file for p in prompts],
             },
             "max_tokens": max_tokens,
-            "sampling": "greedy",
+            "sampling": {"name": sampling_name, "seed": args.seed},
             "draft_shape": {"width": args.width, "depth": args.depth, "pipeline": args.pipeline},
             "rtt_ms": rtts,
             "edge_prefill_ms": prefill_ms,

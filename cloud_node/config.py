@@ -8,17 +8,27 @@ from cloud_node.scheduling import make_policy
 
 # `--batch-invariant` on the command line: VerifierConfig.batch_invariant per choice.
 BATCH_INVARIANT_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+# Sessions without `max_sessions` or `kv_cache_gb`, and the most either may give.
+DEFAULT_SESSIONS = 32
+MAX_SESSIONS = 4096
 
 
 @dataclass(frozen=True)
 class VerifierConfig:
     # Name clients must send in `open.model`; usually the model directory's name.
     model_name: str
-    # Concurrent sessions; each owns one preallocated KV-cache row.
-    max_sessions: int = 32
+    # Concurrent sessions; each owns one preallocated KV-cache row of max_context +
+    # round_room positions. None: as many as `kv_cache_gb` holds, else DEFAULT_SESSIONS.
+    max_sessions: int | None = None
     # Most committed tokens a session may hold (prompt plus generated). None: as many as
     # the model's max_seq_len leaves room for after one round's pending entries.
     max_context: int | None = None
+    # KV-cache budget in GB (10^9 bytes). The context stays max_context and the budget
+    # sets the sessions: floor(budget / bytes per session), at most MAX_SESSIONS, where a
+    # session takes (max_context + round_room) x 2 x layers x KV heads x head dim x dtype
+    # size. Refused when not even one session fits, or fewer than max_sessions when both
+    # are given. None: no budget; max_sessions alone decides.
+    kv_cache_gb: float | None = None
     # Most draft nodes in one round; also caps `round.new_tokens`.
     max_tree_nodes: int = 64
     # A session idle this long is freed; its next round gets FAILED_PRECONDITION.
@@ -41,7 +51,8 @@ class VerifierConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "max_sessions": (self.max_sessions, 1, 4096),
+            "max_sessions": (self.max_sessions, 1, MAX_SESSIONS),
+            "kv_cache_gb": (self.kv_cache_gb, 1e-6, 1e6),
             "max_tree_nodes": (self.max_tree_nodes, 1, 4096),
             "session_ttl_s": (self.session_ttl_s, 0.01, 86400.0),
             "batch_window_ms": (self.batch_window_ms, 0.0, 1000.0),
@@ -49,7 +60,7 @@ class VerifierConfig:
             "prefill_chunk": (self.prefill_chunk, 1, 1 << 16),
         }
         for name, (value, low, high) in checks.items():
-            if not low <= value <= high:
+            if value is not None and not low <= value <= high:
                 raise ValueError(f"{name}: must be in [{low}, {high}], got {value}")
         if self.max_context is not None and not 2 <= self.max_context <= 1 << 20:
             raise ValueError(f"max_context: must be in [2, {1 << 20}], got {self.max_context}")
@@ -63,8 +74,15 @@ class VerifierConfig:
         tree nodes, padded to the batch's longest, plus the pending bonus token."""
         return 2 * self.max_tree_nodes + 2
 
-    def for_model(self, max_seq_len: int) -> VerifierConfig:
-        """This config with `max_context` resolved against the model's max_seq_len."""
+    def for_model(self, max_seq_len: int, position_bytes: int) -> VerifierConfig:
+        """This config with `max_context` resolved against the model's max_seq_len, then
+        `max_sessions` against `kv_cache_gb`; `position_bytes`: what one cached token
+        takes in a row (`lm.kv_cache.bytes_per_position` of the model and its dtype).
+        Resolving a resolved config changes nothing."""
+        resolved = replace(self, max_context=self._context(max_seq_len))
+        return replace(resolved, max_sessions=resolved._sessions(position_bytes))
+
+    def _context(self, max_seq_len: int) -> int:
         room = max_seq_len - self.round_room
         if self.max_context is None:
             if room < 2:
@@ -72,10 +90,34 @@ class VerifierConfig:
                     f"max_tree_nodes: {self.max_tree_nodes} leaves no room for context in "
                     f"the model's {max_seq_len} positions"
                 )
-            return replace(self, max_context=room)
+            return room
         if self.max_context > room:
             raise ValueError(
                 f"max_context: at most {room} for this model (max_seq_len {max_seq_len} "
                 f"minus {self.round_room} for one round), got {self.max_context}"
             )
-        return self
+        return self.max_context
+
+    def _sessions(self, position_bytes: int) -> int:
+        """Example: 256 bytes a position (2 layers, 2 KV heads x 8, float32) and a
+        context of 382 plus 130 for a round: 131072 bytes a session; 0.001 GB holds 7."""
+        if self.kv_cache_gb is None:
+            return self.max_sessions or DEFAULT_SESSIONS
+        positions = self.max_context + self.round_room
+        per_session = positions * position_bytes
+        fits = min(round(self.kv_cache_gb * 1e9) // per_session, MAX_SESSIONS)
+        need = (
+            f"a session takes {per_session / 1e9:.6g} GB "
+            f"({positions} positions x {position_bytes} bytes)"
+        )
+        if fits < 1:
+            raise ValueError(
+                f"kv_cache_gb: {self.kv_cache_gb} GB holds no session; {need}: raise "
+                "kv_cache_gb or lower max_context"
+            )
+        if self.max_sessions is not None and self.max_sessions > fits:
+            raise ValueError(
+                f"kv_cache_gb: {self.kv_cache_gb} GB holds {fits} sessions, max_sessions asks "
+                f"for {self.max_sessions}; {need}"
+            )
+        return self.max_sessions or fits

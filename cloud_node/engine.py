@@ -51,7 +51,7 @@ from cloud_node.scheduling import Pace, make_policy
 from cloud_node.validation import OpenRequest, RoundRequest
 from lm.acceptance import Acceptance, PendingRound, accept_batch
 from lm.hidden_codec import EncodedHidden, HiddenEncoding, encode_hidden
-from lm.kv_cache import KVCache
+from lm.kv_cache import KVCache, bytes_per_position
 from lm.model import Transformer
 from lm.sampling import SamplingParams, make_generator
 from lm.tree import TokenTree
@@ -131,11 +131,19 @@ class _PrefillWork:
     )
 
 
+def resolve_config(config: VerifierConfig, model: Transformer) -> VerifierConfig:
+    """`config` resolved for `model` (`VerifierConfig.for_model`: its context, and its
+    sessions from the bytes a cached position takes in the model's dtype), as the engine
+    runs it; the CLI resolves first, so that a misfit is a usage error."""
+    dtype = next(model.parameters()).dtype
+    return config.for_model(model.config.max_seq_len, bytes_per_position(model.config, dtype))
+
+
 class VerifierEngine:
     """Owns the target model and every session's KV-cache row."""
 
     def __init__(self, model: Transformer, config: VerifierConfig) -> None:
-        config = config.for_model(model.config.max_seq_len)
+        config = resolve_config(config, model)
         self.model = model
         self.config = config
         param = next(model.parameters())
@@ -150,6 +158,13 @@ class VerifierEngine:
             config.max_context + config.round_room,
             device=self.device,
             dtype=self.dtype,
+        )
+        log.info(
+            "KV cache: %d sessions x %d positions, %.4g GB (budget: %s GB)",
+            config.max_sessions,
+            self.cache.max_len,
+            self.cache.nbytes / 1e9,
+            config.kv_cache_gb,
         )
         self.sessions: dict[str, Session] = {}
         self.forward_passes = 0
@@ -166,6 +181,7 @@ class VerifierEngine:
             queued=lambda: len(self._rounds) + len(self._prefills),
             rows_in_use=lambda: config.max_sessions - len(self._free_rows),
             rows=config.max_sessions,
+            cache_bytes=self.cache.nbytes,
         )
 
     @property

@@ -1,5 +1,6 @@
 """What a verifier measures of itself: forward passes and how full they were, busy
-time, the rounds and draft tokens it verified, and its sessions, queue and KV rows.
+time, the rounds and draft tokens it verified, and its sessions, queue, KV rows and
+KV-cache bytes.
 
 The engine reports each finished pass (`pass_done`); gauges are read when scraped.
 The same counts feed the node's heartbeat (`totals`), so `edgecloud status` and a
@@ -28,7 +29,9 @@ class VerifierMetrics:
         queued: Callable[[], int],
         rows_in_use: Callable[[], int],
         rows: int,
+        cache_bytes: int,
     ) -> None:
+        """`rows`, `cache_bytes`: the KV cache's sessions and its preallocated size."""
         self.registry = registry = CollectorRegistry()
         self.passes = Counter(
             "edgecloud_verifier_forward_passes",
@@ -71,7 +74,11 @@ class VerifierMetrics:
             "sessions": ("Open sessions", sessions),
             "queue_depth": ("Prefill chunks and rounds waiting for a pass", queued),
             "kv_rows_in_use": ("KV-cache rows held by sessions", rows_in_use),
-            "kv_rows": ("KV-cache rows in all (--max-sessions)", lambda: rows),
+            "kv_rows": (
+                "KV-cache rows in all (--max-sessions, or what --kv-cache-gb holds)",
+                lambda: rows,
+            ),
+            "kv_cache_bytes": ("Bytes preallocated for the KV cache", lambda: cache_bytes),
         }
         for name, (doc, read) in gauges.items():
             Gauge(f"edgecloud_verifier_{name}", doc, registry=registry).set_function(read)

@@ -16,6 +16,7 @@ from edge_node.picker import VerifierPicker
 from edge_node.runtime import EdgeConfig, EdgeRuntime
 from edge_node.types import GenerationRequest
 from protocol.types import Chunk
+from protocol.v1 import generation_pb2 as gpb
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class EdgeNode:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         async for chunk in self.runtime.generate(request):
             yield chunk
+
+    async def models(self) -> list[gpb.ModelInfo]:
+        """What this edge serves, with its vocabulary and context: the gateway's
+        ListModels and /v1/models ask one edge per model (the registry has names only)."""
+        return self.runtime.models()
 
     async def load(self) -> EdgeLoadReport:
         load = self.runtime.load

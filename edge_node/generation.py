@@ -43,7 +43,7 @@ from edge_node.drafters.sources import FALLBACK, make_sources
 from edge_node.modes import MODES
 from edge_node.output import Output, stop_ids
 from edge_node.policy import ShapePolicy
-from edge_node.slm import EdgeLM
+from edge_node.slm import EdgeLM, cache_len
 from edge_node.types import GenerationRequest
 from edge_node.verifier_client import hidden_from_message
 from lm.draft_head import DraftHead
@@ -108,7 +108,17 @@ class Generation:
         head: DraftHead | None = None,
     ) -> None:
         self.request = request
-        self.lm = EdgeLM(model)
+        # Sized to what this request can use (prompt, max_tokens, the draft reserve), not
+        # the model's whole context: 755 MB for an 8192-token SmolLM2-135M in float32.
+        self.lm = EdgeLM(
+            model,
+            cache_len(
+                len(request.prompt_tokens),
+                request.max_tokens,
+                max_tree_nodes,
+                model.config.max_seq_len,
+            ),
+        )
         self.model_name = model_name
         self.executor = executor
         self.session_id = request.request_id or uuid.uuid4().hex

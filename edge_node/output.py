@@ -37,6 +37,7 @@ class Output:
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: FinishReason | None = None
+        self._tokenizer = tokenizer
         self._detok = IncrementalDetokenizer(tokenizer, prompt) if tokenizer else None
 
     @property
@@ -46,20 +47,31 @@ class Output:
     def emit(
         self, tokens: Sequence[int], verified: bool, rollback: Rollback | None = None
     ) -> Chunk:
+        """Appends what of `tokens` the limits leave. With stop strings the tokens go in
+        one at a time: the output ends before the token in which a stop string starts,
+        so it holds (and `GenerationStats.generated_tokens` counts) only the tokens whose
+        text it returns, as OpenAI's `usage` counts the returned completion."""
         tokens = list(tokens[: self.max_tokens - len(self.tokens)])
         end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
         if end is not None:
             tokens = tokens[:end]
+        sent_tokens, sent_chars = len(self.tokens), len(self.text)
+        for step in ([t] for t in tokens) if self.stop else [tokens]:
+            self._append(step, self._detok.push(step) if self._detok else "", sent_chars)
+            if self.done:
+                break
+        if end is not None and not self.done:
+            if self._detok:
+                self._append([], self._detok.flush(), sent_chars)
             self.finish_reason = FinishReason.STOP
-        delta = self._detok.push(tokens) if self._detok else ""
-        if self.finish_reason and self._detok:
-            delta += self._detok.flush()
-        delta = self._cut_at_stop(delta)
-        self.tokens.extend(tokens)
-        self.text += delta
         if self.finish_reason is None and len(self.tokens) >= self.max_tokens:
             self.finish_reason = FinishReason.LENGTH
-        return Chunk(tokens=tuple(tokens), text=delta, verified=verified, rollback=rollback)
+        return Chunk(
+            tokens=tuple(self.tokens[sent_tokens:]),
+            text=self.text[sent_chars:],
+            verified=verified,
+            rollback=rollback,
+        )
 
     def finish(self, reason: FinishReason) -> None:
         """Ends the output for a reason found outside it (a context limit: LENGTH)."""
@@ -74,14 +86,25 @@ class Output:
         self.finish_reason = None
         return Rollback(keep_tokens=keep_tokens, keep_chars=keep_chars)
 
-    def _cut_at_stop(self, delta: str) -> str:
-        if not self.stop or not delta:
-            return delta
-        full = self.text + delta
-        hits = [
-            i for s in self.stop if (i := full.find(s, max(0, len(self.text) - len(s) + 1))) >= 0
-        ]
-        if not hits:
-            return delta
+    def _append(self, tokens: list[int], text: str, sent_chars: int) -> None:
+        """Appends `tokens` and their `text`, cut before the first stop string (never
+        below `sent_chars`, the text of earlier chunks). `tokens` are dropped when the
+        stop string starts before their own text, the last `len(decode(tokens))`
+        characters of `text`: those before it complete tokens held back earlier (a
+        UTF-8 character split across tokens), which are already in the output."""
+        start = len(self.text)
+        self.text += text
+        hit = self._stop_at(start) if self.stop and text else None
+        if hit is None:
+            self.tokens.extend(tokens)
+            return
+        own = len(self._tokenizer.decode(tokens)) if self._tokenizer and tokens else 0
+        if hit > len(self.text) - min(own, len(text)):
+            self.tokens.extend(tokens)
+        self.text = self.text[: max(hit, sent_chars)]
         self.finish_reason = FinishReason.STOP
-        return full[: min(hits)][len(self.text) :]
+
+    def _stop_at(self, start: int) -> int | None:
+        """Where the first stop string that ends past `start` begins, if any."""
+        hits = [i for s in self.stop if (i := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
+        return min(hits, default=None)

@@ -16,12 +16,13 @@ from edge_node.cloud_link import CloudLink
 from edge_node.drafters.sources import make_sources
 from edge_node.generation import Generation
 from edge_node.metrics import EdgeMetrics
+from edge_node.slm import draft_reserve
 from edge_node.types import DraftConfig, GenerationRequest
 from lm.draft_head import DraftHead
 from lm.model import Transformer
 from lm.sampling import SamplingParams
 from lm.tokenizer import Tokenizer
-from protocol.errors import InvalidRequest, ResourceExhausted
+from protocol.errors import InvalidRequest, NotFound, ResourceExhausted
 from protocol.types import ChatMessage, Chunk, GenerationStats, Mode, Request, Schedule
 from protocol.v1 import generation_pb2 as gpb
 
@@ -99,7 +100,9 @@ class EdgeRuntime:
         options = request.options
         request.check_fits(vocab_size=self.model.config.vocab_size, max_context=self.max_context)
         if options.model and options.model != self.config.model_name:
-            raise InvalidRequest(
+            # NOT_FOUND (HTTP 404, OpenAI's model_not_found), as the gateway answers a
+            # model no node serves: a client does not retry it.
+            raise NotFound(
                 f"model: this edge serves {self.config.model_name!r}, got {options.model!r}"
             )
         if isinstance(request.prompt, str):
@@ -112,7 +115,7 @@ class EdgeRuntime:
             raise InvalidRequest("prompt: encodes to no tokens")
         # Drafting needs cache room past the history: one round's tree, and the next
         # one's, drafted while the first is verified (the verifier reserves as much).
-        reserve = 2 * (self.config.max_tree_nodes + 1)
+        reserve = draft_reserve(self.config.max_tree_nodes)
         room = self.max_context - 1 - reserve - len(prompt)
         if room < 1:
             raise InvalidRequest(

@@ -11,6 +11,10 @@ After the verifier answers, `accept` keeps the entries of the accepted nodes (mo
 to `base`, `base + 1`, ...) and drops the rest; the bonus token and any accepted node
 that was never forwarded (the deepest level is proposed from its parent's logits,
 not forwarded) are simply pending: `tokens[cached:]`.
+
+The cache holds what one generation can use (`cache_len`): its prompt, its output and
+the draft reserve, not the model's whole context, and it is allocated at the first
+forward pass, so a generation that never runs the SLM (cloud_only) allocates nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,26 @@ import torch
 
 from lm.kv_cache import KVCache
 from lm.model import Transformer
+
+
+def draft_reserve(max_tree_nodes: int) -> int:
+    """Cache positions drafting needs past the history: one round's tree, and the next
+    one's, drafted in the spare row while the first is verified (pipelining). The
+    verifier reserves as much (`VerifierConfig.round_room`)."""
+    return 2 * (max_tree_nodes + 1)
+
+
+def cache_len(prompt: int, max_tokens: int, max_tree_nodes: int, max_seq_len: int) -> int:
+    """Cache positions a generation can use: `prompt` tokens, `max_tokens` more, and the
+    draft reserve past them; never more than the model's `max_seq_len`.
+
+    While the output is not done the history holds at most prompt + max_tokens - 1
+    tokens; a pipelined draft adds the assumed path, the assumed bonus token and the next
+    tree (at most 2 * max_tree_nodes + 1 entries), so the reserve covers it.
+    Example: a 20-token prompt, max_tokens 100 and 64-node trees need 20 + 100 + 130 =
+    250 positions; the model's 8192 would take 33x the memory.
+    """
+    return min(prompt + max_tokens + draft_reserve(max_tree_nodes), max_seq_len)
 
 
 class EdgeLM:
@@ -39,13 +63,15 @@ class EdgeLM:
         cache: KVCache | None = None,
         row: int = 0,
     ) -> None:
+        """max_len: cache positions (`cache_len`), in [1, max_seq_len]; default the
+        model's max_seq_len. `cache`, `row`: another view's, for `spare`."""
+        limit = model.config.max_seq_len
+        if max_len is not None and not 1 <= max_len <= limit:
+            raise ValueError(f"max_len: must be in [1, {limit}], got {max_len}")
         self.model = model
-        param = next(model.parameters())
-        self.device = param.device
-        self.max_len = max_len or model.config.max_seq_len
-        self.cache = cache or KVCache(
-            model.config, 2, self.max_len, device=param.device, dtype=param.dtype
-        )
+        self.device = next(model.parameters()).device
+        self.max_len = limit if max_len is None else max_len
+        self._cache = cache  # allocated by the first use of `cache`
         self.row = row
         self.tokens: list[int] = []
         # Cache entries [0, base) hold tokens[:base]; draft entries follow.
@@ -56,6 +82,17 @@ class EdgeLM:
     @property
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
+
+    @property
+    def cache(self) -> KVCache:
+        """Both views' K/V, (n_layers, 2, n_kv_heads, max_len, head_dim) each; allocated
+        here on first use (in the worker thread that first forwards, for a generation)."""
+        if self._cache is None:
+            # First use is often inside a forward's inference mode; made there, the buffers
+            # would refuse the in-place moves `accept` and `truncate` make outside it.
+            with torch.inference_mode(False):
+                self._cache = self.model.new_cache(2, self.max_len)
+        return self._cache
 
     def spare(self) -> EdgeLM:
         """A view on the other cache row, for `fork`."""
@@ -79,7 +116,8 @@ class EdgeLM:
             raise ValueError("tokens: must hold at least one token")
         if len(tokens) >= self.max_len:
             raise ValueError(f"tokens: at most {self.max_len - 1} tokens, got {len(tokens)}")
-        self.cache.reset(self.row)
+        if self._cache is not None:
+            self._cache.reset(self.row)
         self.tokens = list(tokens)
         self._draft_positions = {}
         self._base = 0
@@ -143,7 +181,8 @@ class EdgeLM:
             if node not in self._draft_positions:
                 break
             kept.append(self._draft_positions[node])
-        self.cache.keep(self.row, self._base, kept)
+        if self._cache is not None:  # else no drafts to drop: other sources drafted
+            self._cache.keep(self.row, self._base, kept)
         self._base += len(kept)
         self._draft_positions = {}
         self.tokens.extend(tokens)
@@ -159,8 +198,9 @@ class EdgeLM:
             raise ValueError(f"length: must be in [1, {len(self.tokens)}], got {length}")
         self._drop_drafts()
         self.tokens = self.tokens[:length]
-        self.cache.rollback(self.row, min(self.cache.lengths[self.row], length))
-        self._base = self.cache.lengths[self.row]
+        if self._cache is not None:  # nothing is cached before the first forward
+            self._cache.rollback(self.row, min(self._cache.lengths[self.row], length))
+            self._base = self._cache.lengths[self.row]
 
     def _drop_drafts(self) -> None:
         if self._draft_positions:

@@ -22,6 +22,16 @@ from lm.config import ModelConfig
 from lm.device import default_device, default_dtype, host_to_device
 
 
+def bytes_per_position(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes one token takes in one cache row: its key and its value in every layer, so a
+    cache of R rows x L positions takes R * L times this.
+
+    Example: SmolLM2-135M (30 layers, 3 KV heads x 64) in float32 takes
+    2 x 30 x 3 x 64 x 4 = 46080 bytes a position: 755 MB for 2 rows x 8192 positions.
+    """
+    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype.itemsize
+
+
 @dataclass(frozen=True)
 class CacheStep:
     """Where one forward pass writes and reads in the cache.
@@ -69,6 +79,11 @@ class KVCache(nn.Module):
     @property
     def rows(self) -> int:
         return len(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes both buffers hold, allocated up front."""
+        return self.k.nbytes + self.v.nbytes
 
     def rollback(self, row: int, length: int) -> None:
         """Forget everything after the first `length` committed entries of `row`."""

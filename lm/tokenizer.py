@@ -38,6 +38,9 @@ EOS_NAMES = ("<|eos|>", "</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[E
 # Special tokens that close a chat turn (ChatML, Llama 3, Phi-3, Gemma): generation stops
 # on them as on the end-of-sequence token.
 END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
+# Special tokens that open a chat turn (ChatML, Llama 3, Gemma); an instruct model may name one
+# its bos_token (SmolLM2's <|im_start|>), but it marks a turn, not the start of a document.
+START_OF_TURN_NAMES = ("<|im_start|>", "<|start_header_id|>", "<start_of_turn>")
 # Prompt tokens decoded before the first generated one, as context for its leading space.
 PROMPT_CONTEXT_TOKENS = 5
 REPLACEMENT_CHAR = "\ufffd"
@@ -136,15 +139,20 @@ class Tokenizer:
         return self._eos_id
 
     @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """Ids that end a generation: the end-of-sequence token, then every special token
-        spelled like an end of sequence or of a chat turn (EOS_NAMES, END_OF_TURN_NAMES).
-        SmolLM2's ChatML: (2, 0) for <|im_end|> (its eos) and <|endoftext|>."""
-        special = {
+    def special_tokens(self) -> dict[str, int]:
+        """Spelling -> id of every special added token (matched whole, skipped when decoding)."""
+        return {
             added.content: token_id
             for token_id, added in self._inner.get_added_tokens_decoder().items()
             if added.special
         }
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: the end-of-sequence token, then every special token
+        spelled like an end of sequence or of a chat turn (EOS_NAMES, END_OF_TURN_NAMES).
+        SmolLM2's ChatML: (2, 0) for <|im_end|> (its eos) and <|endoftext|>."""
+        special = self.special_tokens
         found = [special[n] for n in (*END_OF_TURN_NAMES, *EOS_NAMES) if n in special]
         first = [] if self._eos_id is None else [self._eos_id]
         return tuple(dict.fromkeys([*first, *found]))
@@ -167,9 +175,30 @@ class Tokenizer:
         adds BOS for Llama-style tokenizers)."""
         return self._inner.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_batch(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[int]]:
+        """`encode` of each text, in parallel (the Rust side uses every core)."""
+        encodings = self._inner.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [encoding.ids for encoding in encodings]
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`; an incomplete UTF-8 sequence decodes to U+FFFD."""
         return self._inner.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save(self, directory: str | Path) -> None:
+        """Write `directory`/tokenizer.json and a tokenizer_config.json naming the bos/eos
+        spellings and chat template this tokenizer was given, so that `from_dir(directory)`
+        (and transformers' AutoTokenizer) load the same tokenizer: how a model read from a
+        `.gguf` file hands its tokenizer to a directory model, e.g. a distilled draft."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._inner.save(str(directory / TOKENIZER_FILE))
+        config: dict[str, object] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        config.update(self._template_tokens)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
     def _special_id(self, field: str, token: str | None, names: Sequence[str]) -> int | None:
         if token is not None:
@@ -177,11 +206,7 @@ class Tokenizer:
             if token_id is None:
                 raise ValueError(f"{field}: {token!r} is not in the vocabulary")
             return token_id
-        special = {
-            added.content: token_id
-            for token_id, added in self._inner.get_added_tokens_decoder().items()
-            if added.special
-        }
+        special = self.special_tokens
         return next((special[name] for name in names if name in special), None)
 
 

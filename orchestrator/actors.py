@@ -14,7 +14,8 @@ Nothing heavier than paths and small dataclasses crosses Ray.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +26,35 @@ from edge_node.actor import EdgeNode
 from edge_node.cloud_link import CloudLinkConfig
 from edge_node.runtime import EdgeConfig
 from orchestrator.heartbeat import HeartbeatTask
-from orchestrator.registry import AsyncRegistry, NodeInfo, NodeStats, connect_async
+from orchestrator.registry import (
+    AsyncRegistry,
+    NodeInfo,
+    NodeStats,
+    check_labels,
+    connect_async,
+)
 from protocol.types import Request
 from protocol.v1 import generation_pb2 as gpb
 from serving.metrics import MetricsEndpoint, serve_metrics
 from serving.server import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+def node_labels(configured: Mapping[str, str]) -> dict[str, str]:
+    """The labels this node registers: those `edgecloud up --label` gave every node,
+    overridden by this Ray node's own (a node type's `labels` in the cluster YAML,
+    `ray start --labels`), so the router can filter on the node's region and tier.
+    Ray's own labels (`ray.io/...`) and names the registry cannot hold are left out."""
+    labels = dict(configured)
+    for key, value in ray.get_runtime_context().get_node_labels().items():
+        if key.startswith("ray.io/"):
+            continue
+        try:
+            labels |= check_labels("labels", {key: value})
+        except ValueError as error:
+            log.info("node label skipped", extra={"reason": str(error)})
+    return labels
 
 
 @dataclass(frozen=True)
@@ -72,8 +97,8 @@ class VerifierActor:
             kind="cloud",
             address=address,
             models=(self.config.model_name,),
-            capacity=self.config.max_sessions,
-            labels=self.spec.labels,
+            capacity=self.verifier.engine.config.max_sessions,  # resolved: a budget sets it
+            labels=node_labels(self.spec.labels),
             metrics_address="" if endpoint is None else f"{host}:{endpoint.port}",
         )
         metrics = self.verifier.engine.metrics
@@ -150,7 +175,7 @@ class EdgeActor(EdgeNode):
             address=f"ray:{self.spec.node_id}",
             models=(self.runtime.config.model_name,),
             capacity=self.runtime.config.max_concurrency,
-            labels=self.spec.labels,
+            labels=node_labels(self.spec.labels),
             metrics_address=metrics_address,
         )
         load = self.runtime.load

@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from orchestrator.config_file import expand_config
 from orchestrator.usage import UsageError
 
-COMMAND_MODULES = ("train", "cloud", "edge", "stack", "loadtest", "flash")
+COMMAND_MODULES = ("train", "cloud", "edge", "stack", "loadtest", "flash", "fetch")
 
 
 def package_version() -> str:

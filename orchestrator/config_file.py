@@ -3,8 +3,9 @@
 `edgecloud up --config stack.toml` reads a TOML (or YAML, if PyYAML is installed)
 table whose keys are the long flags without dashes (`port = 50051`,
 `redis-url = "..."` or `redis_url = "..."`; lists repeat the flag, `true` sets a
-switch). The file's flags replace `--config PATH` on the command line, so flags
-written after it win. Unknown keys and bad values are refused by argparse itself,
+switch, a table repeats it with KEY=VALUE: `[labels]` `region = "eu"` is
+`--labels region=eu`). The file's flags replace `--config PATH` on the command line,
+so flags written after it win. Unknown keys and bad values are refused by argparse itself,
 with the flag's name, exactly as on the command line.
 """
 
@@ -48,8 +49,11 @@ def table_to_argv(table: dict) -> list[str]:
         elif isinstance(value, list):
             for item in value:
                 argv += [flag, str(item)]
-        elif isinstance(value, dict):
-            raise UsageError(f"--config: key {key!r} must be a value or a list, not a table")
+        elif isinstance(value, dict):  # a table: KEY=VALUE pairs, e.g. [labels]
+            for name, item in value.items():
+                if isinstance(item, (dict, list)):
+                    raise UsageError(f"--config: {key}.{name} must be a value, not {item!r}")
+                argv += [flag, f"{name}={item}"]
         else:
             argv += [flag, str(value)]
     return argv

@@ -9,13 +9,14 @@ client gets UNAVAILABLE (its SDK retries only before the first token, too).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import ray
 from grpc import aio
 from prometheus_client import CollectorRegistry, Counter
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -38,6 +39,8 @@ from serving.metrics import RequestMetrics
 log = logging.getLogger(__name__)
 
 EDGE_ATTEMPTS = 3
+# How long ListModels waits for an edge to report a model's vocabulary and context.
+EDGE_MODELS_TIMEOUT_S = 2.0
 
 
 def edge_actor_name(node_id: str) -> str:
@@ -56,6 +59,8 @@ class Gateway(gpb_grpc.GenerationServicer):
         self.registry = registry
         self.default_model = default_model
         self.namespace = namespace
+        # Each model's ModelInfo as an edge serving it reported it (vocabulary, context).
+        self._served: dict[str, gpb.ModelInfo] = {}
         self.metrics = CollectorRegistry()
         self.requests = RequestMetrics(self.metrics)
         self.edge_retries = Counter(
@@ -145,9 +150,36 @@ class Gateway(gpb_grpc.GenerationServicer):
         return gpb.ListModelsResponse(models=await self.models())
 
     async def models(self) -> list[gpb.ModelInfo]:
-        """Every model some live node serves, with the roles serving it."""
+        """Every model some live node serves, with the roles serving it, and its
+        vocabulary and context as an edge serving it reports them (asked once per model;
+        0 while no edge answers: the registry holds names only)."""
         roles: dict[str, set[str]] = {}
+        edges: dict[str, list[str]] = {}
         for node in await self.registry.list_nodes():
             for model in node.info.models:
                 roles.setdefault(model, set()).add(node.info.kind)
-        return [gpb.ModelInfo(name=m, roles=sorted(r)) for m, r in sorted(roles.items())]
+                if node.info.kind == "edge":
+                    edges.setdefault(model, []).append(node.info.node_id)
+        for model, node_ids in edges.items():
+            for node_id in node_ids:
+                if model in self._served:
+                    break
+                for info in await self._edge_models(node_id):
+                    self._served[info.name] = info
+        infos = []
+        for name, kinds in sorted(roles.items()):
+            info = gpb.ModelInfo(name=name, roles=sorted(kinds))
+            if name in self._served:
+                info.vocab_size = self._served[name].vocab_size
+                info.max_context = self._served[name].max_context
+            infos.append(info)
+        return infos
+
+    async def _edge_models(self, node_id: str) -> list[gpb.ModelInfo]:
+        """What an edge actor serves (`EdgeNode.models`); [] if it does not answer."""
+        try:
+            actor = ray.get_actor(edge_actor_name(node_id), self.namespace)
+            return await asyncio.wait_for(actor.models.remote(), EDGE_MODELS_TIMEOUT_S)
+        except (RayError, ValueError, TimeoutError) as error:  # dead, unknown or slow
+            log.info("edge did not list its models", extra={"edge": node_id, "error": str(error)})
+            return []

@@ -67,7 +67,9 @@ def _config_value(value: str) -> str:
 
 
 class RedisServer:
-    """One `redis-server` process on 127.0.0.1; a context manager that always stops it.
+    """One `redis-server` process; a context manager that always stops it. It listens on
+    127.0.0.1, and also on every interface with `bind_all` (for Ray workers on other
+    nodes: give it a password then).
 
     port 0 picks a free port at the first `start`; later `start`s (after `stop`) reuse it,
     so a test can restart the server "in place". `password` sets `requirepass` (the default
@@ -79,6 +81,7 @@ class RedisServer:
         *,
         port: int = 0,
         password: str | None = None,
+        bind_all: bool = False,
         executable: str | Path | None = None,
         startup_timeout_s: float = 10.0,
     ) -> None:
@@ -92,6 +95,7 @@ class RedisServer:
             raise ValueError(f"startup_timeout_s: must be > 0, got {startup_timeout_s!r}")
         self.port = port
         self.password = password
+        self.bind_all = bind_all
         self.executable = Path(executable) if executable is not None else find_redis_server()
         self.startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
@@ -158,7 +162,7 @@ class RedisServer:
         log = workdir / "redis.log"
         lines = [
             f"port {port}",
-            f"bind {HOST}",
+            f"bind {'0.0.0.0' if self.bind_all else HOST}",
             "protected-mode yes",
             "daemonize no",
             'save ""',

@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import ray
 
@@ -28,7 +29,7 @@ from orchestrator.actors import EdgeActor, NodeSpec, VerifierActor
 from orchestrator.gateway import Gateway, edge_actor_name
 from orchestrator.placement import AsyncPlacement
 from orchestrator.redis_server import RedisServer
-from orchestrator.registry import AsyncRegistry, connect_async
+from orchestrator.registry import AsyncRegistry, check_labels, connect_async, redact_url
 from protocol.v1 import generation_pb2 as gpb
 from protocol.v1 import generation_pb2_grpc as gpb_grpc
 from serving.auth import AuthConfig
@@ -71,8 +72,14 @@ class StackConfig:
     tls: TlsConfig | None = None
     # The clients' bearer token; None with insecure_no_auth False generates one.
     client_token: str | None = None
+    # The token edges present to verifiers; None generates one per run. Give one to let
+    # verifiers started outside Ray (`edgecloud cloud serve --redis-url`) join the fleet.
+    verifier_token: str | None = None
     insecure_no_auth: bool = False
-    max_sessions: int = 32
+    # Sessions per verifier actor; None: 32, or as many as `verifier_kv_cache_gb` holds.
+    max_sessions: int | None = None
+    # Each verifier's KV-cache budget in GB (`edgecloud cloud serve --kv-cache-gb`).
+    verifier_kv_cache_gb: float | None = None
     max_tree_nodes: int = 64
     edge_concurrency: int = 16
     draft: DraftConfig = DraftConfig()
@@ -84,7 +91,13 @@ class StackConfig:
     # The edges' SLM dtype (float32/float16/bfloat16); None: the device's default. float16
     # halves the resident part of a flash pack's budget.
     draft_dtype: str | None = None
+    # Labels every node registers (region, tier, ...); a Ray node's own labels override
+    # them for the actors on it (orchestrator/actors.py `node_labels`).
     labels: dict[str, str] = field(default_factory=dict)
+    # GPUs each verifier actor asks Ray for. None: 1 on a cluster (`ray_address`; the
+    # autoscaler adds a GPU node for a verifier waiting for one), and on one machine 1
+    # when it has a GPU, else 0.
+    verifier_gpus: float | None = None
     # Extra delay on every edge-to-verifier round trip, to show a WAN on one machine.
     simulated_rtt_ms: float = 0.0
     # A verifier that leaves a round unanswered this long is treated as failed: the
@@ -96,6 +109,14 @@ class StackConfig:
             raise ValueError(f"edges: must be in [1, 256], got {self.edges}")
         if not 0 <= self.verifiers <= 256:
             raise ValueError(f"verifiers: must be in [0, 256], got {self.verifiers}")
+        if self.verifier_gpus is not None and not 0 <= self.verifier_gpus <= 8:
+            raise ValueError(f"verifier_gpus: must be in [0, 8], got {self.verifier_gpus}")
+        if self.ray_address is not None and self.redis_url is None:
+            raise ValueError(
+                "redis_url: needed with ray_address: one Redis every node reaches "
+                "(deploy/cluster.yaml starts one on the head)"
+            )
+        check_labels("labels", self.labels)
         if not 0 < self.round_timeout_s <= 600:
             raise ValueError(f"round_timeout_s: must be in (0, 600], got {self.round_timeout_s}")
         for name in ("http_port", "metrics_port"):
@@ -134,6 +155,46 @@ class StackConfig:
         return self.model_name or Path(self.target_dir).name
 
 
+def actor_redis_url(url: str, head_ip: str) -> str:
+    """`url` with a loopback host replaced by `head_ip`; other URLs unchanged."""
+    parts = urlsplit(url)
+    if parts.hostname not in ("localhost", "127.0.0.1", "::1"):
+        return url
+    host = f"[{head_ip}]" if ":" in head_ip else head_ip
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@{host}" if credentials else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def driver_node_ip() -> str:
+    """The address of the Ray node this process (`up`, on the head) is attached to, as
+    the cluster knows it: what actors on other nodes dial to reach this machine."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+
+
+async def cluster_redis_url(url: str, head_ip: str) -> str:
+    """The Redis URL as actors on other nodes dial it (`actor_redis_url`), checked from
+    here first, so a Redis listening on loopback only fails with a message, not a hang."""
+    resolved = actor_redis_url(url, head_ip)
+    if resolved == url:
+        return url
+    client = connect_async(resolved)
+    try:
+        await asyncio.wait_for(client.ping(), 10)
+    except Exception as error:
+        raise RuntimeError(
+            f"redis_url: Redis is not reachable at {redact_url(resolved)} (the head's "
+            f"address, for actors on other nodes): {type(error).__name__}; start it with "
+            "--bind 0.0.0.0 and a password, or give a URL every node reaches"
+        ) from None
+    finally:
+        await client.aclose()
+    return resolved
+
+
 class Stack:
     def __init__(self, config: StackConfig, progress: Callable[[str], None] = lambda _: None):
         self.config = config
@@ -145,7 +206,7 @@ class Stack:
         self.client_token = config.client_token
         if self.client_token is None and not config.insecure_no_auth:
             self.client_token = secrets.token_urlsafe(24)
-        self.internal_token = secrets.token_urlsafe(24)
+        self.internal_token = config.verifier_token or secrets.token_urlsafe(24)
         self.verifier_actors: list = []
         self.edge_actors: list = []
         self._started_ray = False
@@ -174,10 +235,16 @@ class Stack:
         self._start_ray()
         local = config.ray_address is None
         bind = "127.0.0.1" if local else "0.0.0.0"
-        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        if not local:
+            actors_redis = await cluster_redis_url(self.redis_url, driver_node_ip())
+        else:
+            actors_redis = self.redis_url
+        gpus = config.verifier_gpus
+        if gpus is None:
+            gpus = 1 if not local or ray.cluster_resources().get("GPU", 0) > 0 else 0
         self.progress(f"starting {config.verifiers} verifier(s) for {config.served_name!r}")
         verifier = ray.remote(VerifierActor).options(
-            resources={"cloud": 1}, num_cpus=0, num_gpus=1 if gpus else 0, max_restarts=3
+            resources={"cloud": 1}, num_cpus=0, num_gpus=gpus, max_restarts=3
         )
         # With a gateway metrics port, every actor serves its own /metrics on a free
         # port of its node (registered as its metrics_address; `edgecloud status`).
@@ -190,10 +257,11 @@ class Stack:
             metrics_port=None if metrics_host is None else 0,
         )
         for i in range(config.verifiers):
-            spec = NodeSpec(f"verifier-{i}", self.redis_url, config.labels)
+            spec = NodeSpec(f"verifier-{i}", actors_redis, config.labels)
             vconfig = VerifierConfig(
                 model_name=config.served_name,
                 max_sessions=config.max_sessions,
+                kv_cache_gb=config.verifier_kv_cache_gb,
                 max_tree_nodes=config.max_tree_nodes,
             )
             self.verifier_actors.append(
@@ -201,7 +269,7 @@ class Stack:
             )
         self.progress(f"starting {config.edges} edge actor(s)")
         for i in range(config.edges):
-            spec = NodeSpec(f"edge-{i}", self.redis_url, config.labels)
+            spec = NodeSpec(f"edge-{i}", actors_redis, config.labels)
             edge = ray.remote(EdgeActor).options(
                 name=edge_actor_name(spec.node_id),
                 namespace=config.namespace,
@@ -233,6 +301,8 @@ class Stack:
                     advertise,
                 )
             )
+        if not local:
+            self.progress("waiting for the actors' nodes (the autoscaler may be adding some)")
         await asyncio.gather(*(a.ready.remote() for a in self.verifier_actors + self.edge_actors))
         self.progress("starting the gateway")
         await self._start_gateway()

@@ -55,7 +55,8 @@ def check_fits_model(
     for i, token in enumerate(prompt_tokens):
         _check_int(f"prompt_tokens[{i}]", token, 0, vocab_size - 1, shown=f"[0, {vocab_size})")
     _check_int("top_k", top_k, 0, vocab_size)
-    _check_int("max_tokens", max_tokens, 1, min(MAX_TOKENS, max_context))
+    limit = min(MAX_TOKENS, max_context)
+    _check_int("max_tokens", max_tokens, 1, limit, shown=_max_tokens_range(f"{limit} here"))
 
 
 def check_prompt(
@@ -122,7 +123,9 @@ def check_generation(
 ) -> None:
     """The per-request generation settings, whatever the model. `mode` is the proto
     enum value; 0 (unset) is allowed and means lossless."""
-    _check_int("max_tokens", max_tokens, 1, MAX_TOKENS)
+    _check_int(
+        "max_tokens", max_tokens, 1, MAX_TOKENS, shown=_max_tokens_range(f"at most {MAX_TOKENS}")
+    )
     check_sampling(temperature, top_k, top_p, seed)
     if mode not in pb.Mode.values():
         names = ", ".join(pb.Mode.keys())
@@ -180,6 +183,12 @@ def check_draft(tree: str, width: int, depth: int, drafter: str = "") -> None:
             )
     _check_int("draft.width", width, 0, MAX_DRAFT_WIDTH)
     _check_int("draft.depth", depth, 0, MAX_DRAFT_DEPTH)
+
+
+def _max_tokens_range(bound: str) -> str:
+    """max_tokens' one range, as both its checks state it: the SDK's (any model) and the
+    server's (its model), e.g. "[1, max_context] (the model's context; 512 here)"."""
+    return f"[1, max_context] (the model's context; {bound})"
 
 
 def _check_int(field: str, value: object, low: int, high: int, shown: str | None = None) -> None:

@@ -39,13 +39,28 @@ LATENCY_BUCKETS = tuple(0.001 * 2**i for i in range(17))
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+def token_gaps(gap: float | None, tokens: int) -> list[float]:
+    """The inter-token latencies, per token, of one stream chunk carrying `tokens` (>= 1)
+    tokens that arrived `gap` after the previous token-carrying chunk: `tokens` values of
+    gap / tokens (ITL per token, as vLLM and guidellm count it, not per chunk). The first
+    chunk (`gap` None) adds tokens - 1 zeros: its tokens after the first came at the first
+    one's instant. So a stream of n tokens adds n - 1 values whatever its chunking. The
+    one definition of the servers' histogram and of `edgecloud loadtest`'s ITL.
+
+    Example: chunks of 3, 2 and 4 tokens at 100, 150 and 230 ms give [0, 0], then
+    token_gaps(50, 2) == [25.0, 25.0], then token_gaps(80, 4) == [20.0] * 4.
+    """
+    if gap is None:
+        return [0.0] * (tokens - 1)
+    return [gap / tokens] * tokens
+
+
 class RequestMetrics:
     """Per generation request, labelled by mode: how it ended and how fast it streamed.
 
     TPOT is (end - first token) / (tokens - 1) per request, as vLLM and guidellm define
-    it; inter-token latency is per token after the first: a chunk of n tokens that
-    arrives t after the previous one counts n observations of t / n (tokens that came
-    with the first one count 0), so each request adds tokens - 1 observations.
+    it; inter-token latency is per token after the first (`token_gaps`), so each request
+    adds tokens - 1 observations.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -94,13 +109,12 @@ class RequestMetrics:
                 async for chunk in chunks:
                     now = time.perf_counter()
                     if count := len(chunk.tokens):
-                        gap = (now - last) / count
+                        gap = None if first is None else now - last
                         if first is None:
                             first = now
                             self.ttft.labels(label).observe(now - start)
-                            gap, count = 0.0, count - 1  # the rest came with the first
-                        for _ in range(count):
-                            itl.observe(gap)
+                        for value in token_gaps(gap, count):
+                            itl.observe(value)
                         last = now
                     tokens += len(chunk.tokens)
                     if chunk.HasField("stats"):

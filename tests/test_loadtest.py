@@ -12,15 +12,28 @@ import pytest
 import edgecloud
 from orchestrator.cli import main
 from orchestrator.loadtest.prompts import load_prompt_file, round_robin_windows
-from orchestrator.loadtest.records import RequestRecord, Slo, percentile, summarize
+from orchestrator.loadtest.records import (
+    RequestRecord,
+    Slo,
+    percentile,
+    summarize,
+    timeline_record,
+)
 from orchestrator.loadtest.report import (
+    PlotCaption,
     RunReport,
     plot_distributions,
     plot_sweep,
     summary_table,
     sweep_table,
 )
-from orchestrator.loadtest.runner import LoadPlan, LoadResult, arrival_offsets, run_load
+from orchestrator.loadtest.runner import (
+    CredentialsRefused,
+    LoadPlan,
+    LoadResult,
+    arrival_offsets,
+    run_load,
+)
 
 # The real stack's fixtures: a verifier, an edge serving Generation in front of it.
 from tests.edge_node.conftest import draft, target, verifier  # noqa: F401
@@ -80,7 +93,14 @@ async def test_closed_loop_cli_writes_counts_that_add_up(edge, tmp_path, capsys)
     for r in done:
         assert r["tpot_ms"] == pytest.approx((r["e2el_ms"] - r["ttft_ms"]) / (MAX_TOKENS - 1))
         assert 0 < r["ttft_ms"] <= r["e2el_ms"] and r["rounds"] >= 1 and r["tau"] >= 1
-        assert len(r["itl_ms"]) >= 1 and r["finish_reason"] == "length"
+        assert r["finish_reason"] == "length"
+        assert len(r["chunk_tokens"]) == len(r["inter_chunk_ms"]) + 1 >= 2
+        assert sum(r["chunk_tokens"]) == MAX_TOKENS
+    # Per-token ITL spreads each chunk's gap over its tokens: the same total time as the
+    # inter-chunk gaps, over one latency per token after each request's first.
+    gaps = [gap for r in done for gap in r["inter_chunk_ms"]]
+    assert summary["mean_inter_chunk_ms"] == pytest.approx(sum(gaps) / len(gaps))
+    assert summary["mean_itl_ms"] == pytest.approx(sum(gaps) / (len(done) * (MAX_TOKENS - 1)))
     assert summary["num_drafts"] == sum(r["rounds"] for r in done)
     assert "Serving Benchmark Result" in capsys.readouterr().out
 
@@ -98,13 +118,46 @@ async def test_open_loop_follows_its_schedule_and_cap(edge):  # noqa: F811
     assert max(r.in_flight for r in result.records) <= 2
 
 
-async def test_wrong_token_errors_are_counted_by_code(edge):  # noqa: F811
-    plan = LoadPlan(concurrency=2, requests=5)
+@pytest.mark.parametrize(
+    "plan,at_most",
+    [
+        (LoadPlan(concurrency=2, requests=40), 2),  # the two in flight
+        (LoadPlan(rate=20.0, requests=40), 10),  # those sent before the first refusal came
+    ],
+)
+async def test_a_refused_token_stops_the_run_at_once(edge, plan, at_most):  # noqa: F811
+    seen = []
     async with edgecloud.AsyncClient(f"127.0.0.1:{edge.port}", token="wrong") as client:
-        result = await run_load({"edge": client}, [PROMPT], plan)
-    summary = summarize(result.records, result.duration_s)
-    assert summary.completed == 0 and summary.errors_by_code == {"UNAUTHENTICATED": 5}
-    assert summary.total_output_tokens == 0 and summary.request_throughput == 0
+        with pytest.raises(CredentialsRefused) as refused:
+            await run_load({"edge": client}, [PROMPT], plan, on_record=seen.append)
+    assert refused.value.record.error_code == "UNAUTHENTICATED"
+    assert 1 <= len(seen) <= at_most and all(r.error_code == "UNAUTHENTICATED" for r in seen)
+
+
+@pytest.mark.parametrize("token", [[], ["--token=s3cret-but-wrong"]])
+async def test_cli_with_no_or_a_wrong_token_exits_2_naming_the_flags(
+    edge,  # noqa: F811
+    token,
+    tmp_path,
+    capsys,
+):
+    out = tmp_path / "results.json"
+    argv = [
+        "loadtest",
+        f"--target=127.0.0.1:{edge.port}",
+        *token,
+        "--concurrency=2",
+        "--requests=40",
+        f"--max-tokens={MAX_TOKENS}",
+        f"--out={out}",
+        "--no-progress",
+    ]
+    assert await asyncio.to_thread(main, argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and "--token/--token-file" in err and "UNAUTHENTICATED" in err
+    assert "s3cret" not in err
+    assert "Mean TTFT" not in captured.out and not out.exists()
 
 
 def test_arrival_schedule_is_a_seeded_poisson_process():
@@ -132,7 +185,8 @@ def record(index: int = 0, **fields) -> RequestRecord:
         start_s=0.0,
         in_flight=1,
         ttft_ms=100.0,
-        itl_ms=(),
+        inter_chunk_ms=(),
+        chunk_tokens=(),
         e2el_ms=400.0,
         output_tokens=4,
     )
@@ -152,9 +206,11 @@ def test_percentiles_interpolate_like_numpy():
 def test_metrics_on_hand_made_records():
     records = [
         # TPOT (400 - 100) / 3 = 100; meets ttft<=150, tpot<=120.
+        # Per-token ITL: (none for the 1st chunk's 1 token), 45, 45, 110.
         record(
             0,
-            itl_ms=(90.0, 110.0),
+            inter_chunk_ms=(90.0, 110.0),
+            chunk_tokens=(1, 2, 1),
             rounds=2,
             draft_tokens=6,
             accepted_tokens=2,
@@ -168,7 +224,9 @@ def test_metrics_on_hand_made_records():
             ttft_ms=200.0,
             e2el_ms=1300.0,
             output_tokens=12,
-            itl_ms=(50.0,),
+            # Per-token ITL: 6 zeros (the 1st chunk's 7 tokens after the first), 5 x 10.
+            inter_chunk_ms=(50.0,),
+            chunk_tokens=(7, 5),
             rounds=3,
             draft_tokens=9,
             accepted_tokens=6,
@@ -177,7 +235,15 @@ def test_metrics_on_hand_made_records():
             cloud_forward_passes=4,
         ),
         # One token: no TPOT, counted as 0 against the SLO (as vLLM does): good.
-        record(2, ttft_ms=50.0, e2el_ms=50.0, output_tokens=1, rounds=1, prompt_tokens=2),
+        record(
+            2,
+            ttft_ms=50.0,
+            e2el_ms=50.0,
+            output_tokens=1,
+            chunk_tokens=(1,),
+            rounds=1,
+            prompt_tokens=2,
+        ),
         record(3, output_tokens=2, error_code="UNAVAILABLE", error="gone"),
         record(4, ttft_ms=None, output_tokens=0, error_code="UNAVAILABLE", error="gone"),
         record(5, ttft_ms=None, output_tokens=0, error_code="INVALID_ARGUMENT", error="top_p"),
@@ -194,7 +260,8 @@ def test_metrics_on_hand_made_records():
     assert s["mean_tpot_ms"] == 100.0 and s["p99_tpot_ms"] == 100.0
     assert s["median_ttft_ms"] == 100.0 and s["mean_ttft_ms"] == pytest.approx(350 / 3)
     assert s["p90_e2el_ms"] == pytest.approx(400 + 0.8 * 900)
-    assert s["mean_itl_ms"] == pytest.approx(250 / 3)
+    assert s["mean_inter_chunk_ms"] == pytest.approx(250 / 3)
+    assert s["mean_itl_ms"] == pytest.approx(250 / 14) and s["median_itl_ms"] == 10.0
     assert (s["num_drafts"], s["num_draft_tokens"], s["num_accepted_tokens"]) == (6, 15, 8)
     assert s["mean_acceptance_length"] == pytest.approx(1 + 8 / 6)
     assert s["draft_acceptance_rate"] == pytest.approx(8 / 15)
@@ -202,7 +269,38 @@ def test_metrics_on_hand_made_records():
     assert s["cloud_passes_per_output_token"] == pytest.approx(7 / 17)
     table = summary_table(summary)
     assert "Request goodput (req/s):" in table and "UNAVAILABLE:" in table
+    assert "Inter-token Latency (per token)" in table and "Mean ITL (ms):" in table
+    assert "Inter-chunk Latency (per streamed chunk)" in table
+    assert "Mean inter-chunk (ms):" in table
     assert summarize(records, 2.0).request_goodput is None
+
+
+def test_per_token_itl_of_a_scripted_timeline():
+    """Chunks of 2, 1, 2 and 1 tokens at 250, 375, 500 and 1000 ms (binary fractions, so
+    the gaps are exact): inter-chunk gaps 125, 125, 500; per token, the first chunk's
+    second token adds 0, then 125 / 1, 2 x 125 / 2 and 500 / 1: 5 latencies for 6 tokens."""
+    scripted = timeline_record(
+        sent=0.0,
+        arrivals=[(0.25, 2), (0.375, 1), (0.5, 2), (1.0, 1)],
+        ended=1.0,
+        index=0,
+        target="t",
+        prompt_index=0,
+        scheduled_s=None,
+        start_s=0.0,
+        in_flight=1,
+    )
+    assert scripted.inter_chunk_ms == (125.0, 125.0, 500.0)
+    assert scripted.itl_ms == (0.0, 125.0, 62.5, 62.5, 500.0)
+    s = summarize([scripted], duration_s=1.0).as_dict()
+    # Sorted 0, 62.5, 62.5, 125, 500: p50 at rank 2, p90 at 3.6, p99 at 3.96.
+    assert s["mean_itl_ms"] == 150.0 and s["median_itl_ms"] == s["p50_itl_ms"] == 62.5
+    assert s["p90_itl_ms"] == pytest.approx(125 + 0.6 * 375, rel=1e-12)  # 350
+    assert s["p99_itl_ms"] == pytest.approx(125 + 0.96 * 375, rel=1e-12)  # 485
+    assert s["mean_tpot_ms"] == 150.0  # the same 750 ms over the same 5 tokens
+    # Per chunk: 125, 125, 500; p90 at rank 1.8.
+    assert s["mean_inter_chunk_ms"] == 250.0 and s["p50_inter_chunk_ms"] == 125.0
+    assert s["p90_inter_chunk_ms"] == pytest.approx(125 + 0.8 * 375, rel=1e-12)  # 425
 
 
 def test_slo_parsing_names_the_problem():
@@ -273,7 +371,10 @@ def test_bad_flags_are_one_line_naming_the_flag(flags, needle, capsys):
 
 
 def test_sweep_table_and_plots(tmp_path):
-    records = tuple(record(i, ttft_ms=10.0 * i + 5, itl_ms=(3.0, 4.0)) for i in range(20))
+    records = tuple(
+        record(i, ttft_ms=10.0 * i + 5, inter_chunk_ms=(3.0, 4.0), chunk_tokens=(1, 2, 1))
+        for i in range(20)
+    )
     runs = [
         RunReport(
             LoadPlan(rate=rate, requests=20),
@@ -284,7 +385,26 @@ def test_sweep_table_and_plots(tmp_path):
     ]
     assert [line.split()[0] for line in sweep_table(runs).splitlines()] == ["rate", "1", "2", "inf"]
     pytest.importorskip("matplotlib")
-    plot_distributions(records, tmp_path / "cdf.png")
-    plot_sweep(runs, tmp_path / "sweep.png")
-    for name in ("cdf.png", "sweep.png"):
+    caption = PlotCaption(
+        targets=("127.0.0.1:50051",),
+        mode="lossless",
+        load="concurrency 8",
+        max_tokens=64,
+        temperature=0.7,
+        requests=20,
+        started_at="2025-01-02T03:04:05+00:00",
+    )
+    figures = {
+        "cdf.png": plot_distributions(records, tmp_path / "cdf.png", caption),
+        "sweep.png": plot_sweep(runs, tmp_path / "sweep.png", caption),
+    }
+    configuration = (
+        "target 127.0.0.1:50051 | mode lossless | concurrency 8 | max_tokens 64 | "
+        "temperature 0.7 | 20 requests | 2025-01-02T03:04:05+00:00"
+    )
+    for name, figure in figures.items():
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+        title, config = figure.get_suptitle().split("\n")
+        assert title.startswith("edgecloud loadtest: latency") and config == configuration
+    panels = [a.get_title() for a in figures["cdf.png"].axes if a.get_visible()]
+    assert "Inter-token Latency (per token)" in panels and len(panels) == 5

@@ -264,6 +264,8 @@ async def test_wrong_or_missing_key_is_an_authentication_error(servers):
         ("temperature", -1.0),
         ("top_k", 10_000),  # beyond this model's vocabulary: the edge's own check
         ("max_tokens", 0),
+        ("max_tokens", 10_000),  # beyond this model's 512-token context: the edge's check
+        ("temperature", 100.5),
         ("seed", -1),
         ("mode", "fast"),
         ("stop", ["x"] * 9),
@@ -303,6 +305,117 @@ async def test_unsupported_openai_options_and_bad_bodies(servers):
             await client.completions.create(
                 model=MODEL_NAME, prompt=PROMPT, extra_body={"draft": {"breadth": 2}}
             )
+        # logprobs: the verifier does not send the target's probabilities back (README).
+        with pytest.raises(openai.BadRequestError) as completion_logprobs:
+            await client.completions.create(model=MODEL_NAME, prompt=PROMPT, logprobs=2)
+        with pytest.raises(openai.BadRequestError) as chat_logprobs:
+            await client.chat.completions.create(
+                model=MODEL_NAME, messages=[{"role": "user", "content": "x"}], logprobs=True
+            )
+    assert (
+        completion_logprobs.value.body["param"] == chat_logprobs.value.body["param"] == "logprobs"
+    )
+
+
+async def test_unknown_fields_are_refused_and_common_client_fields_ignored(servers):
+    """A field this server does not know is a 400 naming it (it would otherwise be
+    dropped without a word); the fields OpenAI clients and load generators commonly
+    send, and edgecloud's own, are accepted."""
+    _, http = servers
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    async with openai_client(http) as client:
+        with pytest.raises(openai.BadRequestError) as unknown:
+            await client.completions.create(
+                model=MODEL_NAME, prompt=PROMPT, extra_body={"top_n": 3, "frequency": 0}
+            )
+        with pytest.raises(openai.BadRequestError) as other_endpoints:
+            await client.completions.create(
+                model=MODEL_NAME, prompt=PROMPT, extra_body={"messages": messages}
+            )
+        chat = await client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=messages,
+            max_tokens=4,
+            temperature=0,
+            user="user-1",
+            metadata={"run": "7"},
+            store=False,
+            service_tier="auto",
+            parallel_tool_calls=False,
+            extra_body={"ignore_eos": True, "mode": "lossless", "top_k": 0, "seed": 1}
+            | {"draft": {}, "adaptive_threshold": 0.5, "priority": 1, "tpot_slo_ms": 50.0}
+            | {"timeout": 30},
+        )
+        completion = await client.completions.create(
+            model=MODEL_NAME,
+            prompt=PROMPT,
+            max_tokens=4,
+            temperature=0,
+            user="user-1",
+            extra_body={"metadata": {"run": "7"}, "store": False, "ignore_eos": True},
+        )
+    assert unknown.value.body["param"] == "frequency"
+    assert unknown.value.body["message"] == (
+        "frequency: not a field of /v1/completions here (unknown: frequency, top_n)"
+    )
+    assert other_endpoints.value.body["param"] == "messages"
+    assert len(chat.choices[0].token_ids) == len(completion.choices[0].token_ids) == 4
+
+
+async def test_temperature_beyond_openais_2_is_accepted_and_max_tokens_reads_alike(servers):
+    """temperature is the gRPC API's [0, 100] (README: a superset of OpenAI's [0, 2]).
+    max_tokens' range reads the same whether the front end (any model) or the edge
+    (its 512-token context) refuses it."""
+    _, http = servers
+    async with openai_client(http) as client:
+        hot = await client.completions.create(
+            model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=2.5, seed=3
+        )
+        refusals = []
+        for max_tokens in (0, 10_000):
+            with pytest.raises(openai.BadRequestError) as caught:
+                await client.completions.create(
+                    model=MODEL_NAME, prompt=PROMPT, max_tokens=max_tokens, temperature=0
+                )
+            refusals.append(caught.value.body["message"])
+    assert len(hot.choices[0].token_ids) == 4
+    assert refusals == [
+        "max_tokens: must be in [1, max_context] (the model's context; at most 1048576), got 0",
+        "max_tokens: must be in [1, max_context] (the model's context; 512 here), got 10000",
+    ]
+
+
+async def test_usage_counts_only_the_tokens_whose_text_is_returned(servers):
+    """A stop string cuts the text before it; the tokens from the one it starts in on
+    are not returned, and usage (and gRPC's generated_tokens) do not count them. A stop
+    at the first character returns nothing and counts nothing."""
+    edge, http = servers
+    prompt = "def add(a, b):"
+    request = dict(model=MODEL_NAME, prompt=prompt, max_tokens=40, temperature=0)
+    async with openai_client(http) as client:
+        full = await client.completions.create(**request)
+        text, tokens = full.choices[0].text, full.choices[0].token_ids
+        assert "\n" in text[1:]  # this model's greedy text has a line break to stop at
+        first = await client.completions.create(**request, stop=[text[0]])
+        line = await client.completions.create(**request, stop=["\n"])
+        stream = await client.completions.create(
+            **request, stop=["\n"], stream=True, stream_options={"include_usage": True}
+        )
+        streamed_text, streamed_tokens, chunks = await collect(stream)
+    async with sdk_client(edge) as sdk:
+        via_grpc = await sdk.generate(prompt, max_tokens=40, stop="\n")
+
+    assert (first.choices[0].text, first.choices[0].token_ids) == ("", [])
+    assert first.usage.completion_tokens == 0
+    choice = line.choices[0]
+    assert choice.text == text[: text.index("\n")] and choice.finish_reason == "stop"
+    assert choice.token_ids == tokens[: len(choice.token_ids)]
+    assert edge.runtime.tokenizer.decode(choice.token_ids) == choice.text
+    assert line.usage.completion_tokens == len(choice.token_ids) < len(tokens)
+    assert (streamed_text, streamed_tokens) == (choice.text, choice.token_ids)
+    assert chunks[-1].usage.completion_tokens == len(choice.token_ids)
+    assert list(via_grpc.tokens) == choice.token_ids
+    assert via_grpc.stats.generated_tokens == len(choice.token_ids)
 
 
 async def test_deadline_is_a_504(servers):
@@ -420,10 +533,34 @@ async def test_seeds_through_sdk_and_http(servers):
     assert over_http[1].choices[0].token_ids == list(cloud.tokens)
 
 
-async def test_server_side_errors_name_their_field_as_param(servers):
-    """A field the edge refuses (not the SDK) still reaches `param`: the model name."""
+async def test_unknown_model_is_a_404_model_not_found_not_retried(servers):
+    """OpenAI's answer (and the gateway's) to a model not served here: 404 with code
+    model_not_found and param `model`, which the openai client does not retry, even
+    with retries on; over gRPC the same check says NOT_FOUND."""
     edge, http = servers
-    async with openai_client(http) as client:
-        with pytest.raises(openai.APIStatusError) as caught:
+    sent: list[str] = []
+
+    async def record(request) -> None:
+        sent.append(request.url.path)
+
+    async with openai.AsyncOpenAI(
+        base_url=f"{http.url}/v1",
+        api_key=CLIENT_TOKEN,
+        max_retries=3,
+        http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [record]}),
+    ) as client:
+        with pytest.raises(openai.NotFoundError) as generated:
             await client.completions.create(model="other-model", prompt=PROMPT, max_tokens=2)
-    assert caught.value.body["param"] == "model"
+        with pytest.raises(openai.NotFoundError) as retrieved:
+            await client.models.retrieve("other-model")
+    async with sdk_client(edge) as sdk:
+        with pytest.raises(edgecloud.EdgecloudError) as via_grpc:
+            await sdk.generate(PROMPT, max_tokens=2, model="other-model")
+
+    assert sent == ["/v1/completions", "/v1/models/other-model"]
+    for error in (generated.value, retrieved.value):
+        assert error.status_code == 404
+        assert error.body["code"] == "model_not_found" and error.body["param"] == "model"
+        assert error.body["type"] == "invalid_request_error"
+    assert "this edge serves 'tiny-target', got 'other-model'" in generated.value.body["message"]
+    assert via_grpc.value.code is grpc.StatusCode.NOT_FOUND

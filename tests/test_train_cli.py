@@ -95,6 +95,23 @@ def test_target_without_tokenizer_is_one_line(trained, tmp_path, capsys):
     assert f"{bare / 'tokenizer.json'}: missing" in _error_line(capsys)
 
 
+def test_target_tokenizer_without_bos_or_eos_is_one_line(trained, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    corpus_dir, model_dir = trained
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((model_dir / name).read_bytes())
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # 256 ids, no special token
+    inner = Tokenizer(models.BPE({symbol: i for i, symbol in enumerate(alphabet)}, []))
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.save(str(bare / "tokenizer.json"))
+    argv = ["eval", "--model", str(bare), "--corpus", str(corpus_dir), "--heldout-fraction"]
+    assert main([*argv, "0.25"]) == 2
+    assert f"{bare}: the tokenizer has no bos or eos token" in _error_line(capsys)
+
+
 def test_draft_with_another_vocabulary_is_one_line(trained, tmp_path, capsys):
     corpus_dir, model_dir = trained
     other = tmp_path / "other"

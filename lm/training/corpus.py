@@ -11,6 +11,10 @@ every Python install carries (the machines here reach no model or data hub).  Le
 - `pydoc_data/` and `encodings/`: generated data (the help topics as one big string, codec
   tables written as thousands of `'\\x00'  # 0x00 -> NULL` lines), not code anyone writes.
 
+Documents are packed into one token stream framed as `document_frame` says for the
+tokenizer at hand: the project's BPE (<|bos|> doc <|eos|>) and any model's own (SmolLM2:
+doc <|endoftext|>).
+
 The held-out split is a pure function of each file's path relative to the corpus root, so every
 tool (train, distill, eval, the benchmarks) recomputes the same split without sharing state, and
 `heldout_digest` names it in one line for a model card.
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lm.tokenizer import BOS_NAMES, END_OF_TURN_NAMES, EOS_NAMES, START_OF_TURN_NAMES, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -130,17 +136,68 @@ def read_texts(paths: Iterable[Path]) -> list[str]:
     return texts
 
 
-def pack(documents: Sequence[Sequence[int]], bos_id: int, eos_id: int) -> torch.Tensor:
-    """Concatenate token documents into one stream, each framed as bos, tokens..., eos.
+@dataclass(frozen=True)
+class DocumentFrame:
+    """The special tokens around every packed document: bos, tokens..., eos (None: left out;
+    `document_frame` never gives both None)."""
 
-    Example: pack([[5, 6], [7]], bos_id=1, eos_id=2) -> tensor([1, 5, 6, 2, 1, 7, 2]).
+    bos: int | None
+    eos: int | None
+
+
+def document_frame(tokenizer: Tokenizer, source: str | Path) -> DocumentFrame:
+    """How documents are framed for `tokenizer`, the one answer every training, distillation
+    and evaluation stream uses, so a model is measured on text framed as it was trained.
+
+    bos and eos are the tokenizer's own, unless one is a chat-turn marker
+    (START_OF_TURN_NAMES, END_OF_TURN_NAMES): an instruct model may name <|im_start|> /
+    <|im_end|> its bos/eos, but it was pretrained on documents ending in its end-of-text
+    token. Such a marker, or a missing id, is replaced by the first special token spelled
+    like a begin / end of sequence (BOS_NAMES, EOS_NAMES), if any.
+
+    Examples: the project's BPE -> (0, 1) for <|bos|>, <|eos|>; SmolLM2-Instruct (bos
+    <|im_start|> = 1, eos <|im_end|> = 2) -> (None, 0) for <|endoftext|>; Llama 3 Instruct
+    (<|begin_of_text|>, <|eot_id|>) -> <|begin_of_text|>, <|end_of_text|>.
+    Raises ValueError naming `source` when neither a bos nor an eos is found.
+    """
+    special = tokenizer.special_tokens
+    turns = {
+        special[name] for name in (*START_OF_TURN_NAMES, *END_OF_TURN_NAMES) if name in special
+    }
+
+    def own_or_named(token_id: int | None, names: Sequence[str]) -> int | None:
+        if token_id is not None and token_id not in turns:
+            return token_id
+        return next((special[name] for name in names if name in special), None)
+
+    frame = DocumentFrame(
+        bos=own_or_named(tokenizer.bos_id, BOS_NAMES), eos=own_or_named(tokenizer.eos_id, EOS_NAMES)
+    )
+    if frame.bos is None and frame.eos is None:
+        raise ValueError(
+            f"{source}: the tokenizer has no bos or eos token to separate documents (none "
+            f"configured, no special token spelled {' '.join((*BOS_NAMES, *EOS_NAMES))})"
+        )
+    return frame
+
+
+def pack(
+    documents: Sequence[Sequence[int]], bos_id: int | None, eos_id: int | None
+) -> torch.Tensor:
+    """Concatenate token documents into one stream, each framed as bos, tokens..., eos (a
+    None id is left out).
+
+    Example: pack([[5, 6], [7]], bos_id=1, eos_id=2) -> tensor([1, 5, 6, 2, 1, 7, 2]);
+    pack([[5, 6], [7]], bos_id=None, eos_id=0) -> tensor([5, 6, 0, 7, 0]).
     Returns: (total,) int64.
     """
+    before = [] if bos_id is None else [bos_id]
+    after = [] if eos_id is None else [eos_id]
     stream: list[int] = []
     for doc in documents:
-        stream.append(bos_id)
+        stream.extend(before)
         stream.extend(doc)
-        stream.append(eos_id)
+        stream.extend(after)
     return torch.tensor(stream, dtype=torch.long)
 
 

@@ -11,7 +11,9 @@ not the corpus's.  So the draft is trained
   (corpus prompts continued by sampling from the target at `temperature`), which is the text the
   draft will be asked to predict at inference.  Each batch mixes the two.
 
-The draft shares the target's tokenizer (the same tokenizer.json bytes are copied next to it).
+The draft shares the target's tokenizer: the same tokenizer.json bytes are copied next to it,
+or, for a `.gguf` target, the tokenizer the file holds is written there.  Corpus documents are
+framed by `corpus.document_frame` of that tokenizer, whatever its special tokens.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from torch import nn
 
 from lm.checkpoint import load_model
 from lm.errors import CheckpointError
 from lm.model import Transformer
 from lm.sampling import SamplingParams
-from lm.training import bpe, corpus
+from lm.tokenizer import Tokenizer
+from lm.training import corpus
 from lm.training.evaluate import evaluate_pair, generate
 from lm.training.train import (
     ModelShape,
@@ -192,25 +194,26 @@ def run_summary(
 def load_target(
     target_dir: str | Path, device: torch.device, context: int | None = None
 ) -> tuple[Transformer, Tokenizer]:
-    """The target model (float32, eval mode, frozen) and its tokenizer.
+    """The target model (float32, eval mode, frozen) and its tokenizer: a model directory
+    with its tokenizer.json (and optional tokenizer_config.json), or a `.gguf` file.
 
     Raises CheckpointError naming the file when the tokenizer is missing, and ValueError
     when training windows of `context` tokens would not fit the target.
     """
     target_dir = Path(target_dir)
-    tokenizer_path = target_dir / "tokenizer.json"
+    tokenizer_path = target_dir if target_dir.suffix == ".gguf" else target_dir / "tokenizer.json"
     if not target_dir.exists():
-        raise CheckpointError(f"{target_dir}: target directory does not exist")
-    if not tokenizer_path.exists():
+        raise CheckpointError(f"{target_dir}: target model does not exist")
+    if not Tokenizer.found_in(target_dir):
         raise CheckpointError(
             f"{tokenizer_path}: missing (the model directory needs its tokenizer)"
         )
+    tokenizer = Tokenizer.from_dir(target_dir)
     target = load_model(target_dir, device=device, dtype=torch.float32)
     target.requires_grad_(False)
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    if tokenizer.get_vocab_size() > target.config.vocab_size:
+    if tokenizer.vocab_size > target.config.vocab_size:
         raise CheckpointError(
-            f"{tokenizer_path}: {tokenizer.get_vocab_size()} tokens, more than the model's "
+            f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more than the model's "
             f"vocab_size {target.config.vocab_size}"
         )
     if context is not None and context > target.config.max_seq_len:
@@ -239,11 +242,17 @@ def distill_draft(
     """
     target_dir, out_dir = Path(target_dir), Path(out_dir)
     target, tokenizer = load_target(target_dir, device, config.context)
-    bos, eos, _ = bpe.special_ids(tokenizer)
-    train_stream, heldout_stream = load_split_streams(split, tokenizer, bos, eos)
+    frame = corpus.document_frame(tokenizer, target_dir)
+    train_stream, heldout_stream = load_split_streams(split, tokenizer, frame)
     pool = load_or_generate_pool(target, train_stream, out_dir, config, distill)
+    # The draft stands in for the target: its config names the target's own bos/eos.
     model_config = dataclasses.replace(
-        shape.model_config(target.config.vocab_size, config.context, bos, eos),
+        shape.model_config(
+            target.config.vocab_size,
+            config.context,
+            target.config.bos_token_id,
+            target.config.eos_token_id,
+        ),
         max_seq_len=target.config.max_seq_len,
     )
     torch.manual_seed(config.seed)

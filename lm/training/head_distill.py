@@ -31,7 +31,7 @@ from torch import nn
 
 from lm.draft_head import DraftHead, DraftHeadConfig, save_head
 from lm.model import Transformer
-from lm.training import bpe, corpus
+from lm.training import corpus
 from lm.training.distill import (
     DistillConfig,
     distill_loss,
@@ -132,8 +132,8 @@ def distill_head(
             f"lookahead: lookahead {shape.lookahead} + start_stride {shape.start_stride} must "
             f"be <= context {config.context}"
         )
-    bos, eos, _ = bpe.special_ids(tokenizer)
-    train_stream, heldout_stream = load_split_streams(split, tokenizer, bos, eos)
+    frame = corpus.document_frame(tokenizer, target_dir)
+    train_stream, heldout_stream = load_split_streams(split, tokenizer, frame)
     pool = load_or_generate_pool(target, train_stream, out_dir, config, distill)
     torch.manual_seed(config.seed)
     head = DraftHead(shape.head_config(target))

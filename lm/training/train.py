@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from torch import nn
 
 from lm.checkpoint import save_model
@@ -32,6 +31,7 @@ from lm.config import ModelConfig
 from lm.device import default_device
 from lm.errors import CheckpointError
 from lm.model import Transformer
+from lm.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 from lm.training import bpe, corpus
 from lm.training.evaluate import perplexity
 
@@ -283,7 +283,9 @@ class ModelShape:
     hidden_dim: int = 768
     tie_embeddings: bool = True
 
-    def model_config(self, vocab_size: int, context: int, bos: int, eos: int) -> ModelConfig:
+    def model_config(
+        self, vocab_size: int, context: int, bos: int | None, eos: int | None
+    ) -> ModelConfig:
         return ModelConfig(
             vocab_size=vocab_size,
             dim=self.dim,
@@ -300,30 +302,39 @@ class ModelShape:
 
 
 def load_split_streams(
-    split: corpus.CorpusSplit, tokenizer: Tokenizer, bos: int, eos: int
+    split: corpus.CorpusSplit, tokenizer: Tokenizer, frame: corpus.DocumentFrame
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Tokenize and pack the training and held-out files: ((n_train,), (n_heldout,) or None)."""
+    """Tokenize and pack the training and held-out files: ((n_train,), (n_heldout,) or None).
+
+    Documents are encoded without the tokenizer's post-processor (a Llama-style one adds a
+    BOS): `frame` alone puts the special tokens around them.
+    """
     streams = []
     for part in ("train", "heldout"):
         paths = split.paths(part)
         if not paths:
             streams.append(None)
             continue
-        encodings = tokenizer.encode_batch(corpus.read_texts(paths))
-        streams.append(corpus.pack([e.ids for e in encodings], bos, eos))
+        documents = tokenizer.encode_batch(corpus.read_texts(paths), add_special_tokens=False)
+        streams.append(corpus.pack(documents, frame.bos, frame.eos))
     return streams[0], streams[1]
 
 
 def save_pretrained(
-    model: Transformer, tokenizer_dir: Path, out_dir: Path, save_dtype: torch.dtype
+    model: Transformer, tokenizer_source: Path, out_dir: Path, save_dtype: torch.dtype
 ) -> None:
-    """HF directory: config.json + model.safetensors in `save_dtype`, and the tokenizer files
-    copied from `tokenizer_dir` (byte for byte, so a draft and its target share one file)."""
+    """HF directory: config.json + model.safetensors in `save_dtype`, and the tokenizer of
+    `tokenizer_source`: a model directory's tokenizer files copied byte for byte (so a draft
+    and its target share one file), or a `.gguf` file's tokenizer written out by
+    `Tokenizer.save`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(copy.deepcopy(model).to(dtype=save_dtype, device="cpu"), out_dir)
-    if tokenizer_dir.resolve() != out_dir.resolve():
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            (out_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
+    if tokenizer_source.suffix == ".gguf" and tokenizer_source.is_file():
+        Tokenizer.from_gguf(tokenizer_source).save(out_dir)
+    elif tokenizer_source.resolve() != out_dir.resolve():
+        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+            if (tokenizer_source / name).is_file():
+                (out_dir / name).write_bytes((tokenizer_source / name).read_bytes())
 
 
 def train_language_model(
@@ -344,17 +355,15 @@ def train_language_model(
     out_dir = Path(out_dir)
     device = default_device() if device is None else device
     checkpoint_path = out_dir / CHECKPOINT_FILE
-    tokenizer_path = out_dir / "tokenizer.json"
-    if checkpoint_path.exists() and tokenizer_path.exists():
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    else:
+    if not (checkpoint_path.exists() and Tokenizer.found_in(out_dir)):
         began = time.perf_counter()
-        tokenizer = bpe.train_bpe(corpus.read_texts(split.paths("train")), vocab_size)
-        bpe.save_tokenizer(tokenizer, out_dir, max_length=config.context)
+        trained = bpe.train_bpe(corpus.read_texts(split.paths("train")), vocab_size)
+        bpe.save_tokenizer(trained, out_dir, max_length=config.context)
         logger.info("trained tokenizer in %.1f s", time.perf_counter() - began)
-    bos, eos, _ = bpe.special_ids(tokenizer)
-    train_stream, heldout_stream = load_split_streams(split, tokenizer, bos, eos)
-    model_config = shape.model_config(tokenizer.get_vocab_size(), config.context, bos, eos)
+    tokenizer = Tokenizer.from_dir(out_dir)
+    frame = corpus.document_frame(tokenizer, out_dir)
+    train_stream, heldout_stream = load_split_streams(split, tokenizer, frame)
+    model_config = shape.model_config(tokenizer.vocab_size, config.context, frame.bos, frame.eos)
     torch.manual_seed(config.seed)
     model = Transformer(model_config)
     init_weights(model, model_config.n_layers)

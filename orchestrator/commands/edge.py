@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--verifier-model", help="model name the verifiers serve")
     serve.add_argument("--verifier-token", help="credential for the verifiers (not the clients')")
-    serve.add_argument("--verifier-token-file")
+    serve.add_argument("--verifier-token-file", help="file holding --verifier-token")
     serve.add_argument(
         "--verifier-ca",
         type=Path,
@@ -60,10 +60,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="also serve the OpenAI-compatible HTTP API on this port (same host, token, TLS)",
     )
-    serve.add_argument("--max-concurrency", type=int, default=16)
-    serve.add_argument("--draft-tree", choices=["beam", "topk", "chain"], default="beam")
-    serve.add_argument("--draft-width", type=int, default=4)
-    serve.add_argument("--draft-depth", type=int, default=6)
+    serve.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=16,
+        help="generations in flight; more get RESOURCE_EXHAUSTED, in [1, 4096] "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--draft-tree",
+        choices=["beam", "topk", "chain"],
+        default="beam",
+        help="draft tree shape when a request names none (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--draft-width",
+        type=int,
+        default=4,
+        help="beams (beam) or branching factor (topk), in [1, 16] (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--draft-depth",
+        type=int,
+        default=6,
+        help="draft tokens along each beam, or tree levels, in [1, 32] (default: %(default)s)",
+    )
     serve.add_argument(
         "--drafter",
         type=drafter_setting,
@@ -71,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="who drafts lossless rounds: the SLM, the recurrent draft head (--head) on the "
         "verifier's hidden state, n-gram lookup in the history (ngram), or auto (per "
         "session, the head or the SLM, whichever yields more tokens per second); edge_only "
-        "and adaptive always use the SLM (default: slm)",
+        "and adaptive always use the SLM (default: %(default)s)",
     )
     serve.add_argument(
         "--head",
@@ -84,7 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["float16", "int8"],
         default="float16",
         help="how verifiers send hidden states for the head: 2 or 1 bytes an element "
-        "(default: float16)",
+        "(default: %(default)s)",
     )
     serve.set_defaults(run=run_serve)
 

@@ -34,7 +34,12 @@ def config_flag(parser: argparse.ArgumentParser) -> None:
 def add_server_flags(parser: argparse.ArgumentParser, *, default_port: int) -> None:
     config_flag(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=default_port,
+        help="gRPC port; 0 picks a free one (default: %(default)s)",
+    )
     parser.add_argument("--auth-token", help="bearer token clients must send")
     parser.add_argument("--auth-token-file", help="file holding the bearer token")
     parser.add_argument(
@@ -43,7 +48,13 @@ def add_server_flags(parser: argparse.ArgumentParser, *, default_port: int) -> N
         help="accept calls without a token (local demos only)",
     )
     tls_flags(parser)
-    parser.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest gRPC message either way, in bytes, in [1024, 2**30]; bigger ones get "
+        "RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
     metrics_flag(parser)
 
 

@@ -28,8 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = flash.add_subparsers(title="flash commands", metavar="COMMAND", required=True)
 
     pack = sub.add_parser("pack", help="write a model's flash layout")
-    pack.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
-    pack.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    pack.add_argument(
+        "model_dir", type=Path, metavar="MODEL_DIR", help="Hugging Face model directory"
+    )
+    pack.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="pack directory to write")
     pack.add_argument("--quantize", choices=sorted(QUANTIZE), help="FFN codes (default: floats)")
     pack.add_argument(
         "--group-size",
@@ -42,46 +44,85 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["float32", "float16", "bfloat16"],
         help="float storage (default: the checkpoint's torch_dtype)",
     )
-    pack.add_argument("--align", type=int, default=4096, help="bundle/layer alignment (4096)")
+    pack.add_argument(
+        "--align",
+        type=int,
+        default=4096,
+        help="bundle/layer alignment in bytes (default: %(default)s)",
+    )
     pack.set_defaults(run=run_pack)
 
     calibrate = sub.add_parser("calibrate", help="train a pack's sparsity predictors")
-    calibrate.add_argument("pack_dir", type=Path, metavar="OUT_DIR")
+    calibrate.add_argument(
+        "pack_dir", type=Path, metavar="OUT_DIR", help="pack directory (flash pack's OUT_DIR)"
+    )
     calibrate.add_argument(
         "--corpus", type=Path, help="directory of source files (default: the Python stdlib)"
     )
-    calibrate.add_argument("--pattern", default="*.py", help="file glob in --corpus (*.py)")
+    calibrate.add_argument(
+        "--pattern", default="*.py", help="file glob in --corpus (default: %(default)s)"
+    )
     calibrate.add_argument("--include-tests", action="store_true", help="keep tests/ packages")
     calibrate.add_argument(
-        "--heldout-fraction", type=float, default=0.05, help="files held out by path hash (0.05)"
+        "--heldout-fraction",
+        type=float,
+        default=0.05,
+        help="share of files held out by path hash (default: %(default)s)",
     )
-    calibrate.add_argument("--tokens", type=int, default=32768, help="training tokens (32768)")
-    calibrate.add_argument("--heldout-tokens", type=int, default=8192, help="(8192)")
-    calibrate.add_argument("--context", type=int, default=256, help="tokens per window (256)")
-    calibrate.add_argument("--rank", type=int, default=64, help="predictor rank (64)")
-    calibrate.add_argument("--steps", type=int, default=400, help="steps per layer (400)")
-    calibrate.add_argument("--batch", type=int, default=1024, help="tokens per step (1024)")
-    calibrate.add_argument("--lr", type=float, default=3e-3)
     calibrate.add_argument(
-        "--recall", type=float, default=0.99, help="target recall on training tokens (0.99)"
+        "--tokens", type=int, default=32768, help="training tokens (default: %(default)s)"
+    )
+    calibrate.add_argument(
+        "--heldout-tokens",
+        type=int,
+        default=8192,
+        help="held-out tokens measured (default: %(default)s)",
+    )
+    calibrate.add_argument(
+        "--context", type=int, default=256, help="tokens per window (default: %(default)s)"
+    )
+    calibrate.add_argument(
+        "--rank", type=int, default=64, help="predictor rank (default: %(default)s)"
+    )
+    calibrate.add_argument(
+        "--steps", type=int, default=400, help="steps per layer (default: %(default)s)"
+    )
+    calibrate.add_argument(
+        "--batch", type=int, default=1024, help="tokens per step (default: %(default)s)"
+    )
+    calibrate.add_argument(
+        "--lr", type=float, default=3e-3, help="predictor learning rate (default: %(default)s)"
+    )
+    calibrate.add_argument(
+        "--recall",
+        type=float,
+        default=0.99,
+        help="target recall on training tokens (default: %(default)s)",
     )
     calibrate.add_argument(
         "--gate-sparsity",
         type=float,
-        help="SwiGLU only: share of gate activations treated as zero (default 0.5)",
+        help="SwiGLU only: share of gate activations treated as zero (default: 0.5)",
     )
-    calibrate.add_argument("--seed", type=int, default=0)
-    calibrate.add_argument("--threads", type=int, help="CPU threads for torch")
+    calibrate.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the training files' order and the predictors' init (default: %(default)s)",
+    )
+    calibrate.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     calibrate.add_argument("--json", action="store_true", help="print one JSON object")
     calibrate.set_defaults(run=run_calibrate)
 
     info = sub.add_parser("info", help="a pack's layout and smallest DRAM budget")
-    info.add_argument("pack_dir", type=Path, metavar="OUT_DIR")
+    info.add_argument(
+        "pack_dir", type=Path, metavar="OUT_DIR", help="pack directory (flash pack's OUT_DIR)"
+    )
     info.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
         default="float32",
-        help="what the edge runs the resident part in (edge serve --dtype; default float32)",
+        help="the resident part's dtype on the edge, as edge serve --dtype (default: %(default)s)",
     )
     info.set_defaults(run=run_info)
 

@@ -19,7 +19,7 @@ from orchestrator.usage import UsageError
 if TYPE_CHECKING:
     from edgecloud import GenerateOptions, TlsOptions
     from orchestrator.loadtest.prompts import Prompt
-    from orchestrator.loadtest.records import Slo
+    from orchestrator.loadtest.records import RequestRecord, Slo
     from orchestrator.loadtest.report import RunReport
     from orchestrator.loadtest.runner import LoadPlan
 
@@ -66,8 +66,11 @@ examples:
       --verifier-metrics 127.0.0.1:9100 --slo tpot=50
 
 Metrics follow `vllm bench serve`: TTFT, TPOT = (e2el - ttft) / (tokens - 1), ITL (per
-streamed chunk: one chunk is one verified round), E2EL, request/output throughput and
-goodput; plus rounds, acceptance per position and cloud forward passes per token.
+token: a chunk of k tokens g ms after the previous one counts k of g/k), E2EL,
+request/output throughput and goodput; plus the inter-chunk latency (the gap between
+streamed chunks: one chunk is one verified round), rounds, acceptance per position and
+cloud forward passes per token. A refused token (UNAUTHENTICATED, PERMISSION_DENIED)
+stops the run at its first request, with exit status 2.
 """
 
 
@@ -85,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="HOST:PORT",
-        help=f"server to load; repeat to spread requests round robin (default {DEFAULT_TARGET})",
+        help=f"server to load; repeat to spread requests round robin (default: {DEFAULT_TARGET})",
     )
     target.add_argument(
         "--allow-remote",
@@ -108,12 +111,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--timeout",
         default="600",
         metavar="S",
-        help="seconds a request may take (default 600); no retries",
+        help="seconds a request may take; no retries (default: %(default)s)",
     )
 
     load = p.add_argument_group("load (closed loop: --concurrency; open loop: --rate)")
     load.add_argument(
-        "--concurrency", metavar="N", help="closed loop: requests kept in flight (default 1)"
+        "--concurrency", metavar="N", help="closed loop: requests kept in flight (default: 1)"
     )
     load.add_argument(
         "--rate",
@@ -125,7 +128,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument(
         "--requests",
         metavar="N",
-        help=f"requests per run (default {DEFAULT_REQUESTS} without --duration)",
+        help=f"requests per run (default: {DEFAULT_REQUESTS} without --duration)",
     )
     load.add_argument(
         "--duration",
@@ -150,21 +153,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prompts.add_argument(
         "--prompt-chars",
         metavar="N",
-        help=f"held-out prompts: characters each (default {DEFAULT_PROMPT_CHARS})",
+        help=f"held-out prompts: characters each (default: {DEFAULT_PROMPT_CHARS})",
     )
 
     gen = p.add_argument_group("generation")
-    gen.add_argument("--mode", default="lossless", help=f"{', '.join(MODES)} (default lossless)")
     gen.add_argument(
-        "--max-tokens", default="128", metavar="N", help="tokens per request (default 128)"
+        "--mode", default="lossless", help=f"{', '.join(MODES)} (default: %(default)s)"
     )
-    gen.add_argument("--temperature", default="0", metavar="T", help="0 = greedy (default)")
-    gen.add_argument("--top-p", default="1", metavar="P", help="nucleus mass; 1 = off (default)")
-    gen.add_argument("--top-k", default="0", metavar="K", help="0 = off (default)")
+    gen.add_argument(
+        "--max-tokens", default="128", metavar="N", help="tokens per request (default: %(default)s)"
+    )
+    gen.add_argument(
+        "--temperature",
+        default="0",
+        metavar="T",
+        help="sampling temperature; 0 = greedy (default: %(default)s)",
+    )
+    gen.add_argument(
+        "--top-p", default="1", metavar="P", help="nucleus mass; 1 = off (default: %(default)s)"
+    )
+    gen.add_argument(
+        "--top-k",
+        default="0",
+        metavar="K",
+        help="sample among the K likeliest tokens; 0 = off (default: %(default)s)",
+    )
     gen.add_argument(
         "--seed",
         metavar="N",
-        help="seeds the arrival schedule (default 0), and request i's sampler with seed + i",
+        help="seeds the arrival schedule, and request i's sampler with seed + i (default: 0; "
+        "samplers unseeded)",
     )
     gen.add_argument(
         "--model", default="", metavar="NAME", help="model name (default: the server's)"
@@ -196,28 +214,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with this draft model on the prompts, against --target serving --model",
     )
     fleet.add_argument(
-        "--rtt-ms", default="0", metavar="MS", help="each edge's mean round trip (default 0)"
+        "--rtt-ms",
+        default="0",
+        metavar="MS",
+        help="each edge's mean round trip (default: %(default)s)",
     )
     fleet.add_argument(
         "--rtt-jitter-ms",
         default="0",
         metavar="MS",
-        help="standard deviation of the round trip, drawn per exchange (default 0)",
+        help="standard deviation of the round trip, drawn per exchange (default: %(default)s)",
     )
     fleet.add_argument(
         "--loss",
         default="0",
         metavar="P",
-        help="chance a message is lost one way and waits --rto-ms for its resend (default 0)",
+        help="chance a message is lost one way and waits --rto-ms for its resend "
+        "(default: %(default)s)",
     )
     fleet.add_argument(
-        "--rto-ms", default="200", metavar="MS", help="retransmission timeout (default 200)"
+        "--rto-ms",
+        default="200",
+        metavar="MS",
+        help="retransmission timeout (default: %(default)s)",
     )
     fleet.add_argument(
         "--edge-scale",
         default="1",
         metavar="X",
-        help="multiplies the recorded drafting time: above 1 for a slower device (default 1)",
+        help="multiplies the recorded drafting time: above 1 for a slower device "
+        "(default: %(default)s)",
     )
     fleet.add_argument(
         "--verifier-metrics",
@@ -301,12 +327,26 @@ def run_loadtest(args: argparse.Namespace) -> int:
         write_results(args.out, config, runs)
         print(f"wrote {args.out}", file=sys.stderr)
     if args.plot:
-        from orchestrator.loadtest.report import plot_distributions, plot_sweep
+        from orchestrator.loadtest.report import (
+            PlotCaption,
+            plot_distributions,
+            plot_sweep,
+            run_label,
+        )
 
+        caption = PlotCaption(
+            targets=tuple(targets),
+            mode=options.mode,
+            load=", ".join(run_label(run.plan) for run in runs),
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            requests=sum(len(run.result.records) for run in runs),
+            started_at=started_at,
+        )
         if len(runs) > 1:
-            plot_sweep(runs, args.plot)
+            plot_sweep(runs, args.plot, caption)
         else:
-            plot_distributions(runs[0].result.records, args.plot)
+            plot_distributions(runs[0].result.records, args.plot, caption)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0 if all(run.summary.completed for run in runs) else 1
 
@@ -336,7 +376,7 @@ class LoadTest:
             summary_table,
             sweep_table,
         )
-        from orchestrator.loadtest.runner import run_load
+        from orchestrator.loadtest.runner import CredentialsRefused, run_load
 
         try:
             clients = {
@@ -356,6 +396,8 @@ class LoadTest:
                     result = await run_load(
                         clients, self.prompts, plan, self.options, on_record=bar
                     )
+                except CredentialsRefused as refused:
+                    raise credentials_error(refused.record, self.token) from None
                 finally:
                     bar.close()
                 run = RunReport(
@@ -369,6 +411,15 @@ class LoadTest:
         if len(runs) > 1:
             print(sweep_table(runs))
         return runs
+
+
+def credentials_error(record: RequestRecord, token: str | None) -> UsageError:
+    """The one line that ends a run whose token a target refused (never the token)."""
+    given = " (none was given)" if token is None else ""
+    return UsageError(
+        f"--token/--token-file: {record.target} answered {record.error_code} "
+        f"({record.error}) and the run stopped there; give the server's client token{given}"
+    )
 
 
 def checked_targets(targets: list[str], allow_remote: bool) -> list[str]:

@@ -91,14 +91,24 @@ def run_fleet_loadtest(args: argparse.Namespace, started_at: str) -> int:
         print(f"wrote {args.out}", file=sys.stderr)
     if args.plot:
         from orchestrator.loadtest.fleet import plot_clients
-        from orchestrator.loadtest.report import plot_distributions
+        from orchestrator.loadtest.report import PlotCaption, plot_distributions
 
+        caption = PlotCaption(
+            targets=(targets[0],),
+            mode=args.mode,
+            load=", ".join(f"{p.plan.clients} emulated edges" for p in points),
+            max_tokens=recording.key.max_tokens,
+            temperature=recording.key.temperature,
+            requests=sum(len(p.result.records) for p in points),
+            started_at=started_at,
+        )
         if len(points) > 1:
             series = [(p.plan.clients, *_tpot(p)) for p in points]
             title = f"{recording.key.describe()}, RTT {plans[0].link.rtt_ms:g} ms"
-            plot_clients({title: {args.mode: series}}, args.plot, slo.tpot_ms if slo else None)
+            slo_ms = slo.tpot_ms if slo else None
+            plot_clients({title: {args.mode: series}}, args.plot, slo_ms, caption)
         else:
-            plot_distributions(points[0].result.records, args.plot)
+            plot_distributions(points[0].result.records, args.plot, caption)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0 if all(p.summary.completed for p in points) else 1
 

@@ -29,8 +29,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from orchestrator.demo_models import DRAFT_DIR, TARGET_DIR
 
     def stack_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--target", type=Path, default=TARGET_DIR, help="target model directory")
-        p.add_argument("--draft", type=Path, default=DRAFT_DIR, help="edge SLM directory")
+        p.add_argument(
+            "--target",
+            type=Path,
+            default=TARGET_DIR,
+            help="target model directory (default: %(default)s)",
+        )
+        p.add_argument(
+            "--draft",
+            type=Path,
+            default=DRAFT_DIR,
+            help="edge SLM directory (default: %(default)s)",
+        )
         p.add_argument(
             "--draft-flash-budget-mb",
             type=float,
@@ -48,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             default="slm",
             help="lossless drafts from the edge SLM (slm), the recurrent head fed the "
             "verifier's hidden state (head), n-gram lookup in the history (ngram), or the "
-            "head or the SLM, whichever is faster per session (auto) (default slm)",
+            "head or the SLM, whichever is faster per session (auto) (default: %(default)s)",
         )
         p.add_argument(
             "--head",
@@ -56,9 +66,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help="draft head for --target, for --drafter head/auto (default: the bundled "
             "head, which fits only the bundled target)",
         )
-        p.add_argument("--edges", type=int, default=2, help="EdgeNode actors (default 2)")
-        p.add_argument("--verifiers", type=int, default=1, help="verifier actors (default 1)")
-        p.add_argument("--redis-url", help="use this Redis instead of a private one")
+        p.add_argument(
+            "--edges", type=int, default=2, help="EdgeNode actors (default: %(default)s)"
+        )
+        p.add_argument(
+            "--verifiers", type=int, default=1, help="verifier actors (default: %(default)s)"
+        )
+        p.add_argument(
+            "--redis-url",
+            default=os.environ.get("EDGECLOUD_REDIS_URL"),
+            help="use this Redis instead of a private one; needed with --ray-address "
+            "(default: $EDGECLOUD_REDIS_URL, which keeps its password off the command line)",
+        )
         p.add_argument(
             "--ray-address", help="attach to this Ray cluster ('auto' for the local one)"
         )
@@ -69,10 +88,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address the gateway, its HTTP API and metrics bind (default: 127.0.0.1)",
+        help="address the gateway, its HTTP API and metrics bind (default: %(default)s)",
     )
     up.add_argument(
-        "--port", type=int, default=50051, help="the gateway's gRPC port (default: 50051)"
+        "--port", type=int, default=50051, help="the gateway's gRPC port (default: %(default)s)"
     )
     up.add_argument(
         "--http-port",
@@ -81,7 +100,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: off; 0 picks a free port)",
     )
     metrics_flag(up)
+    up.add_argument(
+        "--label",
+        "--labels",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label every node registers (repeat it; a config file's [labels] table too); "
+        "a Ray node's own labels (cluster YAML `labels`) override it on that node",
+    )
+    up.add_argument(
+        "--verifier-kv-cache-gb",
+        type=float,
+        help="each verifier's KV-cache budget in GB: its sessions are as many as fit "
+        "(see `edgecloud cloud serve --kv-cache-gb`) (default: none: 32 sessions)",
+    )
+    up.add_argument(
+        "--verifier-gpus",
+        type=float,
+        help="GPUs per verifier actor (default: 1 with --ray-address, so the autoscaler "
+        "adds GPU nodes; on one machine 1 if it has a GPU, else 0)",
+    )
     up.add_argument("--auth-token-file", help="clients' bearer token (default: generated)")
+    up.add_argument(
+        "--verifier-token-file",
+        help="the token edges present to verifiers (default: one generated per run); "
+        "verifiers outside Ray (`edgecloud cloud serve --redis-url`) join with it",
+    )
     up.add_argument("--insecure-no-auth", action="store_true", help="no client token (demo only)")
     tls_flags(up)
     up.set_defaults(run=run_up)
@@ -93,19 +138,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--timeout",
         type=float,
         default=120.0,
-        help="seconds to wait for it to stop its children and exit (default: 120)",
+        help="seconds to wait for it to stop its children and exit (default: %(default)s)",
     )
     down.set_defaults(run=run_down)
 
     demo = subparsers.add_parser("demo", help="run the whole system on this machine, once")
     stack_flags(demo)
-    demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to complete")
-    demo.add_argument("--max-tokens", type=int, default=96, help="tokens to generate (default: 96)")
+    demo.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="text to complete (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--max-tokens", type=int, default=96, help="tokens to generate (default: %(default)s)"
+    )
     demo.add_argument(
         "--rtt-ms",
         type=float,
         default=50.0,
-        help="simulated edge-to-cloud round trip added to every verifier call (default 50)",
+        help="simulated edge-to-cloud round trip added to every verifier call "
+        "(default: %(default)s)",
     )
     demo.set_defaults(run=run_demo)
 
@@ -167,12 +217,8 @@ def progress(message: str) -> None:
 def run_up(args: argparse.Namespace) -> int:
     from orchestrator.stack import Stack
 
-    token = None
-    if args.auth_token_file:
-        try:
-            token = Path(args.auth_token_file).read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"--auth-token-file: cannot read: {exc.strerror}") from exc
+    token = read_token(args.auth_token_file, "--auth-token-file")
+    verifier_token = read_token(args.verifier_token_file, "--verifier-token-file")
     try:
         tls = tls_config(args)
     except ValueError as exc:
@@ -183,8 +229,12 @@ def run_up(args: argparse.Namespace) -> int:
         gateway_port=args.port,
         http_port=args.http_port,
         metrics_port=args.metrics_port,
+        labels=parse_labels(args.label),
+        verifier_gpus=args.verifier_gpus,
+        verifier_kv_cache_gb=args.verifier_kv_cache_gb,
         tls=tls,
         client_token=token,
+        verifier_token=verifier_token,
         insecure_no_auth=args.insecure_no_auth,
     )
 
@@ -244,6 +294,28 @@ def run_up(args: argparse.Namespace) -> int:
     asyncio.run(main())
     progress("stopped")
     return 0
+
+
+def read_token(path: str | None, flag: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read: {exc.strerror}") from exc
+    if not token:
+        raise UsageError(f"{flag}: {path} is empty")
+    return token
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--label: must be KEY=VALUE, got {item!r}")
+        labels[key] = value
+    return labels
 
 
 def read_state(missing_ok: bool = False) -> dict:

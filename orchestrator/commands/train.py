@@ -4,6 +4,8 @@ train: byte-level BPE + a Llama-family model with a ReLU MLP on a corpus of sour
 the running interpreter's standard library).  distill: a smaller draft from a trained target by
 knowledge distillation (ReDrafter's recipe).  eval: held-out perplexity and speed of a model, and
 with --draft the pair's greedy agreement, per-position chain acceptance and expected tau.
+A target (distill --target, eval --model) is a model directory or a `.gguf` file; corpus text
+is tokenized and framed with its own tokenizer (`lm.training.corpus.document_frame`).
 
 Progress goes to stderr; the final summary to stdout.  Both commands resume from
 OUT/checkpoint/ when run again with the same arguments.
@@ -24,7 +26,9 @@ SAVE_DTYPES = ("float32", "bfloat16", "float16")
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train a tokenizer and a target model on a corpus")
     train.add_argument("--out", required=True, type=Path, help="output model directory")
-    train.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (default 4096)")
+    train.add_argument(
+        "--vocab-size", type=int, default=4096, help="BPE vocabulary (default: %(default)s)"
+    )
     _shape_flags(train, dim=256, layers=6, heads=8, kv_heads=4, hidden=768)
     _run_flags(train, steps=1000, batch=8, lr=1e-3)
     train.set_defaults(run=run_train)
@@ -32,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     distill = subparsers.add_parser(
         "distill", help="distill a smaller draft model from a trained target"
     )
-    distill.add_argument("--target", required=True, type=Path, help="trained target directory")
+    distill.add_argument(
+        "--target", required=True, type=Path, help="target model directory or .gguf file"
+    )
     distill.add_argument("--out", required=True, type=Path, help="output draft directory")
     _shape_flags(distill, dim=128, layers=3, heads=4, kv_heads=2, hidden=352)
     _run_flags(distill, steps=1000, batch=16, lr=2e-3)
@@ -40,16 +46,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--generated-fraction",
         type=float,
         default=0.5,
-        help="share of each batch taken from target-generated sequences (default 0.5)",
+        help="share of each batch taken from target-generated sequences (default: %(default)s)",
     )
     distill.add_argument(
-        "--pool-size", type=int, default=512, help="target-generated sequences (default 512)"
+        "--pool-size",
+        type=int,
+        default=512,
+        help="target-generated sequences (default: %(default)s)",
     )
     distill.add_argument(
-        "--prompt-len", type=int, default=32, help="corpus tokens before each generation"
+        "--prompt-len",
+        type=int,
+        default=32,
+        help="corpus tokens before each generation (default: %(default)s)",
     )
     distill.add_argument(
-        "--gen-temperature", type=float, default=1.0, help="target sampling temperature (1)"
+        "--gen-temperature",
+        type=float,
+        default=1.0,
+        help="target sampling temperature (default: %(default)s)",
     )
     distill.add_argument(
         "--head",
@@ -58,35 +73,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "head_config.json + head.safetensors and the --dim .. --untied flags are unused",
     )
     distill.add_argument(
-        "--state-size", type=int, default=256, help="--head: recurrent state width (256)"
+        "--state-size",
+        type=int,
+        default=256,
+        help="--head: recurrent state width (default: %(default)s)",
     )
     distill.add_argument(
-        "--blocks", type=int, default=2, help="--head: residual SiLU blocks over [h ; s] (2)"
+        "--blocks",
+        type=int,
+        default=2,
+        help="--head: residual SiLU blocks over [h ; s] (default: %(default)s)",
     )
     distill.add_argument(
-        "--lookahead", type=int, default=6, help="--head: tokens matched ahead per start (6)"
+        "--lookahead",
+        type=int,
+        default=6,
+        help="--head: tokens matched ahead per start (default: %(default)s)",
     )
     distill.add_argument(
-        "--start-stride", type=int, default=4, help="--head: every Nth position starts (4)"
+        "--start-stride",
+        type=int,
+        default=4,
+        help="--head: every Nth position starts (default: %(default)s)",
     )
     distill.set_defaults(run=run_distill)
 
     evaluate = subparsers.add_parser(
         "eval", help="held-out perplexity and speed of a model (and a draft against it)"
     )
-    evaluate.add_argument("--model", type=Path, help="model directory (default: bundled target)")
+    evaluate.add_argument(
+        "--model", type=Path, help="model directory or .gguf file (default: bundled target)"
+    )
     evaluate.add_argument("--draft", type=Path, help="draft directory: also report agreement/tau")
     _corpus_flags(evaluate)
     evaluate.add_argument("--context", type=int, help="window length (default: model max)")
     evaluate.add_argument("--windows", type=int, help="at most this many held-out windows")
-    evaluate.add_argument("--chains", type=int, default=256, help="prompts for chain acceptance")
-    evaluate.add_argument("--prompt-len", type=int, default=64, help="tokens per chain prompt")
-    evaluate.add_argument("--max-len", type=int, default=8, help="longest chain measured (8)")
+    evaluate.add_argument(
+        "--chains",
+        type=int,
+        default=256,
+        help="prompts for chain acceptance (default: %(default)s)",
+    )
+    evaluate.add_argument(
+        "--prompt-len", type=int, default=64, help="tokens per chain prompt (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--max-len", type=int, default=8, help="longest chain measured (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=64,
+        help="tokens decoded one at a time for the decode speed (default: %(default)s)",
+    )
     evaluate.add_argument(
         "--head", type=Path, help="draft head directory: also report its acceptance per position"
     )
-    evaluate.add_argument("--depth", type=int, default=6, help="--head: draft depth (6)")
-    evaluate.add_argument("--width", type=int, default=4, help="--head: beams per tree (4)")
+    evaluate.add_argument(
+        "--depth", type=int, default=6, help="--head: draft depth (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--width", type=int, default=4, help="--head: beams per tree (default: %(default)s)"
+    )
     _device_flags(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=run_eval)
@@ -96,7 +144,9 @@ def _corpus_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--corpus", type=Path, help="directory of source files (default: the Python stdlib)"
     )
-    parser.add_argument("--pattern", default="*.py", help="file glob in --corpus (default *.py)")
+    parser.add_argument(
+        "--pattern", default="*.py", help="file glob in --corpus (default: %(default)s)"
+    )
     parser.add_argument(
         "--include-tests", action="store_true", help="keep test/ and tests/ packages"
     )
@@ -104,7 +154,8 @@ def _corpus_flags(parser: argparse.ArgumentParser) -> None:
         "--heldout-fraction",
         type=float,
         default=0.05,
-        help="share of files held out by path hash (0.05); use the same value everywhere",
+        help="share of files held out by path hash; use the same value everywhere "
+        "(default: %(default)s)",
     )
 
 
@@ -122,26 +173,59 @@ def _shape_flags(
     kv_heads: int,
     hidden: int,
 ) -> None:
-    parser.add_argument("--dim", type=int, default=dim, help=f"model width (default {dim})")
-    parser.add_argument("--layers", type=int, default=layers, help=f"(default {layers})")
-    parser.add_argument("--heads", type=int, default=heads, help=f"query heads (default {heads})")
-    parser.add_argument("--kv-heads", type=int, default=kv_heads, help=f"(default {kv_heads})")
-    parser.add_argument("--hidden", type=int, default=hidden, help=f"MLP width (default {hidden})")
+    parser.add_argument("--dim", type=int, default=dim, help="model width (default: %(default)s)")
+    parser.add_argument(
+        "--layers", type=int, default=layers, help="transformer layers (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--heads", type=int, default=heads, help="query heads (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--kv-heads",
+        type=int,
+        default=kv_heads,
+        help="key/value heads, dividing --heads (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--hidden", type=int, default=hidden, help="MLP width (default: %(default)s)"
+    )
     parser.add_argument("--untied", action="store_true", help="separate output matrix")
 
 
 def _run_flags(parser: argparse.ArgumentParser, *, steps: int, batch: int, lr: float) -> None:
     _corpus_flags(parser)
-    parser.add_argument("--context", type=int, default=512, help="tokens per window (512)")
-    parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps ({steps})")
-    parser.add_argument("--batch", type=int, default=batch, help=f"windows per step ({batch})")
-    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate ({lr})")
-    parser.add_argument("--warmup", type=int, default=50, help="linear warmup steps (50)")
-    parser.add_argument("--seed", type=int, default=0, help="init and batch seed (0)")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps (100)")
-    parser.add_argument("--log-every", type=int, default=10, help="steps per progress line (10)")
     parser.add_argument(
-        "--save-dtype", choices=SAVE_DTYPES, default="float32", help="weights on disk (float32)"
+        "--context", type=int, default=512, help="tokens per window (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=batch, help="windows per step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=50, help="linear warmup steps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="init and batch seed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="steps between checkpoints (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-every", type=int, default=10, help="steps per progress line (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--save-dtype",
+        choices=SAVE_DTYPES,
+        default="float32",
+        help="weights on disk (default: %(default)s)",
     )
     _device_flags(parser)
 
@@ -381,7 +465,6 @@ def _load_matching_head(path: Path, target, device):
 def run_eval(args: argparse.Namespace) -> int:
     from lm.checkpoint import load_model
     from lm.training import corpus
-    from lm.training.bpe import special_ids
     from lm.training.corpus import sequential_windows
     from lm.training.distill import load_target
     from lm.training.evaluate import (
@@ -393,6 +476,8 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     from lm.training.train import load_split_streams
 
+    if args.decode_tokens < 1:
+        raise UsageError(f"--decode-tokens: must be >= 1, got {args.decode_tokens}")
     if args.model is None:
         from orchestrator.demo_models import TARGET_DIR
 
@@ -406,7 +491,8 @@ def run_eval(args: argparse.Namespace) -> int:
             check_pair(args.model, args.draft, model.config.vocab_size, draft.config.vocab_size)
         head = None if args.head is None else _load_matching_head(args.head, model, device)
         context = args.context or model.config.max_seq_len
-        _, stream = load_split_streams(split, tokenizer, *special_ids(tokenizer)[:2])
+        frame = corpus.document_frame(tokenizer, args.model)
+        _, stream = load_split_streams(split, tokenizer, frame)
         if stream is None:
             raise UsageError(f"--corpus: no held-out files under {split.root}")
         if draft is None:
@@ -446,10 +532,10 @@ def run_eval(args: argparse.Namespace) -> int:
     report["heldout_sha256"] = corpus.heldout_digest(split)
     report["heldout_tokens"] = target.tokens
     report["target_forward_tokens_per_s"] = target.tokens_per_s
-    report["target_decode_tokens_per_s"] = decode_tokens_per_s(model, prompt)
+    report["target_decode_tokens_per_s"] = decode_tokens_per_s(model, prompt, args.decode_tokens)
     if draft is not None:
         report["draft_forward_tokens_per_s"] = pair.draft.tokens_per_s
-        report["draft_decode_tokens_per_s"] = decode_tokens_per_s(draft, prompt)
+        report["draft_decode_tokens_per_s"] = decode_tokens_per_s(draft, prompt, args.decode_tokens)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -1,6 +1,7 @@
 """`edgecloud loadtest`: load a `Generation` server through the SDK and measure it the way
-`vllm bench serve` does (TTFT, TPOT, ITL, E2EL, throughput, goodput), plus the speculative
-decoding figures only this system has (rounds, acceptance, cloud passes per token).
+`vllm bench serve` does (TTFT, TPOT, ITL, E2EL, throughput, goodput), plus what only this
+system has: the inter-chunk latency (one chunk per verified round) and the speculative
+decoding figures (rounds, acceptance, cloud passes per token).
 
 records: per-request records and metric definitions; runner: closed and open loops on
 `edgecloud.AsyncClient`; prompts: prompt files and the held-out corpus; report: tables,
@@ -8,9 +9,16 @@ JSON, plots and the progress bar. The CLI wiring is `orchestrator.commands.loadt
 """
 
 from orchestrator.loadtest.records import RequestRecord, Slo, Summary, percentile, summarize
-from orchestrator.loadtest.runner import LoadPlan, LoadResult, arrival_offsets, run_load
+from orchestrator.loadtest.runner import (
+    CredentialsRefused,
+    LoadPlan,
+    LoadResult,
+    arrival_offsets,
+    run_load,
+)
 
 __all__ = [
+    "CredentialsRefused",
     "LoadPlan",
     "LoadResult",
     "RequestRecord",

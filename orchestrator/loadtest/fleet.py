@@ -37,16 +37,26 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc import aio
 
 from orchestrator.loadtest.recording import RecordedRequest, Recording
-from orchestrator.loadtest.records import RequestRecord, Slo, Summary, summarize
+from orchestrator.loadtest.records import (
+    RequestRecord,
+    Slo,
+    Summary,
+    summarize,
+    timeline_record,
+)
 from protocol.channel import bearer_metadata, open_aio_channel
 from protocol.types import Mode, Schedule
 from protocol.v1 import verification_pb2 as pb
 from protocol.v1 import verification_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from orchestrator.loadtest.report import PlotCaption
 
 FLEET_MODES = (Mode.LOSSLESS, Mode.CLOUD_ONLY)
 
@@ -117,31 +127,6 @@ class FleetResult:
     duration_s: float  # first request sent to last one finished
     rounds: int  # lossless rounds replayed
     mismatched_rounds: int  # of those, replies unlike the recorded ones
-
-
-def timeline_record(
-    *,
-    sent: float,
-    arrivals: Sequence[tuple[float, int]],
-    ended: float,
-    **fields: object,
-) -> RequestRecord:
-    """A request's record from its timeline: sent at `sent` (seconds), then `(time, tokens)`
-    for each reply that brought tokens, ended at `ended`; `fields` are RequestRecord's other
-    fields. TTFT is the first arrival, ITL the gaps between arrivals, TPOT (the record's
-    property) (e2el - ttft) / (tokens - 1).
-
-    Example: sent at 0.0, replies at 0.100 s (3 tokens), 0.150 (2) and 0.230 (4), ended at
-    0.230: TTFT 100 ms, ITL (50, 80) ms, E2EL 230 ms, 9 tokens, TPOT 130 / 8 = 16.25 ms.
-    """
-    times = [at for at, _ in arrivals]
-    return RequestRecord(
-        ttft_ms=(times[0] - sent) * 1000 if times else None,
-        itl_ms=tuple((b - a) * 1000 for a, b in itertools.pairwise(times)),
-        e2el_ms=(ended - sent) * 1000,
-        output_tokens=sum(tokens for _, tokens in arrivals),
-        **fields,
-    )
 
 
 class _Timeline:
@@ -608,10 +593,12 @@ def plot_clients(
     panels: dict[str, dict[str, Sequence[tuple[int, float, float]]]],
     path,
     slo_ms: float | None = None,
+    caption: PlotCaption | None = None,
 ) -> None:
     """TPOT p50 (solid) and p99 (dashed) against clients: one panel per title of `panels`
     (e.g. "greedy, RTT 20 ms"), in it one colour per series (e.g. "lossless"), each a list
-    of (clients, p50 ms, p99 ms). Needs matplotlib (an optional import)."""
+    of (clients, p50 ms, p99 ms), under a title and `caption` when given. Needs matplotlib
+    (an optional import)."""
     from matplotlib.figure import Figure
 
     columns = min(len(panels), 2)
@@ -634,4 +621,6 @@ def plot_clients(
         axes.set_ylabel("TPOT (ms)")
         axes.set_title(title, fontsize=10)
         axes.legend(fontsize=7)
+    if caption is not None:
+        caption.put_on(figure, "edgecloud loadtest: TPOT against emulated edges")
     figure.savefig(path, dpi=120)

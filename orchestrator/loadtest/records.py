@@ -4,9 +4,14 @@ The metric names and definitions are those of `vllm bench serve`, so figures fro
 tools read the same way:
 
 - TTFT (time to first token): from sending the request to the first chunk that carries tokens.
-- ITL (inter-token latency): the gap between two successive chunks that carry tokens. With
-  speculative decoding one chunk carries a whole verified round (several tokens), so, as in
-  vLLM, ITL is per chunk, not per token.
+- ITL (inter-token latency), per token: a chunk of k tokens that arrives g after the
+  previous token-carrying chunk counts k latencies of g / k; the first chunk's tokens after
+  the first count 0 (they came at the first token's instant). So a request of n tokens
+  counts n - 1, whatever its chunking. `serving.metrics.token_gaps` is the definition, the
+  one the servers' inter_token_latency histogram uses too.
+- inter-chunk latency (ours): the gap between two successive chunks that carry tokens. With
+  speculative decoding one chunk carries a whole verified round (several tokens), so this
+  is the time per round as the client sees it; ITL spreads it over the round's tokens.
 - TPOT (time per output token, first excluded): (e2el - ttft) / (output_tokens - 1), for
   requests with more than one output token.
 - E2EL (end-to-end latency): from sending the request to the end of its stream.
@@ -25,6 +30,7 @@ accepted / num_drafts.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import statistics
@@ -32,8 +38,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from serving.metrics import token_gaps
+
 PERCENTILES = (50, 90, 99)
-LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
+LATENCY_METRICS = ("ttft", "tpot", "itl", "inter_chunk", "e2el")
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,11 @@ class RequestRecord:
     start_s: float
     in_flight: int  # requests in flight once this one was sent, itself included
     ttft_ms: float | None  # None when no token arrived
-    itl_ms: tuple[float, ...]  # one gap per token-carrying chunk after the first
+    # One gap per token-carrying chunk after the first.
+    inter_chunk_ms: tuple[float, ...]
+    # Tokens each token-carrying chunk brought, the first included: one more than
+    # inter_chunk_ms (none when no token arrived).
+    chunk_tokens: tuple[int, ...]
     e2el_ms: float
     output_tokens: int  # tokens of the final output (rollbacks applied)
     prompt_tokens: int = 0  # as the server counted them (0 when it never said)
@@ -69,9 +81,31 @@ class RequestRecord:
     error_code: str | None = None
     error: str | None = None
 
+    def __post_init__(self) -> None:
+        if len(self.inter_chunk_ms) != max(len(self.chunk_tokens) - 1, 0):
+            raise ValueError(
+                f"chunk_tokens: one count per chunk, one more than inter_chunk_ms, got "
+                f"{len(self.chunk_tokens)} and {len(self.inter_chunk_ms)}"
+            )
+        if any(tokens < 1 for tokens in self.chunk_tokens):
+            raise ValueError(f"chunk_tokens: each must be >= 1, got {self.chunk_tokens}")
+
     @property
     def success(self) -> bool:
         return self.error_code is None
+
+    @property
+    def itl_ms(self) -> tuple[float, ...]:
+        """Per-token inter-token latencies (`token_gaps` of each chunk): one fewer than the
+        tokens the chunks brought."""
+        if not self.chunk_tokens:
+            return ()
+        gaps = (None, *self.inter_chunk_ms)
+        return tuple(
+            latency
+            for gap, tokens in zip(gaps, self.chunk_tokens, strict=True)
+            for latency in token_gaps(gap, tokens)
+        )
 
     @property
     def tpot_ms(self) -> float | None:
@@ -306,14 +340,42 @@ def summarize(
 
 def latency_samples(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
     """LATENCY_METRICS -> milliseconds over the completed requests: one TTFT, TPOT and E2EL
-    per request (TTFT and TPOT where defined), and every ITL gap."""
+    per request (TTFT and TPOT where defined), every per-token ITL and every inter-chunk
+    gap."""
     done = [r for r in records if r.success]
     return {
         "ttft": [r.ttft_ms for r in done if r.ttft_ms is not None],
         "tpot": [r.tpot_ms for r in done if r.tpot_ms is not None],
-        "itl": [gap for r in done for gap in r.itl_ms],
+        "itl": [latency for r in done for latency in r.itl_ms],
+        "inter_chunk": [gap for r in done for gap in r.inter_chunk_ms],
         "e2el": [r.e2el_ms for r in done],
     }
+
+
+def timeline_record(
+    *,
+    sent: float,
+    arrivals: Sequence[tuple[float, int]],
+    ended: float,
+    **fields: object,
+) -> RequestRecord:
+    """A request's record from its timeline: sent at `sent` (seconds), then `(time, tokens)`
+    for each chunk that brought tokens, ended at `ended`; `fields` are RequestRecord's other
+    fields (`output_tokens`, when not among them, is the tokens that arrived). TTFT is the
+    first arrival, inter-chunk latencies the gaps between arrivals.
+
+    Example: sent at 0.0, chunks at 0.100 s (3 tokens), 0.150 (2) and 0.230 (4), ended at
+    0.230: TTFT 100 ms, inter-chunk (50, 80) ms, per-token ITL (0, 0, 25, 25, 20, 20, 20,
+    20) ms, E2EL 230 ms, 9 tokens, TPOT 130 / 8 = 16.25 ms.
+    """
+    times = [at for at, _ in arrivals]
+    return RequestRecord(
+        ttft_ms=(times[0] - sent) * 1000 if times else None,
+        inter_chunk_ms=tuple((b - a) * 1000 for a, b in itertools.pairwise(times)),
+        chunk_tokens=tuple(tokens for _, tokens in arrivals),
+        e2el_ms=(ended - sent) * 1000,
+        **({"output_tokens": sum(tokens for _, tokens in arrivals)} | fields),
+    )
 
 
 def _ratio(numerator: float, denominator: float) -> float:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.loadtest.records import (
     LATENCY_METRICS,
@@ -20,13 +21,26 @@ from orchestrator.loadtest.records import (
 )
 from orchestrator.loadtest.runner import LoadPlan, LoadResult
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 WIDTH = 50
 TITLES = {
     "ttft": "Time to First Token",
     "tpot": "Time per Output Token (excl. 1st token)",
-    "itl": "Inter-token Latency (per chunk)",
+    "itl": "Inter-token Latency (per token)",
+    "inter_chunk": "Inter-chunk Latency (per streamed chunk)",
     "e2el": "End-to-end Latency",
 }
+# How the summary's rows name each latency.
+LABELS = {
+    "ttft": "TTFT",
+    "tpot": "TPOT",
+    "itl": "ITL",
+    "inter_chunk": "inter-chunk",
+    "e2el": "E2EL",
+}
+DPI = 120
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,31 @@ class RunReport:
     plan: LoadPlan
     result: LoadResult
     summary: Summary
+
+
+@dataclass(frozen=True)
+class PlotCaption:
+    """The run configuration a plot states under its title, so that a PNG read on its
+    own says what was measured."""
+
+    targets: tuple[str, ...]
+    mode: str
+    load: str  # how requests were sent: "concurrency 8", "rate 1/s, rate 2/s", ...
+    max_tokens: int
+    temperature: float
+    requests: int  # requests sent, over every run the plot shows
+    started_at: str  # ISO 8601
+
+    def line(self) -> str:
+        return (
+            f"target {', '.join(self.targets)} | mode {self.mode} | {self.load} | "
+            f"max_tokens {self.max_tokens} | temperature {self.temperature:g} | "
+            f"{self.requests} requests | {self.started_at}"
+        )
+
+    def put_on(self, figure: Figure, title: str) -> None:
+        """`title` over `figure`, this configuration under it."""
+        figure.suptitle(f"{title}\n{self.line()}", fontsize=10)
 
 
 def summary_table(summary: Summary, title: str = "Serving Benchmark Result") -> str:
@@ -61,7 +100,7 @@ def summary_table(summary: Summary, title: str = "Serving Benchmark Result") -> 
     row("Total token throughput (tok/s):", summary.total_token_throughput)
     for metric in LATENCY_METRICS:
         lines.append(TITLES[metric].center(WIDTH, "-"))
-        name = metric.upper()
+        name = LABELS[metric]
         for key, label in (("mean", "Mean"), ("median", "Median"), ("p90", "P90"), ("p99", "P99")):
             row(f"{label} {name} (ms):", s[f"{key}_{metric}_ms"])
     lines.append("Speculative Decoding".center(WIDTH, "-"))
@@ -122,14 +161,18 @@ def plotting_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def plot_distributions(records: Sequence[RequestRecord], path: Path) -> None:
-    """Empirical CDFs of TTFT, TPOT, ITL and E2EL over the completed requests, one panel
-    each, with the median and p99 marked."""
+def plot_distributions(
+    records: Sequence[RequestRecord], path: Path, caption: PlotCaption
+) -> Figure:
+    """Saves to `path` the empirical CDFs of every latency over the completed requests, one
+    panel each with the median and p99 marked, under a title and `caption`; returns the
+    matplotlib Figure."""
     from matplotlib.figure import Figure
 
     samples = latency_samples(records)
-    figure = Figure(figsize=(10, 7), layout="constrained")
-    for axes, metric in zip(figure.subplots(2, 2).flat, LATENCY_METRICS, strict=True):
+    figure = Figure(figsize=(14, 7.5), layout="constrained")
+    panels = list(figure.subplots(2, 3).flat)
+    for axes, metric in zip(panels, LATENCY_METRICS, strict=False):
         values = sorted(samples[metric])
         axes.set_title(TITLES[metric], fontsize=10)
         axes.set_xlabel("ms")
@@ -142,15 +185,20 @@ def plot_distributions(records: Sequence[RequestRecord], path: Path) -> None:
             at = percentile(values, q)
             axes.axvline(at, linestyle=style, color="gray", label=f"p{q} {at:.1f} ms")
         axes.legend(fontsize=8, loc="lower right")
-    figure.savefig(path, dpi=120)
+    for axes in panels[len(LATENCY_METRICS) :]:  # the grid's cells left over
+        axes.set_visible(False)
+    caption.put_on(figure, "edgecloud loadtest: latency distributions")
+    figure.savefig(path, dpi=DPI)
+    return figure
 
 
-def plot_sweep(runs: Sequence[RunReport], path: Path) -> None:
-    """Latency against output throughput, one point per rate: TTFT, TPOT and E2EL panels,
-    median and p99 lines, each point labelled with its rate."""
+def plot_sweep(runs: Sequence[RunReport], path: Path, caption: PlotCaption) -> Figure:
+    """Saves to `path` latency against output throughput, one point per rate: TTFT, TPOT
+    and E2EL panels, median and p99 lines, each point labelled with its rate, under a
+    title and `caption`; returns the matplotlib Figure."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(13, 4), layout="constrained")
+    figure = Figure(figsize=(13, 4.6), layout="constrained")
     throughput = [run.summary.output_throughput for run in runs]
     for axes, metric in zip(figure.subplots(1, 3).flat, ("ttft", "tpot", "e2el"), strict=True):
         for q, marker in ((50, "o-"), (99, "s--")):
@@ -172,7 +220,9 @@ def plot_sweep(runs: Sequence[RunReport], path: Path) -> None:
         axes.set_xlabel("output throughput (tok/s)")
         axes.set_ylabel("ms")
         axes.legend(fontsize=8)
-    figure.savefig(path, dpi=120)
+    caption.put_on(figure, "edgecloud loadtest: latency against throughput, by request rate")
+    figure.savefig(path, dpi=DPI)
+    return figure
 
 
 class Progress:

@@ -10,6 +10,10 @@ Two ways to send it, as in `vllm bench serve`:
 Either stops after `requests` requests, or sends nothing new after `duration_s` seconds
 (requests in flight then run to their end), whichever comes first. Request i uses prompt
 i mod len(prompts) and the client of target i mod len(clients).
+
+A request refused for its credentials (UNAUTHENTICATED, PERMISSION_DENIED) ends the run at
+once, requests in flight cancelled: every other request carries the same token, so the rest
+of the run would only measure refusals.
 """
 
 from __future__ import annotations
@@ -26,9 +30,20 @@ from dataclasses import dataclass
 
 from edgecloud import AsyncClient, EdgecloudError, GenerateOptions
 from orchestrator.loadtest.prompts import Prompt
-from orchestrator.loadtest.records import RequestRecord
+from orchestrator.loadtest.records import RequestRecord, timeline_record
 
 SEED_LIMIT = 2**64
+# gRPC statuses refusing the client's credentials.
+CREDENTIAL_CODES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+
+
+class CredentialsRefused(Exception):
+    """A target refused a request's credentials, which stopped the run; `record` is that
+    request's."""
+
+    def __init__(self, record: RequestRecord) -> None:
+        super().__init__(f"{record.target}: {record.error_code}: {record.error}")
+        self.record = record
 
 
 @dataclass(frozen=True)
@@ -121,16 +136,20 @@ async def run_load(
 
     Every request uses `options`; when `options.seed` is set, request i is seeded with
     seed + i (mod 2**64), so repeated prompts still sample differently yet reproducibly.
-    Failures the SDK reports (`EdgecloudError`) become records with their status code;
+    Failures the SDK reports (`EdgecloudError`) become records with their status code,
+    except a refusal of the credentials, which stops the run with `CredentialsRefused`;
     anything else is a bug and propagates. `on_record` is called as each request ends.
     """
     if not clients or not prompts:
         raise ValueError("clients and prompts: must be non-empty")
     run = _Run(clients, prompts, options, on_record)
-    if plan.concurrency is not None:
-        await run.closed_loop(plan)
-    else:
-        await run.open_loop(plan)
+    try:
+        if plan.concurrency is not None:
+            await run.closed_loop(plan)
+        else:
+            await run.open_loop(plan)
+    except* CredentialsRefused as refused:
+        raise refused.exceptions[0] from None
     duration_s = time.perf_counter() - run.start
     return LoadResult(tuple(run.records[i] for i in sorted(run.records)), duration_s)
 
@@ -168,20 +187,21 @@ class _Run:
                     return
                 await self.issue(index, None)
 
-        await asyncio.gather(*(user() for _ in range(plan.concurrency)))
+        async with asyncio.TaskGroup() as users:  # one failing cancels the others
+            for _ in range(plan.concurrency):
+                users.create_task(user())
 
     async def open_loop(self, plan: LoadPlan) -> None:
         offsets = arrival_offsets(
             plan.rate, plan.seed, count=plan.requests, duration_s=plan.duration_s
         )
         slots = asyncio.Semaphore(plan.max_concurrency) if plan.max_concurrency else None
-        tasks = []
-        for index, offset in enumerate(offsets):
-            delay = offset - self.elapsed()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(self.issue(index, offset, slots)))
-        await asyncio.gather(*tasks)
+        async with asyncio.TaskGroup() as requests:  # one failing ends the schedule too
+            for index, offset in enumerate(offsets):
+                delay = offset - self.elapsed()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                requests.create_task(self.issue(index, offset, slots))
 
     async def issue(
         self, index: int, scheduled_s: float | None, slots: asyncio.Semaphore | None = None
@@ -195,6 +215,8 @@ class _Run:
         self.records[index] = record
         if self.on_record is not None:
             self.on_record(record)
+        if record.error_code in CREDENTIAL_CODES:
+            raise CredentialsRefused(record)
 
     async def measure(self, index: int, scheduled_s: float | None, in_flight: int) -> RequestRecord:
         target, client = self.targets[index % len(self.targets)]
@@ -203,33 +225,33 @@ class _Run:
         if self.options.seed is not None:
             kwargs["seed"] = (self.options.seed + index) % SEED_LIMIT
         sent = time.perf_counter()
-        arrivals: list[float] = []  # when each token-carrying chunk arrived
+        arrivals: list[tuple[float, int]] = []  # (when, tokens) of each token-carrying chunk
         stream, error = None, None
         try:
             stream = client.stream(self.prompts[prompt_index], **kwargs)
             async with stream:
                 async for chunk in stream:
                     if chunk.tokens:
-                        arrivals.append(time.perf_counter())
+                        arrivals.append((time.perf_counter(), len(chunk.tokens)))
         except EdgecloudError as exc:
             error = exc
         ended = time.perf_counter()
         stats = stream.stats if stream is not None and error is None else None
         measured = dict(
+            sent=sent,
+            arrivals=arrivals,
+            ended=ended,
             index=index,
             target=target,
             prompt_index=prompt_index,
             scheduled_s=scheduled_s,
             start_s=sent - self.start,
             in_flight=in_flight,
-            ttft_ms=(arrivals[0] - sent) * 1000 if arrivals else None,
-            itl_ms=tuple((b - a) * 1000 for a, b in itertools.pairwise(arrivals)),
-            e2el_ms=(ended - sent) * 1000,
-            output_tokens=len(stream.tokens) if stream is not None else 0,
+            output_tokens=len(stream.tokens) if stream is not None else 0,  # rollbacks applied
         )
         if error is not None:
-            return RequestRecord(**measured, error_code=error.code.name, error=error.message)
-        return RequestRecord(
+            return timeline_record(**measured, error_code=error.code.name, error=error.message)
+        return timeline_record(
             **measured,
             prompt_tokens=stats.prompt_tokens,
             rounds=stats.rounds,

@@ -25,19 +25,23 @@ gRPC answer a bad field with the same message:
 |                       | token; allowed [0, 100] (wider than OpenAI's [0, 2])          |
 | top_p, seed, stop     | as OpenAI; stop is a string or up to 8 strings                |
 | n, best_of, echo, ... | only their "off" values (UNSUPPORTED); anything else is a 400 |
-| ignore_eos, user, ... | other fields are ignored (load tools send vLLM's ignore_eos:  |
-|                       | the end-of-sequence token still ends a generation here)       |
+|                       | (logprobs: the verifier sends no probabilities back)          |
+| ignore_eos, user, ... | IGNORED: accepted, no effect (load tools send vLLM's          |
+|                       | ignore_eos: the end-of-sequence token still ends a generation)|
+| any other field       | a 400 naming it (`param`)                                     |
 
 Extra fields: `mode` ("lossless" | "adaptive" | "edge_only" | "cloud_only"), `top_k`
-(vLLM's -1 means off, like 0), `draft` {tree, width, depth}, `adaptive_threshold`, and
-`timeout` (seconds; default `HttpConfig.default_timeout_s`). The openai client sends
-them with `extra_body={...}`.
+(vLLM's -1 means off, like 0), `draft` {tree, width, depth}, `adaptive_threshold`,
+`priority`, `tpot_slo_ms`, and `timeout` (seconds; default
+`HttpConfig.default_timeout_s`). The openai client sends them with `extra_body={...}`.
+`usage` counts the tokens returned (a stop string drops the tokens it starts in).
 
 Responses follow OpenAI's schema; each choice also carries `token_ids` (as vLLM does),
 and the response (streaming: its last chunk) an `edgecloud` object with every
 `GenerationStats` field plus `tau`. Errors are OpenAI-style bodies,
-`{"error": {"message", "type", "param", "code"}}`, with `code` the gRPC status name and
-`param` the field the message starts with; statuses are in `serving.errors.HTTP_STATUS`. Every path
+`{"error": {"message", "type", "param", "code"}}`, with `code` the gRPC status name (a
+model not served here: OpenAI's 404 "model_not_found") and `param` the field the
+message starts with; statuses are in `serving.errors.HTTP_STATUS`. Every path
 but /health (open, for load balancers) needs the bearer token, /metrics included.
 
 Rollbacks: adaptive mode may later replace unverified tokens, which an append-only

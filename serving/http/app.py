@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from protocol import types
 from protocol.channel import AUTH_HEADER
-from protocol.errors import InvalidRequest
+from protocol.errors import InvalidRequest, NotFound
 from protocol.v1 import generation_pb2 as gpb
 from serving.auth import bearer_denial
 from serving.http.schema import MAX_BODY_BYTES, HttpConfig, classify, error_body, parse_request
@@ -62,10 +62,10 @@ class _Api:
         name = request.path_params["model"]
         try:
             found = [m for m in await self.models() if m.name == name]
+            if not found:
+                raise NotFound(f"model: {name!r} is not served here")
         except Exception as error:
             return json_error(*classify(error))
-        if not found:
-            return json_error(404, f"model: {name!r} is not served here", "model", "not_found")
         return JSONResponse(self._card(found[0]))
 
     async def completions(self, request: Request) -> Response:

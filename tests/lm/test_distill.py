@@ -132,7 +132,7 @@ def test_tiny_distill_raises_agreement_over_the_untrained_draft(tiny_target, tmp
     torch.manual_seed(config.seed)
     init_weights(untrained, draft.config.n_layers)
     texts = corpus.read_texts(split.paths("heldout"))
-    stream = torch.tensor([i for e in tokenizer.encode_batch(texts) for i in e.ids])
+    stream = torch.tensor([i for ids in tokenizer.encode_batch(texts) for i in ids])
     windows = corpus.sequential_windows(stream, 32, limit=16)
     with torch.no_grad():
         before = greedy_agreement(target, untrained, windows)

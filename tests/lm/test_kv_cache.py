@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lm.kv_cache import KVCache
+from lm.config import ModelConfig
+from lm.kv_cache import KVCache, bytes_per_position
 
 ATOL = 1e-5
 SEQ = [5, 60, 2, 33, 33, 18, 90, 7, 41, 12, 3, 70]
@@ -24,6 +25,19 @@ def test_buffers_shape(tiny_model):
     assert cache.k.shape == (c.n_layers, 3, c.n_kv_heads, 16, c.head_dim)
     assert cache.v.shape == cache.k.shape
     assert cache.lengths == [0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nbytes_is_rows_times_positions_times_bytes_per_position(tiny_model, dtype):
+    cache = KVCache(tiny_model.config, rows=3, max_len=16, device="cpu", dtype=dtype)
+    assert cache.nbytes == 3 * 16 * bytes_per_position(tiny_model.config, dtype)
+
+
+def test_bytes_per_position_replays_its_example():
+    smollm2 = ModelConfig(
+        vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536
+    )
+    assert bytes_per_position(smollm2, torch.float32) == 46080
 
 
 @torch.no_grad()

@@ -142,7 +142,7 @@ def test_timeline_maths_on_a_constructed_example():
         in_flight=1,
     )
     assert record.ttft_ms == pytest.approx(100.0)
-    assert record.itl_ms == pytest.approx((50.0, 80.0))
+    assert record.inter_chunk_ms == pytest.approx((50.0, 80.0))
     assert record.e2el_ms == pytest.approx(230.0)
     assert record.output_tokens == 9
     assert record.tpot_ms == pytest.approx(130.0 / 8)  # 16.25 ms

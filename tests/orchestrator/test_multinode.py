@@ -21,6 +21,7 @@ from ray.cluster_utils import Cluster
 
 import edgecloud
 from orchestrator.actors import NodeSpec
+from orchestrator.redis_server import RedisServer
 from orchestrator.registry import AsyncRegistry, connect_async
 from orchestrator.stack import Stack, StackConfig
 from tests.edge_node.conftest import save_model_pair
@@ -51,8 +52,14 @@ def model_dirs(tmp_path_factory):
     return save_model_pair(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="module")
+def redis_url():
+    with RedisServer() as redis:  # the cluster's one Redis (on loopback, as every node is)
+        yield redis.url
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(cluster, model_dirs):
+async def stack(cluster, model_dirs, redis_url):
     c, _ = cluster
     target, draft = model_dirs
     s = Stack(
@@ -63,6 +70,8 @@ async def stack(cluster, model_dirs):
             verifiers=2,
             gateway_port=0,
             ray_address=c.address,
+            redis_url=redis_url,
+            verifier_gpus=0,  # the cloud nodes here are CPU-only
             # Slow rounds keep generations in flight while a node is killed.
             simulated_rtt_ms=40.0,
         )

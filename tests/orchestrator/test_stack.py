@@ -13,7 +13,7 @@ import ray
 from prometheus_client.parser import text_string_to_metric_families
 
 import edgecloud
-from orchestrator.registry import AsyncRegistry, connect_async
+from orchestrator.registry import AsyncRegistry, NodeInfo, connect_async
 from orchestrator.stack import Stack, StackConfig
 from tests.edge_node.conftest import save_model_pair
 from tests.tiny import MODEL_NAME
@@ -193,6 +193,34 @@ async def test_openai_http_through_the_gateway(stack):
     await client.close()
     assert lossless.choices[0].token_ids == cloud.choices[0].token_ids
     assert len(lossless.choices[0].token_ids) == 16
+
+
+async def test_models_report_the_edges_vocabulary_and_context(stack):
+    """The SDK's list_models (gRPC ListModels) and /v1/models through the gateway give
+    the vocabulary and context an edge reports (the registry holds names only); a model
+    whose edge does not answer (no actor behind it) is listed with what is known."""
+    import openai
+
+    registry = AsyncRegistry(connect_async(stack.redis_url))
+    ghost = NodeInfo(
+        node_id="edge-ghost", kind="edge", address="ray:edge-ghost", models=("ghost",), capacity=1
+    )
+    await registry.register(ghost, ttl_s=60)
+    try:
+        async with edgecloud.AsyncClient(stack.gateway_address, token=stack.client_token) as sdk:
+            models = {m.name: m for m in await sdk.list_models()}
+        client = openai.AsyncOpenAI(base_url=f"{stack.http.url}/v1", api_key=stack.client_token)
+        cards = {m.id: m.edgecloud async for m in client.models.list()}
+        await client.close()
+    finally:
+        await registry.deregister("edge-ghost")
+    served, unknown = models[MODEL_NAME], models["ghost"]
+    assert (served.vocab_size, served.max_context) == (64, 512)
+    assert (unknown.vocab_size, unknown.max_context, tuple(unknown.roles)) == (0, 0, ("edge",))
+    assert cards == {
+        MODEL_NAME: {"roles": ["cloud", "edge"], "vocab_size": 64, "max_context": 512},
+        "ghost": {"roles": ["edge"], "vocab_size": 0, "max_context": 0},
+    }
 
 
 async def test_killed_verifier_leaves_rotation_and_sessions_fail_over(stack):

@@ -117,3 +117,45 @@ def test_a_taken_port_is_refused_before_anything_starts(tmp_path):
     assert "Traceback" not in done.stderr
     assert time.monotonic() - start < 20  # no Redis, Ray or actors were started first
     assert not (tmp_path / "up.json").exists()
+
+
+def test_a_verifier_outside_ray_joins_a_running_up_with_its_token(tmp_path):
+    """Scaling out without a restart: `up --verifiers 0 --verifier-token-file F`, then a
+    `cloud serve --redis-url` that authenticates edges with F registers itself, and the
+    gateway's requests are verified by it (equal to its cloud-only output)."""
+    import edgecloud
+    from orchestrator.demo_models import TARGET_DIR
+
+    state, token = tmp_path / "up.json", tmp_path / "verifier-token"
+    token.write_text("verifier-secret-0123456789\n")
+    up = ServerProcess(
+        [
+            *("up", "--port", "0", "--insecure-no-auth", "--edges", "1", "--verifiers", "0"),
+            *("--verifier-token-file", str(token)),
+        ],
+        timeout=180,
+        log_path=tmp_path / "up.log",
+        env={"EDGECLOUD_STATE": str(state)},
+        listening=re.compile(r"gateway listening on [\w.\-]+:(\d+)"),
+    )
+    verifier = None
+    try:
+        redis_url = json.loads(state.read_text())["redis_url"]
+        verifier = ServerProcess(
+            [
+                *("cloud", "serve", "--model", str(TARGET_DIR), "--port", "0"),
+                *("--auth-token-file", str(token), "--redis-url", redis_url),
+            ],
+            timeout=120,
+            log_path=tmp_path / "verifier.log",
+        )
+        with edgecloud.Client(up.address, timeout=120) as client:
+            lossless = client.generate("def read(path):", max_tokens=16)
+            cloud = client.generate("def read(path):", max_tokens=16, mode="cloud_only")
+        assert lossless.tokens == cloud.tokens and lossless.stats.rounds > 0
+        assert "verifier-secret" not in (tmp_path / "up.log").read_text()
+    finally:
+        if verifier is not None:
+            verifier.stop()
+        up.proc.send_signal(signal.SIGTERM)
+        up.proc.wait(90)

@@ -287,7 +287,10 @@ async def test_deadlines_become_deadline_exceeded(target):
 BAD_CALLS = [
     ({"temperature": 101.0}, "temperature: must be in [0, 100], got 101.0"),
     ({"top_p": -0.1}, "top_p: must be in [0, 1], got -0.1"),
-    ({"max_tokens": 0}, "max_tokens: must be in [1, 1048576], got 0"),
+    (
+        {"max_tokens": 0},
+        "max_tokens: must be in [1, max_context] (the model's context; at most 1048576), got 0",
+    ),
     (
         {"mode": "fast"},
         "mode: must be one of lossless, adaptive, edge_only, cloud_only, got 'fast'",

@@ -25,6 +25,8 @@ def validate_generate_request(
 
 NOT_A_PROMPT = "prompt: must be a str, a sequence of token ids or a list of chat messages"
 EXACTLY_ONE = "prompt: exactly one of prompt, prompt_tokens and messages must be non-empty"
+# max_tokens' range before the model is known (the server names its own context).
+ANY_MODEL = "[1, max_context] (the model's context; at most 1048576)"
 
 
 def valid_request(**fields: object) -> pb.GenerateRequest:
@@ -76,9 +78,13 @@ def test_valid_requests_pass():
             {},
             f"{EXACTLY_ONE}, got more than one",
         ),
-        ({"max_tokens": 0}, {}, "max_tokens: must be in [1, 1048576], got 0"),
-        ({"max_tokens": (1 << 20) + 1}, {}, "max_tokens: must be in [1, 1048576], got 1048577"),
-        ({"max_tokens": 65}, {"max_context": 64}, "max_tokens: must be in [1, 64], got 65"),
+        ({"max_tokens": 0}, {}, f"max_tokens: must be in {ANY_MODEL}, got 0"),
+        ({"max_tokens": (1 << 20) + 1}, {}, f"max_tokens: must be in {ANY_MODEL}, got 1048577"),
+        (
+            {"max_tokens": 65},
+            {"max_context": 64},
+            "max_tokens: must be in [1, max_context] (the model's context; 64 here), got 65",
+        ),
         ({"temperature": 100.5}, {}, "temperature: must be in [0, 100], got 100.5"),
         ({"temperature": -0.5}, {}, "temperature: must be in [0, 100], got -0.5"),
         ({"temperature": float("nan")}, {}, "temperature: must be in [0, 100], got nan"),
@@ -143,8 +149,8 @@ def test_sdk_options_and_server_proto_reject_the_same_values(options):
     [
         ({"seed": -1}, "seed: must be in [0, 2**64), got -1"),
         ({"seed": 2**64}, "seed: must be in [0, 2**64), got 18446744073709551616"),
-        ({"max_tokens": 2**40}, "max_tokens: must be in [1, 1048576], got 1099511627776"),
-        ({"max_tokens": 2.5}, "max_tokens: must be an integer in [1, 1048576], got 2.5"),
+        ({"max_tokens": 2**40}, f"max_tokens: must be in {ANY_MODEL}, got 1099511627776"),
+        ({"max_tokens": 2.5}, f"max_tokens: must be an integer in {ANY_MODEL}, got 2.5"),
         ({"temperature": "hot"}, "temperature: must be in [0, 100], got 'hot'"),
         (
             {"mode": "fast"},
