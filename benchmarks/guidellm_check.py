@@ -91,24 +91,23 @@ def run_guidellm(exe: str, url: str, args: argparse.Namespace, out: Path) -> dic
 
 
 def guidellm_figures(report: dict) -> dict:
-    """The medians GuideLLM reports for its one benchmark (its JSON's `metrics`)."""
+    """Throughput over GuideLLM's benchmark duration, and its latency medians, from its
+    JSON report (`benchmarks[0].metrics`, each a distribution by request status)."""
     [bench] = report["benchmarks"]
     metrics = bench["metrics"]
 
-    def median(name: str) -> float:
-        return metrics[name]["successful"]["median"]
+    def successful(name: str) -> dict:
+        return metrics[name]["successful"]
 
-    def mean(name: str) -> float:
-        return metrics[name]["successful"]["mean"]
-
+    totals = metrics["request_totals"]
     return {
-        "requests": bench["request_totals"]["successful"],
-        "errors": bench["request_totals"]["errored"],
-        "request_throughput": mean("requests_per_second"),
-        "output_throughput": mean("output_tokens_per_second"),
-        "median_ttft_ms": median("time_to_first_token_ms"),
-        "median_itl_ms": median("inter_token_latency_ms"),
-        "median_tpot_ms": median("time_per_output_token_ms"),
+        "requests": totals["successful"],
+        "errors": totals["errored"] + totals["incomplete"],
+        "request_throughput": totals["successful"] / bench["duration"],
+        "output_throughput": successful("output_token_count")["total_sum"] / bench["duration"],
+        "median_ttft_ms": successful("time_to_first_token_ms")["median"],
+        "median_itl_ms": successful("inter_token_latency_ms")["median"],
+        "median_tpot_ms": successful("time_per_output_token_ms")["median"],
     }
 
 
@@ -119,12 +118,16 @@ def run_ours(grpc: str, args: argparse.Namespace, out: Path) -> dict:
         "orchestrator.cli",
         *("loadtest", "--target", grpc, "--concurrency", str(args.concurrency)),
         *("--requests", str(args.requests), "--max-tokens", str(args.output_tokens)),
+        # Held-out text of about --prompt-tokens tokens (the demo tokenizer: ~3 characters
+        # a token), where GuideLLM sends synthetic text of exactly that many.
+        *("--prompt-chars", str(3 * args.prompt_tokens)),
         *("--temperature", "0", "--out", str(out)),
     ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"edgecloud loadtest failed:\n{done.stderr[-3000:]}")
-    summary = json.loads(out.read_text())["summary"]
+    [run] = json.loads(out.read_text())["runs"]
+    summary = run["summary"]
     return {
         "requests": summary["completed"],
         "errors": summary["failed"],
