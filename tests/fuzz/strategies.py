@@ -40,6 +40,7 @@ DOCUMENTED = frozenset(
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.OUT_OF_RANGE,  # a round past the verifier's context
+        grpc.StatusCode.NOT_FOUND,  # a model no node (or not this edge) serves
     }
 )
 # Seconds a fuzz call may take; longer ones end with DEADLINE_EXCEEDED, documented.
