@@ -126,3 +126,24 @@ def drafter_setting(value: str) -> str:
         names = ", ".join(SETTINGS)
         raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {names})")
     return value
+
+
+def corpus_flags(parser: argparse.ArgumentParser) -> None:
+    """The training corpus and its held-out split, as `train`, `distill`, `eval` and
+    `flash calibrate` take them (the same split everywhere for one --heldout-fraction)."""
+    parser.add_argument(
+        "--corpus", type=Path, help="directory of source files (default: the Python stdlib)"
+    )
+    parser.add_argument(
+        "--pattern", default="*.py", help="file glob in --corpus (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--include-tests", action="store_true", help="keep test/ and tests/ packages"
+    )
+    parser.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.05,
+        help="share of files held out by path hash; use the same value everywhere "
+        "(default: %(default)s)",
+    )

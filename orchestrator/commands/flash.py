@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from orchestrator.commands.flags import corpus_flags
 from orchestrator.usage import UsageError
 
 QUANTIZE = {"int8": 8, "int4": 4}
@@ -56,19 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     calibrate.add_argument(
         "pack_dir", type=Path, metavar="OUT_DIR", help="pack directory (flash pack's OUT_DIR)"
     )
-    calibrate.add_argument(
-        "--corpus", type=Path, help="directory of source files (default: the Python stdlib)"
-    )
-    calibrate.add_argument(
-        "--pattern", default="*.py", help="file glob in --corpus (default: %(default)s)"
-    )
-    calibrate.add_argument("--include-tests", action="store_true", help="keep tests/ packages")
-    calibrate.add_argument(
-        "--heldout-fraction",
-        type=float,
-        default=0.05,
-        help="share of files held out by path hash (default: %(default)s)",
-    )
+    corpus_flags(calibrate)
     calibrate.add_argument(
         "--tokens", type=int, default=32768, help="training tokens (default: %(default)s)"
     )

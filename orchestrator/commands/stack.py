@@ -189,27 +189,28 @@ def stack_config(args: argparse.Namespace, **extra):
     from orchestrator.demo_models import HEAD_DIR, TARGET_DIR
     from orchestrator.stack import StackConfig
 
+    models = {"target": args.target, "draft": args.draft}
     if args.model is not None:
-        args.target, args.draft = real_pair(args.model)
+        models["target"], models["draft"] = real_pair(args.model)
         extra.setdefault("model_name", args.model)
     for flag in ("target", "draft"):
         name = "config.json"
         if flag == "draft" and args.draft_flash_budget_mb is not None:
             name = "manifest.json"  # a flash pack
-        path = getattr(args, flag)
+        path = models[flag]
         if not ((path / name).exists() or (path.suffix == ".gguf" and path.is_file())):
             raise UsageError(f"--{flag}: {path} holds no model ({name} or a .gguf file)")
     head = args.head
     if head is None and needs_head(args.drafter):
-        if args.target.resolve() != TARGET_DIR.resolve():
+        if models["target"].resolve() != TARGET_DIR.resolve():
             raise UsageError(f"--head: needed with --drafter {args.drafter} and your own --target")
         head = HEAD_DIR
     if head is not None and not (head / "head_config.json").exists():
         raise UsageError(f"--head: {head} holds no draft head (head_config.json)")
     try:
         return StackConfig(
-            target_dir=args.target,
-            draft_dir=args.draft,
+            target_dir=models["target"],
+            draft_dir=models["draft"],
             draft=DraftConfig(drafter=args.drafter),
             head_dir=head,
             edges=args.edges,

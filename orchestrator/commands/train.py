@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from orchestrator.commands.flags import corpus_flags
 from orchestrator.usage import UsageError
 
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
@@ -105,7 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", type=Path, help="model directory or .gguf file (default: bundled target)"
     )
     evaluate.add_argument("--draft", type=Path, help="draft directory: also report agreement/tau")
-    _corpus_flags(evaluate)
+    corpus_flags(evaluate)
     evaluate.add_argument("--context", type=int, help="window length (default: model max)")
     evaluate.add_argument("--windows", type=int, help="at most this many held-out windows")
     evaluate.add_argument(
@@ -138,25 +139,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _device_flags(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=run_eval)
-
-
-def _corpus_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--corpus", type=Path, help="directory of source files (default: the Python stdlib)"
-    )
-    parser.add_argument(
-        "--pattern", default="*.py", help="file glob in --corpus (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--include-tests", action="store_true", help="keep test/ and tests/ packages"
-    )
-    parser.add_argument(
-        "--heldout-fraction",
-        type=float,
-        default=0.05,
-        help="share of files held out by path hash; use the same value everywhere "
-        "(default: %(default)s)",
-    )
 
 
 def _device_flags(parser: argparse.ArgumentParser) -> None:
@@ -193,7 +175,7 @@ def _shape_flags(
 
 
 def _run_flags(parser: argparse.ArgumentParser, *, steps: int, batch: int, lr: float) -> None:
-    _corpus_flags(parser)
+    corpus_flags(parser)
     parser.add_argument(
         "--context", type=int, default=512, help="tokens per window (default: %(default)s)"
     )
