@@ -98,7 +98,8 @@ def model_summary(model: torch.nn.Module, source: str) -> dict[str, object]:
     config = model.config
     return {
         "source": source,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": sum(p.numel() for p in model.parameters()),  # float ones (norms if quantized)
+        "weight_bytes": weight_bytes(model),
         "dim": config.dim,
         "layers": config.n_layers,
         "heads": config.n_heads,
@@ -109,6 +110,13 @@ def model_summary(model: torch.nn.Module, source: str) -> dict[str, object]:
         "max_seq_len": config.max_seq_len,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's weights as it holds them: parameters and buffers (a quantized
+    model's codes and scales), a tied tensor once."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def device_flags(parser) -> None:
@@ -135,13 +143,14 @@ class Prompt:
 
 
 def heldout_prompts(tokenizer, count: int, length: int) -> list[Prompt]:
-    """The first `length` tokens (BOS first, as in training) of the first `count` held-out
-    files that are at least that long, in the split's sorted order. `tokenizer`: an
-    `lm.tokenizer.Tokenizer`."""
+    """The first `length` tokens (framed as in training: `corpus.document_frame`'s bos
+    first, if the model has one) of the first `count` held-out files that are at least
+    that long, in the split's sorted order. `tokenizer`: an `lm.tokenizer.Tokenizer`."""
     from lm.training import corpus
 
     split = corpus.discover()
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    frame = corpus.document_frame(tokenizer, split.root)
+    bos = [] if frame.bos is None else [frame.bos]
     prompts = []
     for rel, path in zip(split.heldout, split.paths("heldout"), strict=True):
         try:

@@ -57,6 +57,7 @@ from common import (
     model_summary,
     print_json,
     timed,
+    weight_bytes,
 )
 
 from cloud_node.config import VerifierConfig
@@ -70,6 +71,7 @@ from lm.checkpoint import load_model
 from lm.device import default_device, default_dtype
 from lm.draft_head import DraftHead, load_head
 from lm.model import Transformer
+from lm.quantized import QuantScheme, load_quantized
 from lm.sampling import SamplingParams
 from lm.tokenizer import Tokenizer
 from lm.training import corpus
@@ -489,6 +491,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     device_flags(parser)
     parser.add_argument(
+        "--draft-quantize",
+        choices=["int4", "int8"],
+        help="the draft's weights as int4/int8 codes on the CPU, as `edgecloud up "
+        "--draft-quantize` runs them (lm.quantized) (default: --dtype)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="2 prompts, 32 tokens, RTT 0 and 50 ms"
     )
     args = parser.parse_args(argv)
@@ -516,7 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if uses_head and not (args.head / "head_config.json").exists():
         parser.error(f"--head: no draft head at {args.head} (needed by {HEAD_CONFIGS})")
     target = load_model(args.target, device=device, dtype=dtype)
-    draft = load_model(args.draft, device=device, dtype=dtype)
+    if args.draft_quantize:
+        draft = load_quantized(args.draft, QuantScheme.named(args.draft_quantize))
+    else:
+        draft = load_model(args.draft, device=device, dtype=dtype)
     head = load_head(args.head, device=device, dtype=dtype) if uses_head else None
     check_pair(args.target, args.draft, target.config.vocab_size, draft.config.vocab_size)
     tokenizer = Tokenizer.from_dir(args.target)
@@ -535,9 +546,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"for these models, got {args.prompt_tokens + max_tokens}"
         )
     sampling_name = f"temperature {args.temperature:g}" if args.temperature else "greedy"
+    quantized = f" {args.draft_quantize}" if args.draft_quantize else ""
     print(
         f"target {args.target} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M), "
-        f"draft {args.draft} ({sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M), "
+        f"draft {args.draft} ({weight_bytes(draft) / 1e6:.1f} MB{quantized}), "
         f"{dtype} on {device}; {len(prompts)} prompts x {args.prompt_tokens} tokens, "
         f"{max_tokens} new tokens, {sampling_name}; RTT {', '.join(f'{r:g}' for r in rtts)} ms"
     )
@@ -567,6 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "topology": TOPOLOGY,
             "target": model_summary(target, str(args.target)),
             "draft": model_summary(draft, str(args.draft)),
+            "draft_quantize": args.draft_quantize,
             "head": None
             if head is None
             else {

@@ -43,10 +43,12 @@ class EdgeNode:
         flash_budget_mb: float | None = None,
         head_dir: str | None = None,
         dtype: str | None = None,
+        quantize: str | None = None,
     ) -> None:
         """`head_dir`: a draft head for the verifiers' target (DraftConfig.drafter).
         `flash_budget_mb`: `model_dir` is a flash pack run within this much DRAM.
-        `dtype`: the SLM's float32/float16/bfloat16 (None: the device's default)."""
+        `dtype`: the SLM's float32/float16/bfloat16 (None: the device's default).
+        `quantize`: int4/int8 weights for the SLM (`load_edge_models`)."""
         import torch
 
         from edge_node.models import load_edge_models
@@ -57,6 +59,7 @@ class EdgeNode:
             dtype=None if dtype is None else getattr(torch, dtype),
             flash_budget_mb=flash_budget_mb,
             head_dir=head_dir,
+            quantize=quantize,
         )
         link = None if picker_factory is None else CloudLink(picker_factory(), link_config)
         self.node_id = node_id

@@ -27,15 +27,25 @@ def load_edge_models(
     dtype: torch.dtype | None = None,
     flash_budget_mb: float | None = None,
     head_dir: str | Path | None = None,
+    quantize: str | None = None,
 ) -> EdgeModels:
     """flash_budget_mb: `model_dir` is a flash pack (`edgecloud flash pack`) whose FFN
     weights stay on flash, run within this much DRAM (BudgetError below its minimum).
     dtype: the SLM's and the head's (None: the device's default).
+    quantize: "int4" or "int8": the SLM's weights as integer codes on the CPU
+    (`lm.quantized`; a GGUF file's Q4_0/Q4_1 blocks kept as they are for int4); it then
+    computes in float32 and `dtype` applies to the head only.
     """
     from lm.checkpoint import load_model
 
     path = Path(model_dir)
-    if flash_budget_mb is None:
+    if quantize is not None:
+        if flash_budget_mb is not None:
+            raise ValueError("quantize: a flash pack stores its own quantization (flash pack)")
+        from lm.quantized import QuantScheme, load_quantized
+
+        slm = load_quantized(path, QuantScheme.named(quantize), device=device)
+    elif flash_budget_mb is None:
         slm = load_model(path, device=device, dtype=dtype)
     else:
         from edge_node.flash.ffn import load_flash_model

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 import torch
-from gguf import GGUFReader, Keys, ReaderTensor, TokenType
+from gguf import GGMLQuantizationType, GGUFReader, Keys, ReaderTensor, TokenType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
@@ -90,6 +90,48 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Callable[[], tor
             heads = config.n_kv_heads
         loaders[_hf_name(path, name)] = _loader(path, tensor, heads)
     return config, loaders
+
+
+def read_gguf_int4(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The Q4_0 and Q4_1 tensors of a GGUF file as int4 groups, without a float copy:
+    per Hugging Face name, codes (out, in) uint8 in [0, 15] and scales, zeros
+    (out, in / 32) float32 with w = (q - 8) * scale + zero (`lm.quantized.Int4Linear`),
+    q/k rows back in the halves layout.
+
+    A 32-value block holds a float16 scale d (Q4_1: and a minimum m) and 16 bytes: value j
+    in the low nibble of byte j, value j + 16 in its high nibble. Q4_0 decodes as
+    (q - 8) * d, Q4_1 as q * d + m = (q - 8) * d + (m + 8d).
+    """
+    path = Path(path)
+    config, _ = read_gguf(path)
+    fields = _Fields(path)
+    permuted = _ARCHITECTURES[fields.require(Keys.General.ARCHITECTURE)][1]
+    out = {}
+    for tensor in fields.reader.tensors:
+        if tensor.tensor_type not in _INT4_BLOCKS:
+            continue
+        header = _INT4_BLOCKS[tensor.tensor_type]
+        rows = tensor.data.shape[0]
+        blocks = np.ascontiguousarray(tensor.data).reshape(rows, -1, header + 16)
+        halves = blocks[..., :header].copy().view(np.float16).astype(np.float32)
+        d = halves[..., 0]  # Q4_1: halves[..., 1] is m
+        quants = torch.from_numpy(blocks[..., header:].copy())  # (rows, blocks, 16)
+        codes = torch.cat((quants & 0x0F, quants >> 4), dim=-1).reshape(rows, -1)
+        scales = torch.from_numpy(d)
+        zeros = torch.from_numpy(halves[..., 1] + 8 * d) if header == 4 else 0 * scales
+        heads = None
+        if permuted and tensor.name.endswith("attn_q.weight"):
+            heads = config.n_heads
+        elif permuted and tensor.name.endswith("attn_k.weight"):
+            heads = config.n_kv_heads
+        if heads is not None:  # rows move; groups run along a row, so they move whole
+            codes, scales, zeros = (interleaved_to_halves(t, heads) for t in (codes, scales, zeros))
+        out[_hf_name(path, tensor.name)] = (codes.contiguous(), scales, zeros)
+    return out
+
+
+# Q4_0 / Q4_1 -> bytes before each block's 16 bytes of nibbles (d; d and m, float16).
+_INT4_BLOCKS = {GGMLQuantizationType.Q4_0: 2, GGMLQuantizationType.Q4_1: 4}
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ class CacheStep:
     starts: (batch,) committed length of each row; the new tokens go right after.
     write_positions: (batch, time) = starts[:, None] + arange(time).
     kv_len: keys are read up to this position, max(starts) + time.
+    write_slice: write_positions as one slice when the rows are consecutive and share
+        their start (a single sequence always): the write is a plain copy, no scatter.
     """
 
     rows: torch.Tensor
@@ -48,6 +50,7 @@ class CacheStep:
     starts: torch.Tensor
     write_positions: torch.Tensor
     kv_len: int
+    write_slice: slice | None = None
 
 
 class KVCache(nn.Module):
@@ -177,12 +180,14 @@ class KVCache(nn.Module):
         device = self.k.device
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
         starts_t = host_to_device(starts, device)
+        shared = consecutive and len(set(starts)) == 1
         return CacheStep(
             rows=host_to_device(rows, device),
             row_slice=slice(rows[0], rows[0] + len(rows)) if consecutive else None,
             starts=starts_t,
             write_positions=starts_t[:, None] + torch.arange(time, device=device),
             kv_len=max(starts) + time,
+            write_slice=slice(starts[0], starts[0] + time) if shared else None,
         )
 
     def update(
@@ -196,7 +201,10 @@ class KVCache(nn.Module):
         index = (step.rows[:, None], slice(None), step.write_positions)
         out = []
         for buf, new in ((self.k[layer], k), (self.v[layer], v)):
-            buf[index] = new.transpose(1, 2)  # indexed view: (batch, time, h, d)
+            if step.write_slice is not None:
+                buf[step.row_slice, :, step.write_slice] = new
+            else:  # indexed view: (batch, time, h, d); a quantized model's v is bfloat16
+                buf[index] = new.transpose(1, 2).to(buf.dtype)
             if step.row_slice is not None:
                 out.append(buf[step.row_slice, :, : step.kv_len])
             else:

@@ -138,6 +138,7 @@ class EdgeActor(EdgeNode):
         head_dir: str | None = None,
         flash_budget_mb: float | None = None,
         dtype: str | None = None,
+        quantize: str | None = None,
         metrics_host: str | None = None,
         advertise_host: str | None = None,
     ) -> None:
@@ -152,6 +153,7 @@ class EdgeActor(EdgeNode):
             head_dir=head_dir,
             flash_budget_mb=flash_budget_mb,
             dtype=dtype,
+            quantize=quantize,
         )
         self.spec = spec
         self.heartbeat: HeartbeatTask | None = None

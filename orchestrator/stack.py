@@ -25,6 +25,7 @@ from edge_node.cloud_link import CloudLinkConfig
 from edge_node.drafters.sources import needs_head
 from edge_node.runtime import EdgeConfig
 from edge_node.types import DraftConfig
+from lm.quantized import SCHEMES as QUANT_SCHEMES
 from orchestrator.actors import EdgeActor, NodeSpec, VerifierActor
 from orchestrator.gateway import Gateway, edge_actor_name
 from orchestrator.placement import AsyncPlacement
@@ -91,6 +92,8 @@ class StackConfig:
     # The edges' SLM dtype (float32/float16/bfloat16); None: the device's default. float16
     # halves the resident part of a flash pack's budget.
     draft_dtype: str | None = None
+    # The edges' SLM weights as int4 or int8 codes (lm.quantized), or None for draft_dtype.
+    draft_quantize: str | None = None
     # Labels every node registers (region, tier, ...); a Ray node's own labels override
     # them for the actors on it (orchestrator/actors.py `node_labels`).
     labels: dict[str, str] = field(default_factory=dict)
@@ -149,6 +152,17 @@ class StackConfig:
             raise ValueError(
                 f"draft_dtype: must be float32, float16 or bfloat16, got {self.draft_dtype!r}"
             )
+        if self.draft_quantize is not None:
+            if self.draft_quantize not in QUANT_SCHEMES:
+                raise ValueError(
+                    f"draft_quantize: must be one of {', '.join(QUANT_SCHEMES)}, "
+                    f"got {self.draft_quantize!r}"
+                )
+            if self.draft_flash_budget_mb is not None or self.draft_dtype is not None:
+                raise ValueError(
+                    "draft_quantize: not with draft_flash_budget_mb or draft_dtype "
+                    "(a quantized SLM computes in float32 from its codes)"
+                )
 
     @property
     def served_name(self) -> str:
@@ -297,6 +311,7 @@ class Stack:
                     None if config.head_dir is None else str(config.head_dir),
                     config.draft_flash_budget_mb,
                     config.draft_dtype,
+                    config.draft_quantize,
                     metrics_host,
                     advertise,
                 )

@@ -43,7 +43,9 @@ def text_windows(
     tokenizer: Tokenizer, paths: Sequence[Path], tokens: int, context: int, seed: int = 0
 ) -> torch.Tensor:
     """(tokens // context, context) ids from files of `paths` taken in a seeded random order
-    (so a small budget still samples the whole corpus), each framed by bos/eos."""
+    (so a small budget still samples the whole corpus), each framed as the tokenizer's
+    model was trained (`corpus.document_frame`: SmolLM2's documents end in <|endoftext|>,
+    not its chat markers)."""
     order = list(paths)
     random.Random(seed).shuffle(order)
     documents, total = [], 0
@@ -59,9 +61,8 @@ def text_windows(
         total += len(ids) + 2
     if not documents:
         raise corpus.CorpusError(f"corpus: no readable text in {len(order)} file(s)")
-    bos = tokenizer.bos_id if tokenizer.bos_id is not None else 0
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None else bos
-    stream = corpus.pack(documents, bos, eos)
+    frame = corpus.document_frame(tokenizer, order[0].parent)
+    stream = corpus.pack(documents, frame.bos, frame.eos)
     return corpus.sequential_windows(stream, context, limit=max(1, tokens // context))
 
 

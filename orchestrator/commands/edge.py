@@ -54,6 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "much DRAM, reading FFN neurons from flash as needed",
     )
     dtype_flag(serve)
+    serve.add_argument(
+        "--quantize",
+        choices=["int4", "int8"],
+        help="the SLM's weights as int4 or int8 codes, multiplied as they lie (a GGUF "
+        "file's Q4_0/Q4_1 blocks kept for int4); --dtype then applies to --head only "
+        "(default: none)",
+    )
     add_server_flags(serve, default_port=50051)
     serve.add_argument(
         "--http-port",
@@ -180,6 +187,7 @@ def run_serve(args: argparse.Namespace) -> int:
             dtype=torch_dtype(args.dtype),
             flash_budget_mb=args.flash_budget_mb,
             head_dir=args.head,
+            quantize=args.quantize,
         )
         config = EdgeConfig(
             model_name=args.name or args.verifier_model or args.model.stem,

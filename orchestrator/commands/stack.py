@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help="the edges' SLM dtype (default: float32 on CPU)",
         )
         p.add_argument(
+            "--draft-quantize",
+            choices=["int4", "int8"],
+            help="the edges' SLM weights as int4 or int8 codes, multiplied as they lie "
+            "(a GGUF file's Q4_0/Q4_1 blocks kept for int4) (default: none, --draft-dtype)",
+        )
+        p.add_argument(
             "--drafter",
             type=drafter_setting,
             default="slm",
@@ -219,6 +225,7 @@ def stack_config(args: argparse.Namespace, **extra):
             ray_address=args.ray_address,
             draft_flash_budget_mb=args.draft_flash_budget_mb,
             draft_dtype=args.draft_dtype,
+            draft_quantize=args.draft_quantize,
             **extra,
         )
     except ValueError as exc:

@@ -7,6 +7,7 @@ GGUF tensor names, q/k rows permuted (`llama_cpp_permute`), 2-D weights quantize
 """
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from gguf import GGMLQuantizationType as Q
 
 from lm.checkpoint import load_model
 from lm.errors import CheckpointError
+from lm.llama2c import interleaved_to_halves
 from lm.model import Transformer
 from lm.tokenizer import Tokenizer
 from lm.training.bpe import save_tokenizer, train_bpe
@@ -76,8 +78,19 @@ def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
-def write_gguf(model: Transformer, path: Path, qtype: Q, tokenizer_dir: Path | None = None):
-    """Write `model` (and the tokenizer saved in `tokenizer_dir`) as llama.cpp would."""
+def write_gguf(
+    model: Transformer,
+    path: Path,
+    qtype: Q,
+    tokenizer_dir: Path | None = None,
+    encode: Callable[[np.ndarray], np.ndarray] | None = None,
+):
+    """Write `model` (and the tokenizer saved in `tokenizer_dir`) as llama.cpp would.
+
+    encode: the `qtype` bytes stored for a 2-D tensor given its float array in the file's
+        layout (q/k rows permuted); default gguf's own quantizer.
+    """
+    encode = encode or (lambda array: gguf.quants.quantize(array, qtype))
     config = model.config
     arch = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[config.architecture]
     writer = gguf.GGUFWriter(path, arch)
@@ -114,7 +127,7 @@ def write_gguf(model: Transformer, path: Path, qtype: Q, tokenizer_dir: Path | N
             heads = config.n_heads if "attn_q" in name else config.n_kv_heads
             array = llama_cpp_permute(array, heads)
         if array.ndim == 2 and qtype != Q.F32:
-            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            writer.add_tensor(name, encode(array), raw_dtype=qtype)
         else:
             writer.add_tensor(name, array)
     writer.write_header_to_file()
@@ -284,3 +297,72 @@ def test_real_logits_and_greedy_match_transformers(real_pair) -> None:
     generated = generate(ours, ids, 20)[0]  # greedy, with our KV cache
     # transformers stops early at <|im_end|>; up to there the tokens must agree.
     assert generated.tolist()[: len(expected)] == expected.tolist()
+
+
+# --- K-quants: gguf's writer cannot quantize to them, so the blocks are made here -------
+
+# Bytes per 256-value block, where its float16 scales sit, and its int8 sub-scales if any
+# (llama.cpp's block_q4_K: d, dmin, 12 bytes of 6-bit scales, 128 of nibbles; block_q6_K:
+# 128 + 64 bytes of quants, 16 int8 scales, then d).
+K_BLOCKS = {Q.Q4_K: (144, (0, 2), None), Q.Q6_K: (210, (208,), slice(192, 208))}
+
+
+def random_kquant(rows: int, cols: int, qtype: Q, gen: np.random.Generator) -> np.ndarray:
+    """(rows, cols / 256 * block bytes) uint8 of valid `qtype` blocks: random quants and
+    sub-scales, small float16 super-scales. Q6_K's int8 sub-scales are kept in [16, 48),
+    like a trained model's, not anywhere in [-128, 128), which would leave a third of the
+    weights near zero beside the rest."""
+    size, scale_offsets, sub_scales = K_BLOCKS[qtype]
+    blocks = gen.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    if sub_scales is not None:
+        blocks[..., sub_scales] = gen.integers(16, 48, blocks[..., sub_scales].shape)
+    for offset in scale_offsets:
+        scales = gen.uniform(1e-3, 4e-3, (rows, cols // 256)).astype(np.float16)
+        blocks[..., offset : offset + 2] = scales.view(np.uint8).reshape(rows, -1, 2)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+def test_kquant_gguf_loads_the_files_weights(qtype, make_transformer, tmp_path) -> None:
+    """Every 2-D tensor stored as K-quant blocks (256 values each, as in the Q4_K_M files
+    llama.cpp publishes): the loaded model computes with exactly the dequantized blocks
+    (q/k rows un-permuted), and int4/int8 requantize them close to that."""
+    from lm.quantized import Int4Linear, QuantScheme, load_quantized
+
+    model = make_transformer(
+        seed=4, dim=256, hidden_dim=256, n_heads=4, n_kv_heads=2, vocab_size=97, n_layers=1
+    )
+    gen = np.random.default_rng(0)
+    stored = []  # each 2-D tensor's dequantized blocks, in the file's layout and order
+
+    def encode(array: np.ndarray) -> np.ndarray:
+        blocks = random_kquant(*array.shape, qtype, gen)
+        stored.append(torch.from_numpy(gguf.quants.dequantize(blocks, qtype).copy()))
+        return blocks
+
+    write_gguf(model, tmp_path / "k.gguf", qtype, encode=encode)
+    config = model.config
+    state = model.state_dict()
+    matrices = [name for name, tensor in state.items() if tensor.dim() == 2]
+    for ours, weight in zip(matrices, stored, strict=True):
+        if ours.endswith(("wq.weight", "wk.weight")):  # the file holds llama.cpp's rows
+            heads = config.n_heads if "wq" in ours else config.n_kv_heads
+            weight = interleaved_to_halves(weight, heads)  # (inverse of llama_cpp_permute)
+        state[ours] = weight
+    reference = Transformer(config)
+    reference.load_state_dict(state)
+    ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(0))
+    loaded = load_model(tmp_path / "k.gguf", device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        expected = reference.eval()(ids)
+        torch.testing.assert_close(loaded(ids), expected, atol=1e-5, rtol=0)
+        int4 = load_quantized(tmp_path / "k.gguf", QuantScheme.named("int4"))
+        assert isinstance(int4.layers[0].feed_forward.down, Int4Linear)
+        int8 = load_quantized(tmp_path / "k.gguf", QuantScheme.named("int8"))
+        errors = [(m(ids) - expected).abs().max() / expected.abs().max() for m in (int4, int8)]
+    # Measured (max |logit error| / max |logit|): Q4_K -> int4 0.004, int8 0.004 (Q4_K's
+    # 32-value sub-blocks are int4 groups with a scale and a minimum); Q6_K -> int4 0.62,
+    # int8 0.10 (6-bit values under 16 sub-scales per row do not fit 4 bits in groups).
+    assert errors[1] < 0.2
+    if qtype == Q.Q4_K:
+        assert errors[0] < 0.02
