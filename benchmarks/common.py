@@ -131,6 +131,38 @@ def device_flags(parser) -> None:
     )
 
 
+def pair_flags(parser, demo_dir: Path) -> None:
+    """--target and --draft (a model directory or a .gguf file; default the demo pair),
+    --draft-quantize and --chat: how the benchmarks that run a target and a draft take
+    them. `check_pair_paths` checks the paths after parsing."""
+    parser.add_argument(
+        "--target", type=Path, default=demo_dir / "target", help="target dir or .gguf file"
+    )
+    parser.add_argument(
+        "--draft", type=Path, default=demo_dir / "draft", help="draft dir or .gguf file"
+    )
+    parser.add_argument(
+        "--draft-quantize",
+        choices=["int4", "int8"],
+        help="the draft's weights as int4/int8 codes on the CPU (lm.quantized), as "
+        "`edgecloud up --draft-quantize` runs them (default: not quantized)",
+    )
+    parser.add_argument(
+        "--chat",
+        type=int,
+        help="prompt with this many chat questions (the target's chat template) instead of "
+        "held-out code",
+    )
+
+
+def check_pair_paths(parser, args) -> None:
+    """parser.error unless --target and --draft each hold a model."""
+    for name in ("target", "draft"):
+        path = getattr(args, name)
+        if not ((path / "config.json").exists() or (path.suffix == ".gguf" and path.is_file())):
+            parser.error(f"--{name}: no model at {path} (a model directory or a .gguf file)")
+
+
 def print_json(summary: dict[str, object]) -> None:
     """The benchmark's last line: one JSON object, for scripts that collect results."""
     print(json.dumps(summary), flush=True)
@@ -165,3 +197,28 @@ def heldout_prompts(tokenizer, count: int, length: int) -> list[Prompt]:
     raise SystemExit(
         f"--prompts: only {len(prompts)} held-out files have {length} tokens, asked for {count}"
     )
+
+
+# Chat prompts for real instruct models (`--chat N`), one user turn each.
+CHAT_QUESTIONS = (
+    "Explain in three sentences why the sky is blue.",
+    "Write a short Python function that checks whether a string is a palindrome.",
+    "What are three tips for writing a good cover letter?",
+    "Summarize the plot of a heist movie in four sentences.",
+    "How do I make a simple tomato sauce? List the steps.",
+    "What is the difference between a list and a tuple in Python?",
+    "Give me a packing list for a two-day hiking trip.",
+    "Describe how a bicycle gear system works.",
+)
+
+
+def chat_prompts(tokenizer, count: int) -> list[Prompt]:
+    """The first `count` CHAT_QUESTIONS as one user turn each, rendered with the model's
+    chat template (`lm.chat`) and an open assistant turn. `tokenizer`: an
+    `lm.tokenizer.Tokenizer`."""
+    if count > len(CHAT_QUESTIONS):
+        raise SystemExit(f"--chat: at most {len(CHAT_QUESTIONS)}, got {count}")
+    return [
+        Prompt(f"chat-{i}", tuple(tokenizer.chat_prompt_ids([{"role": "user", "content": q}])))
+        for i, q in enumerate(CHAT_QUESTIONS[:count])
+    ]

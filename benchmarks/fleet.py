@@ -29,6 +29,8 @@ acceptance).
     python benchmarks/fleet.py --quick             # N 1 and 4, RTT 80 ms, greedy: ~1 min
     python benchmarks/fleet.py --plot fleet.png    # TPOT against clients, both modes
     python benchmarks/fleet.py --recording r.json  # keep the recordings; reused next time
+    python benchmarks/fleet.py --target SmolLM2.gguf --draft SmolLM2.gguf \
+        --draft-quantize int4 --chat 8 --slo-tpot-ms 200  # the real model, chat prompts
 """
 
 from __future__ import annotations
@@ -46,10 +48,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import REPO_ROOT, heldout_prompts, machine, model_summary, print_json
+from common import (
+    REPO_ROOT,
+    chat_prompts,
+    check_pair_paths,
+    heldout_prompts,
+    machine,
+    model_summary,
+    pair_flags,
+    print_json,
+)
 
 from lm.checkpoint import load_model
 from lm.device import default_device
+from lm.quantized import QuantScheme, load_quantized
 from lm.tokenizer import Tokenizer
 from lm.training import corpus
 from orchestrator.loadtest.fleet import (
@@ -95,8 +107,8 @@ class VerifierProcess:
             *("--auth-token-file", str(token_file), "--max-sessions", str(max_sessions)),
             *("--max-batch", str(args.max_batch), "--session-ttl", "600"),
         ]
-        for flag in ("device", "dtype", "schedule"):
-            if getattr(args, flag):
+        for flag in ("device", "dtype", "schedule"):  # schedule: benchmarks/schedule.py's
+            if getattr(args, flag, None):
                 command += [f"--{flag}", getattr(args, flag)]
         self.command = ["edgecloud", *command]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -301,8 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--target", type=Path, default=DEMO_DIR / "target", help="target dir")
-    parser.add_argument("--draft", type=Path, default=DEMO_DIR / "draft", help="draft dir")
+    pair_flags(parser, DEMO_DIR)
     parser.add_argument("--prompts", type=int, help="held-out prompts, replayed in a cycle (8)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt (128)")
     parser.add_argument("--max-tokens", type=int, help="tokens per request (64)")
@@ -357,16 +368,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not plotting_available():
             parser.error("--plot: needs matplotlib")
-    for name in ("target", "draft"):
-        if not (getattr(args, name) / "config.json").exists():
-            parser.error(f"--{name}: no checkpoint at {getattr(args, name)}")
+    check_pair_paths(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     started = time.monotonic()
     tokenizer = Tokenizer.from_dir(args.target)
-    prompts = heldout_prompts(tokenizer, prompts_n, args.prompt_tokens)
-    draft = load_model(args.draft, device="cpu", dtype=torch.float32)  # the edge's own CPU
+    if args.chat:
+        prompts = chat_prompts(tokenizer, args.chat)
+    else:
+        prompts = heldout_prompts(tokenizer, prompts_n, args.prompt_tokens)
+    if args.draft_quantize:  # the edge's own CPU
+        draft = load_quantized(args.draft, QuantScheme.named(args.draft_quantize))
+    else:
+        draft = load_model(args.draft, device="cpu", dtype=torch.float32)
     workdir = Path(tempfile.mkdtemp(prefix="edgecloud-fleet-"))
     args.recording = args.recording or workdir / "recording.json"
     verifier = VerifierProcess(args, workdir, max_sessions=max(args.clients) + 4)
@@ -374,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"verifier {args.target} on {args.device or 'its default device'} "
         f"(subprocess, {verifier.address}); edges replay draft {args.draft}; "
-        f"{len(prompts)} prompts x {args.prompt_tokens} tokens, {args.max_tokens} new; "
+        f"{len(prompts)} prompts x {max(len(p.tokens) for p in prompts)} tokens at most, "
+        f"{args.max_tokens} new; "
         f"clients {args.clients}; RTT {args.rtts} ms, jitter {args.jitter:.0%}, loss "
         f"{args.loss:g}; {args.duration:g} s per point"
     )
@@ -408,10 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verifier_command": verifier.command,
             "target": model_summary(target, str(args.target)),
             "draft": model_summary(draft, str(args.draft)),
+            "draft_quantize": args.draft_quantize,
             "prompts": {
                 "count": len(prompts),
-                "tokens": args.prompt_tokens,
-                "heldout_digest": corpus.heldout_digest(corpus.discover()),
+                "tokens": max(len(p.tokens) for p in prompts),
+                "source": "chat questions" if args.chat else "held-out corpus files",
+                "heldout_digest": None if args.chat else corpus.heldout_digest(corpus.discover()),
                 "files": [p.file for p in prompts],
             },
             "max_tokens": args.max_tokens,

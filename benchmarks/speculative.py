@@ -51,10 +51,13 @@ import torch
 from common import (
     REPO_ROOT,
     Prompt,
+    chat_prompts,
+    check_pair_paths,
     device_flags,
     heldout_prompts,
     machine,
     model_summary,
+    pair_flags,
     print_json,
     timed,
     weight_bytes,
@@ -104,29 +107,6 @@ class RunConfig:
 
 
 # Chat prompts (--chat), written for this benchmark: no model here was trained on them.
-CHAT_QUESTIONS = (
-    "Explain in three sentences why the sky is blue.",
-    "Write a short Python function that checks whether a string is a palindrome.",
-    "What are three tips for writing a good cover letter?",
-    "Summarize the plot of a heist movie in four sentences.",
-    "How do I make a simple tomato sauce? List the steps.",
-    "What is the difference between a list and a tuple in Python?",
-    "Give me a packing list for a two-day hiking trip.",
-    "Describe how a bicycle gear system works.",
-)
-
-
-def chat_prompts(tokenizer: Tokenizer, count: int) -> list[Prompt]:
-    """The first `count` CHAT_QUESTIONS as one user turn each, rendered with the model's
-    chat template (`lm.chat`) and an open assistant turn."""
-    if count > len(CHAT_QUESTIONS):
-        raise SystemExit(f"--chat: at most {len(CHAT_QUESTIONS)}, got {count}")
-    return [
-        Prompt(f"chat-{i}", tuple(tokenizer.chat_prompt_ids([{"role": "user", "content": q}])))
-        for i, q in enumerate(CHAT_QUESTIONS[:count])
-    ]
-
-
 def run_configs(width: int, depth: int, pipeline: bool) -> dict[str, RunConfig]:
     def lossless(name: str, tree: str, width: int, adapt: bool, **head) -> RunConfig:
         options = DraftConfig(tree, width, depth, adapt=adapt, pipeline=pipeline, **head)
@@ -445,12 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--target", type=Path, default=DEMO_DIR / "target", help="target dir (the demo target)"
-    )
-    parser.add_argument(
-        "--draft", type=Path, default=DEMO_DIR / "draft", help="draft dir (the demo draft)"
-    )
+    pair_flags(parser, DEMO_DIR)
     parser.add_argument(
         "--head",
         type=Path,
@@ -458,12 +433,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="draft head for the target, for the head configs (the demo head)",
     )
     parser.add_argument("--prompts", type=int, help="held-out files to prompt with (8)")
-    parser.add_argument(
-        "--chat",
-        type=int,
-        help="prompt with this many chat questions (the model's chat template) instead of "
-        "held-out code",
-    )
     parser.add_argument(
         "--temperature",
         type=float,
@@ -491,12 +460,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     device_flags(parser)
     parser.add_argument(
-        "--draft-quantize",
-        choices=["int4", "int8"],
-        help="the draft's weights as int4/int8 codes on the CPU, as `edgecloud up "
-        "--draft-quantize` runs them (lm.quantized) (default: --dtype)",
-    )
-    parser.add_argument(
         "--quick", action="store_true", help="2 prompts, 32 tokens, RTT 0 and 50 ms"
     )
     args = parser.parse_args(argv)
@@ -508,13 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in names if n not in configs]
     if unknown:
         parser.error(f"--configs: must be among {sorted(configs)}, got {unknown}")
-    for name in ("target", "draft"):
-        path = getattr(args, name)
-        if not ((path / "config.json").exists() or (path.suffix == ".gguf" and path.is_file())):
-            parser.error(
-                f"--{name}: no checkpoint at {getattr(args, name)} (the demo pair is not "
-                f"bundled yet? pass --target DIR --draft DIR)"
-            )
+    check_pair_paths(parser, args)
 
     if args.threads:
         torch.set_num_threads(args.threads)
