@@ -83,17 +83,14 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Callable[[], tor
     config = _config(fields, arch, architecture, tensors)
     loaders = {}
     for name, tensor in tensors.items():
-        heads = None
-        if permuted and name.endswith("attn_q.weight"):
-            heads = config.n_heads
-        elif permuted and name.endswith("attn_k.weight"):
-            heads = config.n_kv_heads
+        heads = _permuted_heads(name, config, permuted)
         loaders[_hf_name(path, name)] = _loader(path, tensor, heads)
     return config, loaders
 
 
 def read_gguf_int4(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The Q4_0 and Q4_1 tensors of a GGUF file as int4 groups, without a float copy:
+    """The Q4_0 and Q4_1 tensors of a GGUF file's decoder layers as int4 groups (the
+    embedding and classifier stay int8, `lm.quantized`), without a float copy:
     per Hugging Face name, codes (out, in) uint8 in [0, 15] and scales, zeros
     (out, in / 32) float32 with w = (q - 8) * scale + zero (`lm.quantized.Int4Linear`),
     q/k rows back in the halves layout.
@@ -108,7 +105,7 @@ def read_gguf_int4(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tens
     permuted = _ARCHITECTURES[fields.require(Keys.General.ARCHITECTURE)][1]
     out = {}
     for tensor in fields.reader.tensors:
-        if tensor.tensor_type not in _INT4_BLOCKS:
+        if tensor.tensor_type not in _INT4_BLOCKS or not tensor.name.startswith("blk."):
             continue
         header = _INT4_BLOCKS[tensor.tensor_type]
         rows = tensor.data.shape[0]
@@ -118,16 +115,23 @@ def read_gguf_int4(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tens
         quants = torch.from_numpy(blocks[..., header:].copy())  # (rows, blocks, 16)
         codes = torch.cat((quants & 0x0F, quants >> 4), dim=-1).reshape(rows, -1)
         scales = torch.from_numpy(d)
-        zeros = torch.from_numpy(halves[..., 1] + 8 * d) if header == 4 else 0 * scales
-        heads = None
-        if permuted and tensor.name.endswith("attn_q.weight"):
-            heads = config.n_heads
-        elif permuted and tensor.name.endswith("attn_k.weight"):
-            heads = config.n_kv_heads
+        zeros = (
+            torch.from_numpy(halves[..., 1] + 8 * d) if header == 4 else torch.zeros_like(scales)
+        )
+        heads = _permuted_heads(tensor.name, config, permuted)
         if heads is not None:  # rows move; groups run along a row, so they move whole
             codes, scales, zeros = (interleaved_to_halves(t, heads) for t in (codes, scales, zeros))
         out[_hf_name(path, tensor.name)] = (codes.contiguous(), scales, zeros)
     return out
+
+
+def _permuted_heads(name: str, config: ModelConfig, permuted: bool) -> int | None:
+    """Heads whose q/k rows llama.cpp permuted in tensor `name` (None: not permuted)."""
+    if permuted and name.endswith("attn_q.weight"):
+        return config.n_heads
+    if permuted and name.endswith("attn_k.weight"):
+        return config.n_kv_heads
+    return None
 
 
 # Q4_0 / Q4_1 -> bytes before each block's 16 bytes of nibbles (d; d and m, float16).

@@ -203,8 +203,8 @@ class KVCache(nn.Module):
         for buf, new in ((self.k[layer], k), (self.v[layer], v)):
             if step.write_slice is not None:
                 buf[step.row_slice, :, step.write_slice] = new
-            else:  # indexed view: (batch, time, h, d); a quantized model's v is bfloat16
-                buf[index] = new.transpose(1, 2).to(buf.dtype)
+            else:
+                buf[index] = new.transpose(1, 2)  # indexed view: (batch, time, h, d)
             if step.row_slice is not None:
                 out.append(buf[step.row_slice, :, : step.kv_len])
             else:

@@ -83,9 +83,11 @@ SCHEMES = {"int4": QuantScheme(bits=4), "int8": QuantScheme(bits=8)}
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per row: weight (out, in) float -> codes (out, in)
-    int8, scales (out,) float32; |w - q * scale| <= scale / 2 with scale = max|w_row| / 127."""
+    int8, scales (out,) float32; |w - q * scale| <= scale / 2 with scale = max|w_row| / 127
+    rounded to bfloat16 (what the layers multiply by), the codes computed against it."""
     weight = weight.float()
-    scales = (weight.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    scales = (weight.abs().amax(1) / 127).clamp_min(torch.finfo(torch.bfloat16).tiny)
+    scales = scales.to(COMPUTE_DTYPE).float()
     codes = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
     return codes, scales
 
@@ -116,7 +118,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = codes.shape
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", scales.to(COMPUTE_DTYPE))
-        self.register_buffer("bias", None if bias is None else bias.to(COMPUTE_DTYPE))
+        self.register_buffer("bias", None if bias is None else bias.float())
         # The kernel reads rows in blocks of 16 inputs (edge_node.flash.fused).
         self.row_kernel = self.in_features % ROW_MULTIPLE == 0
 
@@ -129,14 +131,15 @@ class Int8Linear(nn.Module):
         return self.codes.to(COMPUTE_DTYPE) * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out) bfloat16, from x rounded to bfloat16."""
+        """x (..., in) -> (..., out) bfloat16 (float32 with a bias), from x rounded to
+        bfloat16."""
         rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
         if self.row_kernel and rows.shape[0] <= ROW_KERNEL_MAX_ROWS:
             y = torch._weight_int8pack_mm(rows, self.codes, self.scales)
-            if self.bias is not None:
-                y = y + self.bias
         else:
-            y = F.linear(rows, self.weight(), self.bias)
+            y = F.linear(rows, self.weight())
+        if self.bias is not None:  # float32: Qwen2's q/k biases are large
+            y = y.float() + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -174,7 +177,7 @@ class Int4Linear(nn.Module):
         self.register_buffer(
             "scales_zeros", torch.stack((scales.T, zeros.T), dim=-1).to(COMPUTE_DTYPE).contiguous()
         )
-        self.register_buffer("bias", None if bias is None else bias.to(COMPUTE_DTYPE))
+        self.register_buffer("bias", None if bias is None else bias.float())
         # Many-row passes decode the codes from the packed layout; a torch build whose
         # layout differs from the one `_unpack_int4pack` knows runs them by the row kernel.
         self.unpackable = torch.equal(_unpack_int4pack(packed, self.in_features), codes)
@@ -195,16 +198,17 @@ class Int4Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out) bfloat16, from x rounded to bfloat16."""
+        """x (..., in) -> (..., out) bfloat16 (float32 with a bias), from x rounded to
+        bfloat16."""
         rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
         if rows.shape[0] <= ROW_KERNEL_MAX_ROWS or not self.unpackable:
             y = torch._weight_int4pack_mm_for_cpu(
                 rows, self.packed, self.group_size, self.scales_zeros
             )
-            if self.bias is not None:
-                y = y + self.bias
         else:
-            y = F.linear(rows, self.weight(), self.bias)
+            y = F.linear(rows, self.weight())
+        if self.bias is not None:  # float32: Qwen2's q/k biases are large
+            y = y.float() + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -250,8 +254,9 @@ def quantize_model(
     scheme: QuantScheme,
     int4_weights: dict[str, Int4Groups] | None = None,
 ) -> Transformer:
-    """Turns `model` (in place) into a bfloat16 model whose linear layers, token
-    embedding and classifier are quantized as `scheme` says; returns it.
+    """Turns `model` (in place) into one whose linear layers, token embedding and
+    classifier are quantized as `scheme` says, computing in float32 around them
+    (`Transformer.dtype`, norms, attention, cache); returns it.
 
     Each attention's q, k and v become one layer (`Attention.wqkv`) and each FFN's gate
     and up another (`FeedForward.gate_up`): one kernel call where there were three and two.
@@ -282,7 +287,7 @@ def quantize_model(
     codes, scales = int8_rows(model.tok_embeddings.weight.detach())
     model.tok_embeddings = Int8Embedding(codes, scales)
     model.output = (
-        Int8Linear(codes, scales)
+        Int8Linear(codes, model.tok_embeddings.scales)  # the same bytes
         if model.config.tie_embeddings
         else Int8Linear.from_float(model.output.weight.detach())
     )
@@ -296,15 +301,11 @@ def _quantized_linear(
     weight = torch.cat([linear.weight.detach() for linear in linears])
     biases = [linear.bias for linear in linears]
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-    if groups is not None:
-        return Int4Linear(*(torch.cat(parts) for parts in zip(*groups, strict=True)), bias)
     out_features, in_features = weight.shape
-    if (
-        scheme.bits == 4
-        and out_features % ROW_MULTIPLE == 0
-        and in_features % ROW_MULTIPLE == 0
-        and in_features % scheme.group_size == 0
-    ):
+    fits_int4 = out_features % ROW_MULTIPLE == 0 and in_features % ROW_MULTIPLE == 0
+    if groups is not None and fits_int4:
+        return Int4Linear(*(torch.cat(parts) for parts in zip(*groups, strict=True)), bias)
+    if scheme.bits == 4 and fits_int4 and in_features % scheme.group_size == 0:
         return Int4Linear.from_float(weight, scheme.group_size, bias)
     return Int8Linear.from_float(weight, bias)
 
@@ -324,7 +325,7 @@ def load_quantized(
     from lm.checkpoint import hf_names, load_model
 
     path = Path(path)
-    model = load_model(path, device="cpu", dtype=COMPUTE_DTYPE)
+    model = load_model(path, device="cpu", dtype=torch.float32)
     int4_weights: dict[str, Int4Groups] = {}
     if path.suffix == ".gguf" and scheme.bits == 4:
         from lm.gguf import read_gguf_int4

@@ -327,7 +327,7 @@ def test_kquant_gguf_loads_the_files_weights(qtype, make_transformer, tmp_path) 
     """Every 2-D tensor stored as K-quant blocks (256 values each, as in the Q4_K_M files
     llama.cpp publishes): the loaded model computes with exactly the dequantized blocks
     (q/k rows un-permuted), and int4/int8 requantize them close to that."""
-    from lm.quantized import Int4Linear, QuantScheme, load_quantized
+    from lm.quantized import Int4Linear, Int8Linear, QuantScheme, load_quantized
 
     model = make_transformer(
         seed=4, dim=256, hidden_dim=256, n_heads=4, n_kv_heads=2, vocab_size=97, n_layers=1
@@ -356,13 +356,18 @@ def test_kquant_gguf_loads_the_files_weights(qtype, make_transformer, tmp_path) 
     with torch.no_grad():
         expected = reference.eval()(ids)
         torch.testing.assert_close(loaded(ids), expected, atol=1e-5, rtol=0)
-        int4 = load_quantized(tmp_path / "k.gguf", QuantScheme.named("int4"))
-        assert isinstance(int4.layers[0].feed_forward.down, Int4Linear)
-        int8 = load_quantized(tmp_path / "k.gguf", QuantScheme.named("int8"))
-        errors = [(m(ids) - expected).abs().max() / expected.abs().max() for m in (int4, int8)]
-    # Measured (max |logit error| / max |logit|): Q4_K -> int4 0.004, int8 0.004 (Q4_K's
-    # 32-value sub-blocks are int4 groups with a scale and a minimum); Q6_K -> int4 0.62,
-    # int8 0.10 (6-bit values under 16 sub-scales per row do not fit 4 bits in groups).
-    assert errors[1] < 0.2
-    if qtype == Q.Q4_K:
-        assert errors[0] < 0.02
+    # Requantized layers against the file's weights (the model is random, so its logits
+    # amplify any change; the layers are what requantizing decides).
+    weight = state["layers.0.feed_forward.down.weight"]
+    errors = {}
+    for scheme in ("int4", "int8"):
+        down = load_quantized(tmp_path / "k.gguf", QuantScheme.named(scheme))
+        down = down.layers[0].feed_forward.down
+        assert isinstance(down, Int4Linear if scheme == "int4" else Int8Linear)
+        errors[scheme] = ((down.weight().float() - weight).abs().max() / weight.abs().max()).item()
+    print(f"{qtype.name}: {errors}")
+    # Measured (max |weight error| / max |weight|): int8 0.006 from both; int4 0.030 from
+    # Q4_K (its 32-value sub-blocks are 16-level grids, so groups of 32 refit them up to
+    # bfloat16 scales and zeros) and 0.064 from Q6_K (64 levels do not fit 16).
+    assert errors["int8"] < 0.02
+    assert errors["int4"] < (0.06 if qtype == Q.Q4_K else 0.15)

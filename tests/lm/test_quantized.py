@@ -88,8 +88,8 @@ def test_int4_linear_matches_its_decoded_weights(rows, group_size):
     decoded = decoded.view(96, 128)
     x = torch.randn(2, rows, 128)
     y = layer(x)
-    assert y.shape == (2, rows, 96) and y.dtype == torch.bfloat16
-    expected = _bf16(x) @ decoded.T + _bf16(bias)
+    assert y.shape == (2, rows, 96) and y.dtype == torch.float32  # a bias is added in float32
+    expected = _bf16(x) @ decoded.T + bias.double()
     assert ((y.double() - expected).abs() <= _matmul_bound(x, decoded) + 1e-6).all()
     # And the quantization itself is close to the float layer (half a step per weight).
     assert (decoded - weight.double()).abs().max() <= scales.max() / 2 + 0.02
@@ -142,11 +142,22 @@ def _teacher_forced(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids)[0].float()
 
 
+SHAPES = {
+    "llama_gqa_untied": dict(n_kv_heads=2),
+    "qwen2_bias_tied": dict(
+        n_kv_heads=2, architecture="Qwen2ForCausalLM", qkv_bias=True, tie_embeddings=True
+    ),
+    "mha_head_dim_32": dict(n_kv_heads=4, head_dim=32),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("name", ["int4", "int8"])
-def test_quantized_model_stays_close_to_the_float_model(make_transformer, name):
+def test_quantized_model_stays_close_to_the_float_model(make_transformer, name, shape):
     """Every linear layer, the embedding and the classifier are replaced; the logits move
-    by about the quantization step, far less than a wrong layout would move them."""
-    model = make_transformer(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=97)
+    by about the quantization step, far less than a wrong layout would move them (q/k/v
+    biases, a tied or untied classifier, as many kv heads as heads)."""
+    model = make_transformer(dim=64, hidden_dim=128, n_heads=4, vocab_size=97, **SHAPES[shape])
     ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(1))
     reference = _teacher_forced(model, ids)
     quantized = quantize_model(model, QuantScheme.named(name))
