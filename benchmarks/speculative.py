@@ -503,11 +503,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"for these models, got {args.prompt_tokens + max_tokens}"
         )
     sampling_name = f"temperature {args.temperature:g}" if args.temperature else "greedy"
-    quantized = f" {args.draft_quantize}" if args.draft_quantize else ""
+    # load_quantized runs the draft on the CPU whatever --device says.
+    draft_runs = f"{args.draft_quantize} on cpu" if args.draft_quantize else f"{dtype} on {device}"
     print(
-        f"target {args.target} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M), "
-        f"draft {args.draft} ({weight_bytes(draft) / 1e6:.1f} MB{quantized}), "
-        f"{dtype} on {device}; {len(prompts)} prompts x {args.prompt_tokens} tokens, "
+        f"target {args.target} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M, "
+        f"{dtype} on {device}), "
+        f"draft {args.draft} ({weight_bytes(draft) / 1e6:.1f} MB, {draft_runs}); "
+        f"{len(prompts)} prompts x {args.prompt_tokens} tokens, "
         f"{max_tokens} new tokens, {sampling_name}; RTT {', '.join(f'{r:g}' for r in rtts)} ms"
     )
     print(f"topology: {TOPOLOGY}")

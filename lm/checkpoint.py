@@ -2,7 +2,8 @@
 GGUF files (loading only).
 
 Our module names are gpt-fast style; `hf_names` is the single table that maps them to
-Hugging Face LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM names, used both
+Hugging Face LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM /
+DeepseekV3ForCausalLM (dense MLPs) names, used both
 ways. Every tensor is checked (present, right shape, nothing unexpected) before the model
 is built, and every problem becomes a CheckpointError that names the file.
 """
@@ -38,6 +39,21 @@ _LAYER_NAMES = (
     ("feed_forward.up.weight", "mlp.up_proj.weight"),
     ("feed_forward.down.weight", "mlp.down_proj.weight"),
 )
+# Multi-head latent attention's in place of the q/k/v/o rows above (lm.model.LatentAttention).
+_MLA_NAMES = (
+    ("attention.wkv_a.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+    ("attention.kv_norm.weight", "self_attn.kv_a_layernorm.weight"),
+    ("attention.wkv_b.weight", "self_attn.kv_b_proj.weight"),
+    ("attention.wo.weight", "self_attn.o_proj.weight"),
+)
+_MLA_Q_NAMES = {  # by whether queries go through a low-rank bottleneck (q_lora_rank)
+    False: (("attention.wq.weight", "self_attn.q_proj.weight"),),
+    True: (
+        ("attention.wq.0.weight", "self_attn.q_a_proj.weight"),
+        ("attention.wq.1.weight", "self_attn.q_a_layernorm.weight"),
+        ("attention.wq.2.weight", "self_attn.q_b_proj.weight"),
+    ),
+}
 _BIAS_NAMES = (
     ("attention.wq.bias", "self_attn.q_proj.bias"),
     ("attention.wk.bias", "self_attn.k_proj.bias"),
@@ -59,7 +75,11 @@ def hf_names(config: ModelConfig) -> dict[str, str]:
     }
     if not config.tie_embeddings:
         names["output.weight"] = "lm_head.weight"
-    per_layer = _LAYER_NAMES + (_BIAS_NAMES if config.qkv_bias else ())
+    if config.mla:
+        attention = _MLA_Q_NAMES[config.q_lora_rank is not None] + _MLA_NAMES
+        per_layer = tuple(n for n in _LAYER_NAMES if not n[0].startswith("attention.")) + attention
+    else:
+        per_layer = _LAYER_NAMES + (_BIAS_NAMES if config.qkv_bias else ())
     for i in range(config.n_layers):
         for ours, hf in per_layer:
             names[f"layers.{i}.{ours}"] = f"model.layers.{i}.{hf}"

@@ -1,8 +1,10 @@
-"""The shape of a Llama-family model, and its mapping to and from Hugging Face config.json.
+"""The shape of a model, and its mapping to and from Hugging Face config.json.
 
 One frozen dataclass describes every model the core runs: Llama, Qwen2 (Llama plus a
-bias on the q/k/v projections) and Mistral (Llama plus a sliding attention window, which
-we do not implement: see `ModelConfig.from_hf`).
+bias on the q/k/v projections), Mistral (Llama plus a sliding attention window, which
+we do not implement: see `ModelConfig.from_hf`) and DeepSeek-V3's multi-head latent
+attention with dense MLPs (the `kv_lora_rank` fields; mixture-of-experts layers are not
+implemented).
 
 The seams for another architecture are fields, each resolved once by a registry in
 `lm.model`: `architecture` picks the attention layer and its cache (`ARCHITECTURES`),
@@ -18,7 +20,9 @@ logger = logging.getLogger(__name__)
 
 Activation = Literal["silu", "relu", "gelu_tanh"]
 Norm = Literal["rmsnorm"]
-Architecture = Literal["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"]
+Architecture = Literal[
+    "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "DeepseekV3ForCausalLM"
+]
 
 # Our activation name -> Hugging Face's `hidden_act` spelling (Gemma's MLP is gelu_tanh).
 _HF_ACTIVATIONS: dict[str, str] = {"silu": "silu", "relu": "relu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -28,7 +32,9 @@ _MODEL_TYPES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
+_MLA = "DeepseekV3ForCausalLM"
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,16 @@ class ModelConfig:
     architecture: Architecture = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Multi-head latent attention: set for "DeepseekV3ForCausalLM" only (see above).
+    kv_lora_rank: int | None = None  # width of the cached latent
+    q_lora_rank: int | None = None  # queries through a low-rank bottleneck; None: directly
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
+
+    @property
+    def mla(self) -> bool:
+        """Whether attention is multi-head latent attention."""
+        return self.architecture == _MLA
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim"):
@@ -99,6 +115,22 @@ class ModelConfig:
             f"must be {wants_bias} for {self.architecture}",
             self.qkv_bias,
         )
+        if self.mla:  # no KV heads of its own; HF's eager attention divides by them
+            _require(
+                self.n_kv_heads == self.n_heads,
+                "n_kv_heads",
+                f"must equal n_heads={self.n_heads} for {_MLA}",
+                self.n_kv_heads,
+            )
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if self.mla:
+                _require(value is not None and value >= 1, name, f"must be >= 1 for {_MLA}", value)
+            else:
+                _require(value is None, name, f"is for {_MLA} only", value)
+        if self.q_lora_rank is not None:
+            _require(self.mla, "q_lora_rank", f"is for {_MLA} only", self.q_lora_rank)
+            _require(self.q_lora_rank >= 1, "q_lora_rank", "must be >= 1", self.q_lora_rank)
 
     @classmethod
     def from_hf(cls, hf_config: dict[str, Any]) -> "ModelConfig":
@@ -136,6 +168,7 @@ class ModelConfig:
             for key in ("attention_bias", "mlp_bias"):
                 if hf_config.get(key):
                     raise ValueError(f"{key}: Llama projection biases are not supported")
+        mla = _mla_fields(hf_config) if arch == _MLA else {}
         hidden_act = hf_config.get("hidden_act", "silu")  # unknown: ModelConfig names it
         max_seq_len = hf_config.get("max_position_embeddings", 2048)
         window = _sliding_window(arch, hf_config)
@@ -148,9 +181,10 @@ class ModelConfig:
             dim=hf_config["hidden_size"],
             n_layers=hf_config["num_hidden_layers"],
             n_heads=n_heads,
-            n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
+            # MLA has no key/value heads of its own: each query head reads the latent.
+            n_kv_heads=n_heads if mla else hf_config.get("num_key_value_heads") or n_heads,
             hidden_dim=hf_config["intermediate_size"],
-            head_dim=hf_config.get("head_dim"),
+            head_dim=mla.pop("head_dim", hf_config.get("head_dim")),
             max_seq_len=max_seq_len,
             norm_eps=hf_config.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
@@ -161,6 +195,7 @@ class ModelConfig:
             bos_token_id=hf_config.get("bos_token_id"),
             # Llama 3 lists several end tokens; the first is the canonical one.
             eos_token_id=eos[0] if isinstance(eos, list) and eos else eos,
+            **mla,
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -183,13 +218,49 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
         }
-        if self.architecture == "LlamaForCausalLM":
+        if self.mla:
+            hf.update(
+                qk_rope_head_dim=self.head_dim,
+                qk_nope_head_dim=self.qk_nope_head_dim,
+                v_head_dim=self.v_head_dim,
+                kv_lora_rank=self.kv_lora_rank,
+                q_lora_rank=self.q_lora_rank,
+                first_k_dense_replace=self.n_layers,  # every MLP dense
+                rope_interleave=True,
+                attention_bias=False,
+            )
+        elif self.architecture == "LlamaForCausalLM":
             hf.update(attention_bias=False, mlp_bias=False)
         elif self.architecture == "MistralForCausalLM":
             hf["sliding_window"] = None  # we compute full attention; say so
         else:
             hf["use_sliding_window"] = False
         return hf
+
+
+def _mla_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's multi-head latent attention fields from a DeepSeek-V3 config.json;
+    ValueError, naming the key, for what this core does not run."""
+    n_layers = hf_config["num_hidden_layers"]
+    if hf_config.get("first_k_dense_replace", 3) < n_layers:
+        raise ValueError(
+            f"first_k_dense_replace: must be >= num_hidden_layers={n_layers} (mixture-of-"
+            f"experts layers are not supported), got {hf_config.get('first_k_dense_replace', 3)}"
+        )
+    if not hf_config.get("rope_interleave", True):
+        raise ValueError("rope_interleave: only DeepSeek's interleaved rotary layout is supported")
+    if hf_config.get("attention_bias"):
+        raise ValueError("attention_bias: MLA projection biases are not supported")
+    for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+        if key not in hf_config:
+            raise ValueError(f"{key}: missing from config")
+    return dict(
+        head_dim=hf_config["qk_rope_head_dim"],
+        kv_lora_rank=hf_config["kv_lora_rank"],
+        q_lora_rank=hf_config.get("q_lora_rank"),
+        qk_nope_head_dim=hf_config["qk_nope_head_dim"],
+        v_head_dim=hf_config["v_head_dim"],
+    )
 
 
 def _sliding_window(arch: str, hf_config: dict[str, Any]) -> int | None:

@@ -70,22 +70,12 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Callable[[], tor
     other than llama/qwen2, RoPE scaling, a tensor name it does not know, or a tensor type
     `gguf` cannot dequantize (raised by the loader).
     """
-    path = Path(path)
-    fields = _Fields(path)
-    arch = fields.require(Keys.General.ARCHITECTURE)
-    if arch not in _ARCHITECTURES:
-        raise CheckpointError(
-            f"{path}: general.architecture {arch!r} is not supported; "
-            f"supported: {', '.join(_ARCHITECTURES)}"
-        )
-    architecture, permuted = _ARCHITECTURES[arch]
-    tensors = {tensor.name: tensor for tensor in fields.reader.tensors}
-    config = _config(fields, arch, architecture, tensors)
-    loaders = {}
-    for name, tensor in tensors.items():
-        heads = _permuted_heads(name, config, permuted)
-        loaders[_hf_name(path, name)] = _loader(path, tensor, heads)
-    return config, loaders
+    model = _GGUFModel.read(Path(path))
+    loaders = {
+        model.hf_names[name]: _loader(model.path, tensor, model.permuted_heads(name))
+        for name, tensor in model.tensors.items()
+    }
+    return model.config, loaders
 
 
 def read_gguf_int4(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -93,19 +83,16 @@ def read_gguf_int4(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tens
     embedding and classifier stay int8, `lm.quantized`), without a float copy:
     per Hugging Face name, codes (out, in) uint8 in [0, 15] and scales, zeros
     (out, in / 32) float32 with w = (q - 8) * scale + zero (`lm.quantized.Int4Linear`),
-    q/k rows back in the halves layout.
+    q/k rows back in the halves layout. Raises CheckpointError as `read_gguf` does.
 
     A 32-value block holds a float16 scale d (Q4_1: and a minimum m) and 16 bytes: value j
     in the low nibble of byte j, value j + 16 in its high nibble. Q4_0 decodes as
     (q - 8) * d, Q4_1 as q * d + m = (q - 8) * d + (m + 8d).
     """
-    path = Path(path)
-    config, _ = read_gguf(path)
-    fields = _Fields(path)
-    permuted = _ARCHITECTURES[fields.require(Keys.General.ARCHITECTURE)][1]
+    model = _GGUFModel.read(Path(path))
     out = {}
-    for tensor in fields.reader.tensors:
-        if tensor.tensor_type not in _INT4_BLOCKS or not tensor.name.startswith("blk."):
+    for name, tensor in model.tensors.items():
+        if tensor.tensor_type not in _INT4_BLOCKS or not name.startswith("blk."):
             continue
         header = _INT4_BLOCKS[tensor.tensor_type]
         rows = tensor.data.shape[0]
@@ -118,20 +105,51 @@ def read_gguf_int4(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tens
         zeros = (
             torch.from_numpy(halves[..., 1] + 8 * d) if header == 4 else torch.zeros_like(scales)
         )
-        heads = _permuted_heads(tensor.name, config, permuted)
+        heads = model.permuted_heads(name)
         if heads is not None:  # rows move; groups run along a row, so they move whole
             codes, scales, zeros = (interleaved_to_halves(t, heads) for t in (codes, scales, zeros))
-        out[_hf_name(path, tensor.name)] = (codes.contiguous(), scales, zeros)
+        out[model.hf_names[name]] = (codes.contiguous(), scales, zeros)
     return out
 
 
-def _permuted_heads(name: str, config: ModelConfig, permuted: bool) -> int | None:
-    """Heads whose q/k rows llama.cpp permuted in tensor `name` (None: not permuted)."""
-    if permuted and name.endswith("attn_q.weight"):
-        return config.n_heads
-    if permuted and name.endswith("attn_k.weight"):
-        return config.n_kv_heads
-    return None
+@dataclass(frozen=True)
+class _GGUFModel:
+    """A GGUF model file parsed once: what `read_gguf` and `read_gguf_int4` share.
+
+    tensors: per GGUF tensor name, its (memory-mapped) tensor; hf_names: the same names ->
+    Hugging Face names; permuted: whether llama.cpp permuted the q/k rows (`_ARCHITECTURES`).
+    """
+
+    path: Path
+    config: ModelConfig
+    permuted: bool
+    tensors: dict[str, ReaderTensor]
+    hf_names: dict[str, str]
+
+    @classmethod
+    def read(cls, path: Path) -> _GGUFModel:
+        """Raises CheckpointError naming the file for a file that is not GGUF, an
+        architecture other than llama/qwen2, RoPE scaling or a tensor name it does not know."""
+        fields = _Fields(path)
+        arch = fields.require(Keys.General.ARCHITECTURE)
+        if arch not in _ARCHITECTURES:
+            raise CheckpointError(
+                f"{path}: general.architecture {arch!r} is not supported; "
+                f"supported: {', '.join(_ARCHITECTURES)}"
+            )
+        architecture, permuted = _ARCHITECTURES[arch]
+        tensors = {tensor.name: tensor for tensor in fields.reader.tensors}
+        config = _config(fields, arch, architecture, tensors)
+        hf_names = {name: _hf_name(path, name) for name in tensors}
+        return cls(path, config, permuted, tensors, hf_names)
+
+    def permuted_heads(self, name: str) -> int | None:
+        """Heads whose q/k rows llama.cpp permuted in tensor `name` (None: not permuted)."""
+        if self.permuted and name.endswith("attn_q.weight"):
+            return self.config.n_heads
+        if self.permuted and name.endswith("attn_k.weight"):
+            return self.config.n_kv_heads
+        return None
 
 
 # Q4_0 / Q4_1 -> bytes before each block's 16 bytes of nibbles (d; d and m, float16).

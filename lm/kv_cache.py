@@ -10,6 +10,10 @@ Example (one row, 3 tokens committed, then a forward over a tree of 4 nodes)::
 
     positions in the row:  0 1 2 | 3 4 5 6      lengths[row] == 3, pending == 4
     commit(row, [0, 2])    keeps tree nodes 0 and 2: entry 5 moves to 4; lengths[row] == 5
+
+What a position holds depends on the attention (`cache_layout`): grouped-query attention
+caches a key and a value per KV head; multi-head latent attention caches one latent
+vector per token, which every head reads. Every operation here works on either.
 """
 
 from collections.abc import Sequence
@@ -22,14 +26,31 @@ from lm.config import ModelConfig
 from lm.device import default_device, default_dtype, host_to_device
 
 
+def cache_layout(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The buffers a cache holds for `config`'s attention: name -> (heads, width) that one
+    token takes in one layer.
+
+    Grouped-query attention: a key "k" and a value "v" per KV head. Multi-head latent
+    attention (DeepSeek-V2/V3): one "latent" entry, the kv_lora_rank-wide compressed
+    key/value followed by the head_dim-wide rotated key, shared by every query head
+    (`lm.model.LatentAttention` reads it with the up-projections absorbed).
+    """
+    if config.mla:
+        assert config.kv_lora_rank is not None  # ModelConfig checks it for MLA
+        return {"latent": (1, config.kv_lora_rank + config.head_dim)}
+    return {"k": (config.n_kv_heads, config.head_dim), "v": (config.n_kv_heads, config.head_dim)}
+
+
 def bytes_per_position(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes one token takes in one cache row: its key and its value in every layer, so a
-    cache of R rows x L positions takes R * L times this.
+    """Bytes one token takes in one cache row, every layer, so a cache of R rows x L
+    positions takes R * L times this.
 
     Example: SmolLM2-135M (30 layers, 3 KV heads x 64) in float32 takes
     2 x 30 x 3 x 64 x 4 = 46080 bytes a position: 755 MB for 2 rows x 8192 positions.
+    DeepSeek-V3's MLA (61 layers, latent 512 + 64) in bfloat16: 61 x 576 x 2 = 70272.
     """
-    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype.itemsize
+    width = sum(heads * dim for heads, dim in cache_layout(config).values())
+    return config.n_layers * width * dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -54,7 +75,9 @@ class CacheStep:
 
 
 class KVCache(nn.Module):
-    """K/V buffers: (n_layers, rows, n_kv_heads, max_len, head_dim)."""
+    """Per-token buffers named by `cache_layout`, each (n_layers, rows, heads, max_len,
+    width): `k` and `v` (n_kv_heads, head_dim) for grouped-query attention, `latent` for
+    multi-head latent attention."""
 
     def __init__(
         self,
@@ -72,9 +95,10 @@ class KVCache(nn.Module):
             raise ValueError(f"max_len: must be in [1, {config.max_seq_len}], got {max_len}")
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype if dtype is not None else default_dtype(device)
-        shape = (config.n_layers, rows, config.n_kv_heads, max_len, config.head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype))
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype))
+        self.names = tuple(cache_layout(config))
+        for name, (heads, width) in cache_layout(config).items():
+            shape = (config.n_layers, rows, heads, max_len, width)
+            self.register_buffer(name, torch.zeros(shape, device=device, dtype=dtype))
         self.max_len = max_len
         self.lengths: list[int] = [0] * rows
         self.pending: list[int] = [0] * rows  # entries written by the last forward, per row
@@ -84,9 +108,22 @@ class KVCache(nn.Module):
         return len(self.lengths)
 
     @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The buffers, in `cache_layout` order."""
+        return tuple(getattr(self, name) for name in self.names)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    @property
     def nbytes(self) -> int:
-        """Bytes both buffers hold, allocated up front."""
-        return self.k.nbytes + self.v.nbytes
+        """Bytes the buffers hold, allocated up front."""
+        return sum(buf.nbytes for buf in self.tensors)
 
     def rollback(self, row: int, length: int) -> None:
         """Forget everything after the first `length` committed entries of `row`."""
@@ -136,10 +173,10 @@ class KVCache(nn.Module):
                 f"got start {start}, positions {positions}"
             )
         if positions != list(range(start, start + len(positions))):
-            src = host_to_device(positions, self.k.device)
-            dst = torch.arange(start, start + len(positions), device=self.k.device)
-            for buf in (self.k, self.v):
-                view = buf[:, row]  # (n_layers, n_kv_heads, max_len, head_dim)
+            src = host_to_device(positions, self.device)
+            dst = torch.arange(start, start + len(positions), device=self.device)
+            for buf in self.tensors:
+                view = buf[:, row]  # (n_layers, heads, max_len, width)
                 view.index_copy_(2, dst, view.index_select(2, src))
         self.lengths[row] = start + len(positions)
         self.pending[row] = 0
@@ -156,8 +193,8 @@ class KVCache(nn.Module):
         positions = list(positions)
         if any(not 0 <= p < self.lengths[src] for p in positions):
             raise ValueError(f"positions: must be in [0, {self.lengths[src]}), got {positions}")
-        index = host_to_device(positions, self.k.device)
-        for buf in (self.k, self.v):
+        index = host_to_device(positions, self.device)
+        for buf in self.tensors:
             buf[:, dst, :, : len(positions)] = buf[:, src].index_select(2, index)
         self.lengths[dst] = len(positions)
         self.pending[dst] = 0
@@ -177,7 +214,7 @@ class KVCache(nn.Module):
             )
         for row in rows:
             self.pending[row] = time
-        device = self.k.device
+        device = self.device
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
         starts_t = host_to_device(starts, device)
         shared = consecutive and len(set(starts)) == 1
@@ -191,16 +228,19 @@ class KVCache(nn.Module):
         )
 
     def update(
-        self, layer: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new k, v (batch, n_kv_heads, time, head_dim) at step.write_positions.
+        self, layer: int, step: CacheStep, *new_entries: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Write one new tensor per buffer, (batch, heads, time, width) in `cache_layout`
+        order (k, v; or the latent), at step.write_positions.
 
-        Returns keys, values (batch, n_kv_heads, step.kv_len, head_dim) of the step's rows.
+        Returns each buffer's (batch, heads, step.kv_len, width) for the step's rows.
         Positions a row has not reached hold stale data; the attention mask hides them.
         """
+        if len(new_entries) != len(self.names):
+            raise ValueError(f"update: takes {self.names}, got {len(new_entries)} tensors")
         index = (step.rows[:, None], slice(None), step.write_positions)
         out = []
-        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
+        for buf, new in zip((t[layer] for t in self.tensors), new_entries, strict=True):
             if step.write_slice is not None:
                 buf[step.row_slice, :, step.write_slice] = new
             else:
@@ -209,7 +249,7 @@ class KVCache(nn.Module):
                 out.append(buf[step.row_slice, :, : step.kv_len])
             else:
                 out.append(buf[:, :, : step.kv_len].index_select(0, step.rows))
-        return out[0], out[1]
+        return tuple(out)
 
     def _check_row(self, row: int) -> None:
         if not 0 <= row < self.rows:

@@ -1,4 +1,5 @@
-"""A Llama-family decoder (Llama, Qwen2, Mistral) in the style of gpt-fast.
+"""A decoder-only transformer (Llama, Qwen2, Mistral; DeepSeek-V3's multi-head latent
+attention with dense MLPs) in the style of gpt-fast.
 
 Numerics follow Hugging Face transformers so that logits match it: RMSNorm is computed
 in float32 and cast back before the weight multiply; RoPE uses the "rotate halves"
@@ -162,9 +163,9 @@ class Transformer(nn.Module):
         if len(rows) != batch:
             raise ValueError(f"rows: must have one entry per batch row ({batch}), got {rows}")
         weight = self.norm.weight
-        if (cache.k.dtype, cache.k.device) != (weight.dtype, weight.device):
+        if (cache.dtype, cache.device) != (weight.dtype, weight.device):
             raise ValueError(
-                f"cache: {cache.k.dtype} on {cache.k.device} must match the model's "
+                f"cache: {cache.dtype} on {cache.device} must match the model's "
                 f"{weight.dtype} on {weight.device}"
             )
         return cache.prepare(rows, time)
@@ -236,21 +237,98 @@ class Attention(nn.Module):
             v = qkv[:, heads + kv_heads :].to(q.dtype)  # quantized layers give bfloat16
         if cache is not None:
             k, v = cache.update(layer, step, k, v)
-        repeat = self.n_heads // self.n_kv_heads
-        # On CPU, SDPA reads each kv head for its query group (enable_gqa): no copy of
-        # the whole cache per layer, which repeat_kv makes (1.9 of 15 ms per decoded
-        # token, SmolLM2 int4, 200 cached tokens). CUDA's masked kernels lack it, so
-        # there the heads are repeated.
-        gqa = repeat > 1 and q.device.type == "cpu"
-        if repeat > 1 and not gqa:
-            k, v = repeat_kv(k, repeat), repeat_kv(v, repeat)
-        if self.per_query:
-            y = per_query_attention(q, k, v, mask, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
-            )
+        y = attend(q, k, v, mask, per_query=self.per_query)
         return self.wo(y.transpose(1, 2).reshape(batch, time, -1))
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3), computed against the cached latent.
+
+    Per token, x (dim) is compressed to a latent c = norm(x @ W_DKV) (kv_lora_rank) and a
+    rotated key k_r (head_dim, shared by every head); only [c, k_r] is cached. HF expands c
+    into per-head keys k = c @ W_UK_h and values v = c @ W_UV_h for every cached token.
+    Here the up-projections are absorbed instead: q_h . k = (q_h @ W_UK_h^T) . c, and
+    softmax(.) @ (c @ W_UV_h) = (softmax(.) @ c) @ W_UV_h, so every head attends straight
+    to [c, k_r] as one shared key (MQA with kv_lora_rank + head_dim wide keys and
+    kv_lora_rank wide values) and nothing per token is ever expanded: the same mechanism
+    serves prefill, decode and tree verification. The softmax scale stays HF's,
+    (qk_nope_head_dim + head_dim) ** -0.5.
+
+    DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ... (HF `rope_interleave`): the
+    rotary part is read as evens then odds, after which the halves rotation applies.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.kv_lora_rank and config.qk_nope_head_dim and config.v_head_dim
+        self.n_heads = config.n_heads
+        self.rank, self.rope_dim = config.kv_lora_rank, config.head_dim
+        self.nope_dim, self.v_dim = config.qk_nope_head_dim, config.v_head_dim
+        q_out = config.n_heads * (self.nope_dim + self.rope_dim)
+        if config.q_lora_rank is None:
+            self.wq: nn.Module = nn.Linear(config.dim, q_out, bias=False)
+        else:  # HF's q_a_layernorm keeps its own default epsilon, 1e-6
+            self.wq = nn.Sequential(
+                nn.Linear(config.dim, config.q_lora_rank, bias=False),
+                RMSNorm(config.q_lora_rank, 1e-6),
+                nn.Linear(config.q_lora_rank, q_out, bias=False),
+            )
+        self.wkv_a = nn.Linear(config.dim, self.rank + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(self.rank, 1e-6)
+        # (n_heads * (nope + v), rank): row blocks per head, keys' rows then values'
+        self.wkv_b = nn.Linear(self.rank, config.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = nn.Linear(config.n_heads * self.v_dim, config.dim, bias=False)
+        self.scale = (self.nope_dim + self.rope_dim) ** -0.5
+        self.per_query = False  # as Attention.per_query
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        step: CacheStep | None,
+    ) -> torch.Tensor:
+        """x: (batch, time, dim); mask: (batch, 1, time, keys) bool or None for causal."""
+        batch, time, _ = x.shape
+        heads, rank = self.n_heads, self.rank
+        q = self.wq(x).view(batch, time, heads, self.nope_dim + self.rope_dim).transpose(1, 2)
+        q_nope, q_rot = q.split([self.nope_dim, self.rope_dim], -1)
+        latent, k_rot = self.wkv_a(x).split([rank, self.rope_dim], -1)
+        k_rot = k_rot.view(batch, 1, time, self.rope_dim)
+        q_rot = apply_rope(_deinterleave(q_rot), cos, sin)
+        k_rot = apply_rope(_deinterleave(k_rot), cos, sin)
+        entry = torch.cat([self.kv_norm(latent).unsqueeze(1), k_rot], -1)  # (b, 1, t, r + rope)
+        if cache is not None:
+            (entry,) = cache.update(layer, step, entry)
+        up = self.wkv_b.weight.view(heads, self.nope_dim + self.v_dim, rank)
+        w_uk, w_uv = up.split([self.nope_dim, self.v_dim], 1)
+        query = torch.cat([q_nope @ w_uk, q_rot], -1)  # (batch, heads, time, rank + rope)
+        # Every head's queries attend to the same single key head, so they are folded into
+        # one head of heads * time queries (as FlashMLA does): SDPA's enable_gqa broadcast
+        # of one key head over 16 was measured 75x slower on CPU (decode, 2048 keys).
+        keys = entry.shape[2]
+        if mask is None:  # causal, no cache
+            mask = torch.ones(time, time, dtype=torch.bool, device=x.device).tril()
+            mask = mask.expand(batch, 1, time, time)
+        mask = mask[:, :, None].expand(batch, 1, heads, time, keys)
+        y = attend(
+            query.reshape(batch, 1, heads * time, rank + self.rope_dim),
+            entry,
+            entry[..., :rank],
+            mask.reshape(batch, 1, heads * time, keys),
+            per_query=self.per_query,
+            scale=self.scale,
+        )
+        y = y.view(batch, heads, time, rank) @ w_uv.transpose(1, 2)  # (b, heads, t, v_dim)
+        return self.wo(y.transpose(1, 2).reshape(batch, time, heads * self.v_dim))
+
+
+def _deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """(..., d) as evens then odds: DeepSeek's interleaved rotary pairs in the halves layout."""
+    return torch.cat([x[..., 0::2], x[..., 1::2]], -1)
 
 
 class FeedForward(nn.Module):
@@ -306,10 +384,12 @@ LLAMA = ArchitectureParts(attention=Attention, cache=KVCache)
 
 # ModelConfig.architecture -> its parts. Qwen2 (q/k/v bias, a config field) and Mistral
 # (window clamped to the context, see ModelConfig.from_hf) attend exactly as Llama.
+# DeepSeek-V3's cache holds the latent (`lm.kv_cache.cache_layout`), not per-head K/V.
 ARCHITECTURES: dict[str, ArchitectureParts] = {
     "LlamaForCausalLM": LLAMA,
     "Qwen2ForCausalLM": LLAMA,
     "MistralForCausalLM": LLAMA,
+    "DeepseekV3ForCausalLM": ArchitectureParts(attention=LatentAttention, cache=KVCache),
 }
 # ModelConfig.norm -> the norm layer, built as norm(dim, eps).
 NORMS: dict[str, Callable[[int, float], nn.Module]] = {"rmsnorm": RMSNorm}
@@ -319,6 +399,35 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu_tanh": partial(F.gelu, approximate="tanh"),  # HF "gelu_pytorch_tanh" (Gemma)
 }
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    per_query: bool,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention of q (batch, heads, time, d) over k (batch, kv_heads,
+    keys, d) and v (batch, kv_heads, keys, d_v), kv_heads dividing heads; out (batch,
+    heads, time, d_v). mask: (batch, 1, time, keys) bool, or None for causal.
+    per_query: `per_query_attention` (Transformer.batch_invariant) instead of one call.
+
+    On CPU, SDPA reads each kv head for its query group (enable_gqa): no copy of the whole
+    cache per layer, which repeat_kv makes (1.9 of 15 ms per decoded token, SmolLM2 int4,
+    200 cached tokens). CUDA's masked kernels lack it, so there the heads are repeated.
+    """
+    repeat = q.shape[1] // k.shape[1]
+    gqa = repeat > 1 and q.device.type == "cpu"
+    if repeat > 1 and not gqa:
+        k, v = repeat_kv(k, repeat), repeat_kv(v, repeat)
+    if per_query:
+        return per_query_attention(q, k, v, mask, enable_gqa=gqa, scale=scale)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
+    )
 
 
 # Batch-invariant attention: at most this many gathered key elements (queries x heads x
@@ -333,11 +442,13 @@ def per_query_attention(
     mask: torch.Tensor | None,
     *,
     enable_gqa: bool = False,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Attention computed so that a query's output depends on its own keys alone.
 
     q: (batch, heads, time, head_dim); k, v: (batch, heads, keys, head_dim), or
-    (batch, kv_heads, keys, head_dim) with enable_gqa (SDPA's); mask:
+    (batch, kv_heads, keys, head_dim) with enable_gqa (SDPA's; v may be narrower or wider
+    than q and k, and the output is as wide as v); scale: SDPA's; mask:
     (batch, 1, time, keys) bool, or None for causal. Each query attends to exactly the
     keys it may see, gathered in order into a contiguous tensor, as a batch element of
     its own with no mask: the same shapes, values and order whether it is alone in a
@@ -358,7 +469,7 @@ def per_query_attention(
     groups: dict[int, list[int]] = {}
     for query, count in enumerate(counts):
         groups.setdefault(count, []).append(query)
-    out = torch.empty_like(q)
+    out = q.new_empty(batch, heads, time, v.shape[-1])
     for count, queries in groups.items():
         step = max(1, INVARIANT_CALL_ELEMENTS // (heads * count * dim))
         for start in range(0, len(queries), step):
@@ -371,6 +482,7 @@ def per_query_attention(
                 k[rows[:, None], :, seen].transpose(1, 2).contiguous(),
                 v[rows[:, None], :, seen].transpose(1, 2).contiguous(),
                 enable_gqa=enable_gqa,
+                scale=scale,
             )[:, :, 0]
     return out
 

@@ -40,9 +40,11 @@ Int4Groups = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # 2 EPYC cores: at 8 rows int4pack 1536 x 576 takes 95 us, decode + bfloat16 matmul 150 us).
 ROW_KERNEL_MAX_ROWS = 8
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what int4pack accepts
-# Rows per block of int4pack's CPU layout (`_unpack_int4pack`), and the multiple of rows
-# and of inputs its kernels need.
-INT4PACK_BLOCK = 64
+INT4PACK_BLOCK = 64  # rows per block of int4pack's CPU layout (`_unpack_int4pack`)
+# The multiple of rows and inputs int4pack needs, and of inputs int8pack needs (here and in
+# `edge_node.flash.fused`): int8pack's CPU kernel reads rows in blocks of 16 values, and
+# other lengths crash it or give garbage (segfaults at 4 to 56 values off the multiple, on
+# an AVX-512 machine).
 ROW_MULTIPLE = 16
 
 
@@ -119,7 +121,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", scales.to(COMPUTE_DTYPE))
         self.register_buffer("bias", None if bias is None else bias.float())
-        # The kernel reads rows in blocks of 16 inputs (edge_node.flash.fused).
+        # The kernel reads rows in blocks of ROW_MULTIPLE inputs.
         self.row_kernel = self.in_features % ROW_MULTIPLE == 0
 
     @classmethod
@@ -265,7 +267,13 @@ def quantize_model(
         blocks, `lm.gguf.read_gguf_int4`), whatever `scheme.bits` says. A fused layer
         uses them when all its parts have them.
     A layer int4 cannot hold (rows or inputs not multiples of 16) is stored as int8.
+    Grouped-query attention only: ValueError for multi-head latent attention.
     """
+    if model.config.mla:
+        raise ValueError(
+            f"quantize: {model.config.architecture} (multi-head latent attention) cannot be "
+            "quantized; only grouped-query attention models can"
+        )
     int4_weights = int4_weights or {}
     model.float()
     for i, layer in enumerate(model.layers):

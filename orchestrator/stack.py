@@ -138,12 +138,13 @@ class StackConfig:
             raise ValueError(f"head_dir: {self.head_dir} does not exist")
         if needs_head(self.draft.drafter) and self.head_dir is None:
             raise ValueError(f"head_dir: needed with draft.drafter {self.draft.drafter!r}")
+        flash_pack = (Path(self.draft_dir) / "manifest.json").is_file()
         if self.draft_flash_budget_mb is not None:
             if not self.draft_flash_budget_mb > 0:
                 raise ValueError(
                     f"draft_flash_budget_mb: must be > 0, got {self.draft_flash_budget_mb}"
                 )
-            if not (Path(self.draft_dir) / "manifest.json").is_file():
+            if not flash_pack:
                 raise ValueError(
                     f"draft_dir: {self.draft_dir} is not a flash pack (no manifest.json), "
                     "as draft_flash_budget_mb needs"
@@ -162,6 +163,11 @@ class StackConfig:
                 raise ValueError(
                     "draft_quantize: not with draft_flash_budget_mb or draft_dtype "
                     "(a quantized SLM computes in float32 from its codes)"
+                )
+            if flash_pack:
+                raise ValueError(
+                    f"draft_quantize: not with a flash pack draft_dir ({self.draft_dir} holds "
+                    "manifest.json); quantize a checkpoint (a model directory or a .gguf file)"
                 )
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lm.config import ModelConfig
@@ -12,6 +14,18 @@ TOKEN = "test-token-4f1c"
 MODEL_NAME = "tiny-target"
 METADATA = bearer_metadata(TOKEN)
 
+# ModelConfig fields of a random multi-head latent attention model (tiny_model, and
+# tests.lm.conftest.random_transformer).
+MLA_SHAPE = dict(
+    architecture="DeepseekV3ForCausalLM",
+    n_kv_heads=4,
+    head_dim=8,
+    kv_lora_rank=16,
+    q_lora_rank=12,
+    qk_nope_head_dim=12,
+    v_head_dim=10,
+)
+
 
 def tiny_model(
     seed: int,
@@ -21,11 +35,13 @@ def tiny_model(
     layers: int = 2,
     sharpen: float = 1.0,
     max_seq_len: int = 512,
+    **fields: Any,
 ):
-    """A random Llama-family model; `sharpen` scales the output head so its distributions
-    are peaked rather than near-uniform, which makes acceptance tests meaningful."""
+    """A random Llama-family model (or another ModelConfig `fields` names); `sharpen` scales
+    the output head so its distributions are peaked rather than near-uniform, which makes
+    acceptance tests meaningful."""
     torch.manual_seed(seed)
-    config = ModelConfig(
+    shape: dict[str, Any] = dict(
         vocab_size=vocab,
         dim=dim,
         n_layers=layers,
@@ -34,6 +50,7 @@ def tiny_model(
         hidden_dim=64,
         max_seq_len=max_seq_len,
     )
+    config = ModelConfig(**{**shape, **fields})
     model = Transformer(config).eval()
     with torch.no_grad():
         for p in model.parameters():

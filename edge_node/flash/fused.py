@@ -24,18 +24,16 @@ import torch
 from torch import nn
 
 from edge_node.flash.bundle import BundleFormat
+from lm.quantized import ROW_MULTIPLE, int8_rows
 from lm.sparsity import LowRankPredictor
 
 MAX_POSITIONS = 16  # beyond this, decode-and-matmul is faster than int8pack (one row at a time)
 MIXED_SIGN = 0x80  # int8 segments store code + 128: xor gives the two's-complement code
-# int8pack's CPU kernel reads rows in blocks of 16 values: other lengths crash it or give
-# garbage (segfaults at 4 to 56 values off the multiple, on this AVX-512 machine).
-INT8PACK_MULTIPLE = 16
 
 
 def int8pack_fits(length: int) -> bool:
-    """Whether int8pack can multiply rows of `length` values (see INT8PACK_MULTIPLE)."""
-    return length % INT8PACK_MULTIPLE == 0 and hasattr(torch, "_weight_int8pack_mm")
+    """Whether int8pack can multiply rows of `length` values (see lm.quantized.ROW_MULTIPLE)."""
+    return length % ROW_MULTIPLE == 0 and hasattr(torch, "_weight_int8pack_mm")
 
 
 def supported(bundle: BundleFormat) -> bool:
@@ -87,12 +85,9 @@ class Int8Predictor(nn.Module):
     def __init__(self, predictor: LowRankPredictor) -> None:
         super().__init__()
         self.down = predictor.down
-        weight = predictor.up.weight.detach().float()
-        scales = (weight.abs().amax(1) / 127).clamp_min(torch.finfo(torch.bfloat16).tiny)
-        scales = scales.bfloat16()
-        codes = torch.round(weight / scales.float()[:, None]).clamp_(-127, 127)
-        self.register_buffer("codes", codes.to(torch.int8))
-        self.register_buffer("scales", scales)
+        codes, scales = int8_rows(predictor.up.weight.detach())
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales.bfloat16())  # already bfloat16 values
         self.register_buffer("bias", predictor.up.bias.detach().clone())
         self.register_buffer("cut", predictor.cut.detach().clone())
 

@@ -154,3 +154,15 @@ def test_stack_config_checks_the_flash_fields(draft_pack, tmp_path):
     with pytest.raises(ValueError, match="draft_dtype: must be float32, float16 or bfloat16"):
         StackConfig(**base, draft_dtype="float64")
     assert StackConfig(**base, draft_flash_budget_mb=8).draft_flash_budget_mb == 8
+
+
+def test_stack_config_rejects_quantizing_a_flash_pack(draft_pack, tmp_path):
+    from orchestrator.stack import StackConfig
+
+    model_dir = tmp_path / "model"
+    save_model(make_model(seed=3), model_dir)
+    with pytest.raises(ValueError, match="draft_quantize: not with a flash pack draft_dir"):
+        StackConfig(target_dir=model_dir, draft_dir=draft_pack, draft_quantize="int4")
+    # A checkpoint draft quantizes.
+    config = StackConfig(target_dir=model_dir, draft_dir=model_dir, draft_quantize="int4")
+    assert config.draft_quantize == "int4"

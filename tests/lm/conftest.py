@@ -18,6 +18,16 @@ from orchestrator.fetch import FetchError, fetch
 
 REPO = Path(__file__).resolve().parents[2]
 
+_MLA = dict(
+    kv_lora_rank=16,
+    num_key_value_heads=4,  # unused by MLA; HF eager divides by it
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=12,
+    v_head_dim=10,
+    first_k_dense_replace=2,
+    tie_word_embeddings=False,
+)
+
 # name -> (transformers config class name, its kwargs). Sizes are tiny; the fields that
 # change numerics (rope_theta, rms_norm_eps, activation, tying, GQA, bias, head_dim) all
 # differ from the defaults somewhere.
@@ -46,6 +56,10 @@ HF_MODELS: dict[str, tuple[str, dict]] = {
         "MistralConfig",
         dict(num_key_value_heads=2, sliding_window=4096, rms_norm_eps=1e-3),
     ),
+    # Multi-head latent attention, dense MLPs (first_k_dense_replace >= the layers), with
+    # and without the query bottleneck; every head width differs from the others.
+    "deepseek_v3_mla": ("DeepseekV3Config", dict(_MLA, q_lora_rank=24, rope_theta=2000.0)),
+    "deepseek_v3_mla_direct_q": ("DeepseekV3Config", dict(_MLA, q_lora_rank=None)),
 }
 
 

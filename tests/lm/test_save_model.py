@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 from lm.checkpoint import load_model, save_model
+from tests.tiny import MLA_SHAPE
 
 pytest.importorskip("transformers")
 
@@ -16,6 +17,8 @@ VARIANTS = {
     "llama_head_dim_gelu": dict(head_dim=16, activation="gelu_tanh"),
     "qwen2": dict(architecture="Qwen2ForCausalLM", qkv_bias=True, tie_embeddings=True),
     "mistral": dict(architecture="MistralForCausalLM", n_kv_heads=4),
+    "deepseek_v3_mla": MLA_SHAPE,
+    "deepseek_v3_mla_direct_q": dict(MLA_SHAPE, q_lora_rank=None, tie_embeddings=True),
 }
 
 

@@ -1,13 +1,24 @@
-"""One cached forward over a token tree equals running every root-to-leaf path on its own."""
+"""One cached forward over a token tree equals running every root-to-leaf path on its own,
+for grouped-query attention and for multi-head latent attention (its cache holds the
+latent; commit, rollback and batched rows move it as they move K/V)."""
 
+import pytest
 import torch
 
 from lm.kv_cache import KVCache
+from lm.model import Transformer
 from lm.tree import TokenTree
+from tests.lm.conftest import random_transformer
+from tests.tiny import MLA_SHAPE
 
 PREFIX = [3, 17, 42, 8, 8, 91, 5]
 BEAMS = [[10, 11, 12], [10, 11, 13], [10, 14, 15, 16], [20], [21, 22]]
 ATOL = 1e-5
+
+
+@pytest.fixture(params=["gqa", "mla"])
+def tiny_model(request) -> Transformer:
+    return random_transformer(**(MLA_SHAPE if request.param == "mla" else {}))
 
 
 def new_cache(model, rows: int = 1) -> KVCache:
