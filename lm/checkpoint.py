@@ -3,7 +3,7 @@ GGUF files (loading only).
 
 Our module names are gpt-fast style; `hf_names` is the single table that maps them to
 Hugging Face LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM /
-DeepseekV3ForCausalLM (dense MLPs) names, used both
+DeepseekV3ForCausalLM (dense MLPs) / Gemma3ForCausalLM names, used both
 ways. Every tensor is checked (present, right shape, nothing unexpected) before the model
 is built, and every problem becomes a CheckpointError that names the file.
 """
@@ -54,6 +54,14 @@ _MLA_Q_NAMES = {  # by whether queries go through a low-rank bottleneck (q_lora_
         ("attention.wq.2.weight", "self_attn.q_b_proj.weight"),
     ),
 }
+# Gemma 3's, in place of the ffn_norm row above (ffn_norm is its pre-MLP norm).
+_GEMMA3_NAMES = (
+    ("attention.q_norm.weight", "self_attn.q_norm.weight"),
+    ("attention.k_norm.weight", "self_attn.k_norm.weight"),
+    ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
+    ("post_ffn_norm.weight", "post_feedforward_layernorm.weight"),
+)
 _BIAS_NAMES = (
     ("attention.wq.bias", "self_attn.q_proj.bias"),
     ("attention.wk.bias", "self_attn.k_proj.bias"),
@@ -78,6 +86,8 @@ def hf_names(config: ModelConfig) -> dict[str, str]:
     if config.mla:
         attention = _MLA_Q_NAMES[config.q_lora_rank is not None] + _MLA_NAMES
         per_layer = tuple(n for n in _LAYER_NAMES if not n[0].startswith("attention.")) + attention
+    elif config.gemma3:
+        per_layer = tuple(n for n in _LAYER_NAMES if n[0] != "ffn_norm.weight") + _GEMMA3_NAMES
     else:
         per_layer = _LAYER_NAMES + (_BIAS_NAMES if config.qkv_bias else ())
     for i in range(config.n_layers):

@@ -19,9 +19,15 @@ from typing import Any, Literal, get_args
 logger = logging.getLogger(__name__)
 
 Activation = Literal["silu", "relu", "gelu_tanh"]
-Norm = Literal["rmsnorm"]
+# rmsnorm: Llama's, weight * normed cast back; gemma_rmsnorm: Gemma's, normed * (1 + weight)
+# in float32, then cast back.
+Norm = Literal["rmsnorm", "gemma_rmsnorm"]
 Architecture = Literal[
-    "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "DeepseekV3ForCausalLM"
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "MistralForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "Gemma3ForCausalLM",
 ]
 
 # Our activation name -> Hugging Face's `hidden_act` spelling (Gemma's MLP is gelu_tanh).
@@ -33,8 +39,10 @@ _MODEL_TYPES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Gemma3ForCausalLM": "gemma3_text",
 }
 _MLA = "DeepseekV3ForCausalLM"
+_GEMMA3 = "Gemma3ForCausalLM"
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,18 @@ class ModelConfig:
     q_lora_rank: int | None = None  # queries through a low-rank bottleneck; None: directly
     qk_nope_head_dim: int | None = None
     v_head_dim: int | None = None
+    # Sliding-window attention (Gemma 3): on these layers a query at position p sees keys
+    # at positions p - sliding_window + 1 .. p, and RoPE uses rope_local_theta.
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+    rope_local_theta: float | None = None
+    # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5).
+    query_pre_attn_scalar: int | None = None
+
+    @property
+    def gemma3(self) -> bool:
+        """Gemma 3's block: scaled embeddings, QK-norm, norms before and after each half."""
+        return self.architecture == _GEMMA3
 
     @property
     def mla(self) -> bool:
@@ -128,6 +148,40 @@ class ModelConfig:
                 _require(value is not None and value >= 1, name, f"must be >= 1 for {_MLA}", value)
             else:
                 _require(value is None, name, f"is for {_MLA} only", value)
+        object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
+        if self.sliding_layers:
+            _require(
+                self.sliding_window is not None and self.sliding_window >= 1,
+                "sliding_window",
+                "must be >= 1 when sliding_layers are given",
+                self.sliding_window,
+            )
+            _require(
+                all(0 <= i < self.n_layers for i in self.sliding_layers),
+                "sliding_layers",
+                f"must be layer indices in [0, {self.n_layers})",
+                self.sliding_layers,
+            )
+        else:
+            _require(
+                self.sliding_window is None,
+                "sliding_window",
+                "needs sliding_layers",
+                self.sliding_window,
+            )
+        _require(
+            self.rope_local_theta is None or self.rope_local_theta > 0,
+            "rope_local_theta",
+            "must be > 0",
+            self.rope_local_theta,
+        )
+        wants_norm = "gemma_rmsnorm" if self.gemma3 else "rmsnorm"
+        _require(
+            self.norm == wants_norm,
+            "norm",
+            f"must be {wants_norm} for {self.architecture}",
+            self.norm,
+        )
         if self.q_lora_rank is not None:
             _require(self.mla, "q_lora_rank", f"is for {_MLA} only", self.q_lora_rank)
             _require(self.q_lora_rank >= 1, "q_lora_rank", "must be >= 1", self.q_lora_rank)
@@ -169,9 +223,13 @@ class ModelConfig:
                 if hf_config.get(key):
                     raise ValueError(f"{key}: Llama projection biases are not supported")
         mla = _mla_fields(hf_config) if arch == _MLA else {}
-        hidden_act = hf_config.get("hidden_act", "silu")  # unknown: ModelConfig names it
+        gemma = _gemma3_fields(hf_config) if arch == _GEMMA3 else {}
+        if gemma:
+            rope_theta = gemma.pop("rope_theta")
+        # unknown: ModelConfig names it; Gemma spells it hidden_activation
+        hidden_act = hf_config.get("hidden_act") or hf_config.get("hidden_activation", "silu")
         max_seq_len = hf_config.get("max_position_embeddings", 2048)
-        window = _sliding_window(arch, hf_config)
+        window = None if gemma else _sliding_window(arch, hf_config)
         if window is not None and window < max_seq_len:
             logger.info("sliding_window=%d: limiting max_seq_len from %d", window, max_seq_len)
             max_seq_len = window
@@ -196,6 +254,7 @@ class ModelConfig:
             # Llama 3 lists several end tokens; the first is the canonical one.
             eos_token_id=eos[0] if isinstance(eos, list) and eos else eos,
             **mla,
+            **gemma,
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -229,6 +288,27 @@ class ModelConfig:
                 rope_interleave=True,
                 attention_bias=False,
             )
+        elif self.gemma3:
+            hf.update(
+                hidden_activation=hf.pop("hidden_act"),
+                sliding_window=self.sliding_window,
+                layer_types=[
+                    "sliding_attention" if i in self.sliding_layers else "full_attention"
+                    for i in range(self.n_layers)
+                ],
+                rope_parameters={
+                    "full_attention": {"rope_type": "default", "rope_theta": self.rope_theta},
+                    "sliding_attention": {
+                        "rope_type": "default",
+                        "rope_theta": self.rope_local_theta or self.rope_theta,
+                    },
+                },
+                query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
+                attention_bias=False,
+                final_logit_softcapping=None,
+                attn_logit_softcapping=None,
+            )
+            del hf["rope_theta"]
         elif self.architecture == "LlamaForCausalLM":
             hf.update(attention_bias=False, mlp_bias=False)
         elif self.architecture == "MistralForCausalLM":
@@ -260,6 +340,48 @@ def _mla_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
         q_lora_rank=hf_config.get("q_lora_rank"),
         qk_nope_head_dim=hf_config["qk_nope_head_dim"],
         v_head_dim=hf_config["v_head_dim"],
+    )
+
+
+def _gemma3_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's Gemma 3 fields from a Gemma3ForCausalLM config.json (transformers 4's
+    rope_theta / rope_local_base_freq / sliding_window_pattern spelling or transformers 5's
+    rope_parameters per layer type / layer_types); ValueError naming the key otherwise."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf_config.get(key) is not None:
+            raise ValueError(f"{key}: logit soft-capping is not supported")
+    if hf_config.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention: only causal attention is supported")
+    n_layers = hf_config["num_hidden_layers"]
+    types = hf_config.get("layer_types")
+    if types is None:
+        pattern = hf_config.get(
+            "sliding_window_pattern", hf_config.get("_sliding_window_pattern", 6)
+        )
+        types = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(n_layers)
+        ]
+    rope = hf_config.get("rope_parameters") or {}
+    thetas = {}
+    for layer_type, legacy_key, default in (
+        ("full_attention", "rope_theta", 1_000_000.0),
+        ("sliding_attention", "rope_local_base_freq", 10_000.0),
+    ):
+        params = rope.get(layer_type) or {}
+        scaling = hf_config.get("rope_scaling") if layer_type == "full_attention" else None
+        kind = params.get("rope_type", (scaling or {}).get("rope_type", "default"))
+        if kind != "default":
+            raise ValueError(f"rope_parameters: rope_type {kind!r} is not supported")
+        thetas[layer_type] = float(params.get("rope_theta", hf_config.get(legacy_key, default)))
+    sliding = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
+    return dict(
+        norm="gemma_rmsnorm",
+        rope_theta=thetas["full_attention"],
+        rope_local_theta=thetas["sliding_attention"],
+        sliding_window=hf_config.get("sliding_window") if sliding else None,
+        sliding_layers=sliding,
+        query_pre_attn_scalar=int(hf_config.get("query_pre_attn_scalar", 256)),
     )
 
 

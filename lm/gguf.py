@@ -1,5 +1,5 @@
-"""Reader for GGUF files (llama.cpp's format): a Llama-family model's config and tensors,
-and its byte-level BPE tokenizer.
+"""Reader for GGUF files (llama.cpp's format): a Llama-family or Gemma 3 model's config
+and tensors, and its byte-level BPE tokenizer (Gemma's SentencePiece one is not read).
 
 The `{arch}.*` metadata becomes a `ModelConfig`; the tensors keep their quantized bytes in
 the file until loaded, when `gguf.quants.dequantize` (llama.cpp's own numpy reference:
@@ -8,9 +8,14 @@ its Hugging Face name, so `lm.checkpoint` checks and casts it like any other che
 
 llama.cpp's converter (convert_hf_to_gguf.py, `LlamaModel.permute`) reorders the rows of
 each Llama q and k projection from the "rotate halves" RoPE layout to interleaved pairs,
-the layout its Llama kernel rotates; `interleaved_to_halves` undoes it. Qwen2 files are
-not permuted (llama.cpp rotates them NeoX-style, i.e. halves). A file without
+the layout its Llama kernel rotates; `interleaved_to_halves` undoes it. Qwen2 and Gemma 3
+files are not permuted (llama.cpp rotates them NeoX-style, i.e. halves). A file without
 `output.weight` ties the classifier to the token embedding.
+
+Gemma 3: the converter stores every norm weight as 1 + w (llama.cpp multiplies by the weight
+as stored; HF by 1 + w), so 1 is taken off again. Its files carry the sliding window but not
+which layers use it, their RoPE base or the attention scale: llama.cpp's own constants are
+used (every sixth layer global, the others local with base 10000, scale head_dim ** -0.5).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from lm.llama2c import interleaved_to_halves
 _ARCHITECTURES: dict[str, tuple[Architecture, bool]] = {
     "llama": ("LlamaForCausalLM", True),
     "qwen2": ("Qwen2ForCausalLM", False),
+    "gemma3": ("Gemma3ForCausalLM", False),
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -57,6 +63,19 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma 3's: ffn_norm is its pre-MLP norm, and each half has a norm after it too.
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+# llama.cpp's Gemma 3 constants (llama-model.cpp): the pattern of local layers and their
+# RoPE base, which its GGUF files do not carry.
+_GEMMA3_GLOBAL_EVERY = 6
+_GEMMA3_LOCAL_THETA = 10_000.0
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)")
 # tokenizer.ggml.pre values whose pre-tokenizer is GPT-2's regex (tokenizers' ByteLevel).
 _GPT2_SPLIT = frozenset({"default", "gpt-2", "gpt2", "smollm"})
@@ -67,12 +86,14 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Callable[[], tor
     (dequantized, q/k rows back in the halves layout).
 
     Raises CheckpointError naming the file for a file that is not GGUF, an architecture
-    other than llama/qwen2, RoPE scaling, a tensor name it does not know, or a tensor type
-    `gguf` cannot dequantize (raised by the loader).
+    other than llama/qwen2/gemma3, RoPE scaling, a tensor name it does not know, or a
+    tensor type `gguf` cannot dequantize (raised by the loader).
     """
     model = _GGUFModel.read(Path(path))
     loaders = {
-        model.hf_names[name]: _loader(model.path, tensor, model.permuted_heads(name))
+        model.hf_names[name]: _loader(
+            model.path, tensor, model.permuted_heads(name), model.norm_offset(name)
+        )
         for name, tensor in model.tensors.items()
     }
     return model.config, loaders
@@ -129,7 +150,7 @@ class _GGUFModel:
     @classmethod
     def read(cls, path: Path) -> _GGUFModel:
         """Raises CheckpointError naming the file for a file that is not GGUF, an
-        architecture other than llama/qwen2, RoPE scaling or a tensor name it does not know."""
+        architecture other than llama/qwen2/gemma3, RoPE scaling or an unknown tensor name."""
         fields = _Fields(path)
         arch = fields.require(Keys.General.ARCHITECTURE)
         if arch not in _ARCHITECTURES:
@@ -140,8 +161,13 @@ class _GGUFModel:
         architecture, permuted = _ARCHITECTURES[arch]
         tensors = {tensor.name: tensor for tensor in fields.reader.tensors}
         config = _config(fields, arch, architecture, tensors)
-        hf_names = {name: _hf_name(path, name) for name in tensors}
+        layer_names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
+        hf_names = {name: _hf_name(path, name, layer_names) for name in tensors}
         return cls(path, config, permuted, tensors, hf_names)
+
+    def norm_offset(self, name: str) -> float:
+        """What to add to tensor `name` for HF's values: -1 for Gemma 3's norms (stored 1 + w)."""
+        return -1.0 if self.config.gemma3 and name.endswith("norm.weight") else 0.0
 
     def permuted_heads(self, name: str) -> int | None:
         """Heads whose q/k rows llama.cpp permuted in tensor `name` (None: not permuted)."""
@@ -291,23 +317,41 @@ def _config(
             architecture=architecture,
             bos_token_id=fields.get(Keys.Tokenizer.BOS_ID),
             eos_token_id=fields.get(Keys.Tokenizer.EOS_ID),
+            **(_gemma3_fields(fields, key) if arch == "gemma3" else {}),
         )
     except ValueError as error:
         raise CheckpointError(f"{path}: invalid GGUF metadata: {error}") from error
 
 
-def _hf_name(path: Path, name: str) -> str:
+def _gemma3_fields(fields: _Fields, key: Callable[[str], str]) -> dict[str, Any]:
+    """ModelConfig's Gemma 3 fields: the window from the file, the rest llama.cpp's."""
+    n_layers = fields.require(key(Keys.LLM.BLOCK_COUNT))
+    window = fields.require(key(Keys.Attention.SLIDING_WINDOW))
+    local = tuple(i for i in range(n_layers) if (i + 1) % _GEMMA3_GLOBAL_EVERY)
+    return dict(
+        norm="gemma_rmsnorm",
+        activation="gelu_tanh",
+        sliding_window=window if local else None,
+        sliding_layers=local,
+        rope_local_theta=_GEMMA3_LOCAL_THETA,
+        query_pre_attn_scalar=fields.require(key(Keys.Attention.KEY_LENGTH)),
+    )
+
+
+def _hf_name(path: Path, name: str, layer_names: dict[str, str]) -> str:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     match = _LAYER_TENSOR.fullmatch(name)
-    if match is None or match[2] not in _LAYER_NAMES:
+    if match is None or match[2] not in layer_names:
         raise CheckpointError(f"{path}: unexpected tensor {name}")
-    return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}"
+    return f"model.layers.{match[1]}.{layer_names[match[2]]}"
 
 
-def _loader(path: Path, tensor: ReaderTensor, heads: int | None) -> Callable[[], torch.Tensor]:
+def _loader(
+    path: Path, tensor: ReaderTensor, heads: int | None, offset: float = 0.0
+) -> Callable[[], torch.Tensor]:
     """Dequantize `tensor` to float32 torch, in HF's (out, in) shape; with `heads`, undo
-    llama.cpp's q/k row permutation for that many heads."""
+    llama.cpp's q/k row permutation for that many heads; add `offset`."""
 
     def load() -> torch.Tensor:
         try:
@@ -316,6 +360,8 @@ def _loader(path: Path, tensor: ReaderTensor, heads: int | None) -> Callable[[],
             raise CheckpointError(f"{path}: tensor {tensor.name}: {error}") from error
         # F32 comes back as a read-only view of the memory-mapped file.
         weight = torch.from_numpy(np.array(array, dtype=np.float32, copy=not array.flags.writeable))
+        if offset:
+            weight += offset
         return weight if heads is None else interleaved_to_halves(weight, heads)
 
     return load

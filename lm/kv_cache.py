@@ -16,6 +16,8 @@ caches a key and a value per KV head; multi-head latent attention caches one lat
 vector per token, which every head reads. Every operation here works on either.
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,6 +74,28 @@ class CacheStep:
     write_positions: torch.Tensor
     kv_len: int
     write_slice: slice | None = None
+    window: WindowStep | None = None  # with sliding-window layers in rings
+
+
+@dataclass(frozen=True)
+class WindowStep:
+    """Where one forward pass reads and writes the sliding-window layers' rings.
+
+    Those layers attend to their committed tail, the last `tail` entries of each row
+    before its start, read from the ring, followed by the new tokens as computed (so a
+    pass may hold more new tokens than the ring). Their keys' columns are
+    `columns` (batch, tail + time): each column's entry index in its row, -1 where a row
+    is shorter than the tail; `valid` (batch, tail + time) says which tail columns the
+    ring still holds. tail_slots (batch, tail): the tail's ring slots; write_slots
+    (batch, time - write_from): where the last new tokens go (only the last `ring` of a
+    long pass are kept).
+    """
+
+    columns: torch.Tensor
+    valid: torch.Tensor
+    tail_slots: torch.Tensor
+    write_slots: torch.Tensor
+    write_from: int
 
 
 class KVCache(nn.Module):
@@ -87,8 +111,11 @@ class KVCache(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        window_slack: int = 256,
     ) -> None:
         super().__init__()
+        if window_slack < 1:
+            raise ValueError(f"window_slack: must be >= 1, got {window_slack}")
         if rows < 1:
             raise ValueError(f"rows: must be >= 1, got {rows}")
         if not 1 <= max_len <= config.max_seq_len:
@@ -96,9 +123,41 @@ class KVCache(nn.Module):
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype if dtype is not None else default_dtype(device)
         self.names = tuple(cache_layout(config))
+        # Sliding-window layers keep the last `ring` entries of a row in a ring buffer
+        # (entry i in slot i % ring) when that is shorter than max_len; the others keep
+        # every entry. ring covers the window plus `window_slack` entries: the largest
+        # tree or chunk a pass may discard, or a drafter's tree committed among the
+        # history, without losing an entry the next pass's window needs.
+        self.ring = max_len
+        self.ring_layers: tuple[int, ...] = ()
+        if config.sliding_window is not None and config.sliding_window + window_slack < max_len:
+            self.ring = config.sliding_window + window_slack
+            self.ring_layers = config.sliding_layers
+        self.full_layers = tuple(i for i in range(config.n_layers) if i not in self.ring_layers)
+        # layer -> (in a ring, its index among the layers of its kind)
+        self._where = {layer: (False, i) for i, layer in enumerate(self.full_layers)}
+        self._where.update({layer: (True, i) for i, layer in enumerate(self.ring_layers)})
         for name, (heads, width) in cache_layout(config).items():
-            shape = (config.n_layers, rows, heads, max_len, width)
+            shape = (len(self.full_layers), rows, heads, max_len, width)
             self.register_buffer(name, torch.zeros(shape, device=device, dtype=dtype))
+            ring = None
+            if self.ring_layers:
+                shape = (len(self.ring_layers), rows, heads, self.ring, width)
+                ring = torch.zeros(shape, device=device, dtype=dtype)
+            self.register_buffer(f"{name}_ring", ring)
+        # The entry index each ring slot holds (-1: none), so a read knows what is there.
+        owners = None
+        if self.ring_layers:
+            owners = torch.full((rows, self.ring), -1, device=device, dtype=torch.long)
+        self.register_buffer("ring_owners", owners)
+        # Each entry's token position, for sliding-window masks (`record_positions`): after
+        # a tree's path is committed, or a drafter commits tree levels, an entry's index in
+        # its row is not its token's position. Shaped as one more buffer so that keep and
+        # copy_row move it with the others.
+        positions = None
+        if config.sliding_layers:
+            positions = torch.zeros((1, rows, 1, max_len, 1), device=device, dtype=torch.long)
+        self.register_buffer("token_positions", positions)
         self.max_len = max_len
         self.lengths: list[int] = [0] * rows
         self.pending: list[int] = [0] * rows  # entries written by the last forward, per row
@@ -109,8 +168,21 @@ class KVCache(nn.Module):
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The buffers, in `cache_layout` order."""
+        """The full-length buffers, in `cache_layout` order (every layer's unless some
+        keep a ring, `rings`)."""
         return tuple(getattr(self, name) for name in self.names)
+
+    @property
+    def rings(self) -> tuple[torch.Tensor, ...]:
+        """The sliding-window layers' ring buffers, in `cache_layout` order (or none)."""
+        return tuple(getattr(self, f"{name}_ring") for name in self.names if self.ring_layers)
+
+    @property
+    def _moved(self) -> tuple[torch.Tensor, ...]:
+        """What keep and copy_row move by entry index: the full-length buffers and the
+        entries' token positions."""
+        extra = () if self.token_positions is None else (self.token_positions,)
+        return self.tensors + extra
 
     @property
     def dtype(self) -> torch.dtype:
@@ -122,8 +194,8 @@ class KVCache(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Bytes the buffers hold, allocated up front."""
-        return sum(buf.nbytes for buf in self.tensors)
+        """Bytes the key/value buffers hold, allocated up front."""
+        return sum(buf.nbytes for buf in self.tensors + self.rings)
 
     def rollback(self, row: int, length: int) -> None:
         """Forget everything after the first `length` committed entries of `row`."""
@@ -175,9 +247,10 @@ class KVCache(nn.Module):
         if positions != list(range(start, start + len(positions))):
             src = host_to_device(positions, self.device)
             dst = torch.arange(start, start + len(positions), device=self.device)
-            for buf in self.tensors:
+            for buf in self._moved:
                 view = buf[:, row]  # (n_layers, heads, max_len, width)
                 view.index_copy_(2, dst, view.index_select(2, src))
+            self._ring_copy(row, row, positions, start)
         self.lengths[row] = start + len(positions)
         self.pending[row] = 0
 
@@ -194,8 +267,9 @@ class KVCache(nn.Module):
         if any(not 0 <= p < self.lengths[src] for p in positions):
             raise ValueError(f"positions: must be in [0, {self.lengths[src]}), got {positions}")
         index = host_to_device(positions, self.device)
-        for buf in self.tensors:
+        for buf in self._moved:
             buf[:, dst, :, : len(positions)] = buf[:, src].index_select(2, index)
+        self._ring_copy(src, dst, positions, 0)
         self.lengths[dst] = len(positions)
         self.pending[dst] = 0
 
@@ -218,14 +292,56 @@ class KVCache(nn.Module):
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
         starts_t = host_to_device(starts, device)
         shared = consecutive and len(set(starts)) == 1
+        rows_t = host_to_device(rows, device)
+        write_positions = starts_t[:, None] + torch.arange(time, device=device)
         return CacheStep(
-            rows=host_to_device(rows, device),
+            rows=rows_t,
             row_slice=slice(rows[0], rows[0] + len(rows)) if consecutive else None,
             starts=starts_t,
-            write_positions=starts_t[:, None] + torch.arange(time, device=device),
+            write_positions=write_positions,
             kv_len=max(starts) + time,
             write_slice=slice(starts[0], starts[0] + time) if shared else None,
+            window=self._window_step(rows_t, starts, write_positions) if self.ring_layers else None,
         )
+
+    def _window_step(
+        self, rows: torch.Tensor, starts: list[int], write_positions: torch.Tensor
+    ) -> WindowStep:
+        """Plan the rings' reads and writes, and record which entries the slots will hold."""
+        ring, owners = self.ring, self.ring_owners
+        assert owners is not None
+        tail = min(ring, max(starts))
+        first = host_to_device(starts, self.device)[:, None] - tail
+        tail_entries = first + torch.arange(tail, device=self.device)  # (batch, tail)
+        tail_slots = tail_entries % ring
+        held = owners[rows[:, None], tail_slots] == tail_entries  # before this pass writes
+        time = write_positions.shape[1]
+        write_from = max(0, time - ring)
+        write_slots = write_positions[:, write_from:] % ring
+        owners[rows[:, None], write_slots] = write_positions[:, write_from:]
+        new = torch.ones_like(write_positions, dtype=torch.bool)
+        return WindowStep(
+            columns=torch.cat([tail_entries.clamp_min(-1), write_positions], 1),
+            valid=torch.cat([held & (tail_entries >= 0), new], 1),
+            tail_slots=tail_slots,
+            write_slots=write_slots,
+            write_from=write_from,
+        )
+
+    def _ring_copy(self, src: int, dst: int, positions: Sequence[int], start: int) -> None:
+        """Make entries start, start + 1, ... of row `dst`'s rings those at `positions` of
+        row `src`'s. Only the last `ring` of them fit, and an entry `src`'s ring no longer
+        holds is marked missing: a later pass whose window needs it fails (`ring_mask`)."""
+        if not self.ring_layers:
+            return
+        assert self.ring_owners is not None
+        first = max(0, len(positions) - self.ring)
+        source = host_to_device(list(positions)[first:], self.device)
+        target = torch.arange(start + first, start + len(positions), device=self.device)
+        held = self.ring_owners[src, source % self.ring] == source
+        for buf in self.rings:
+            buf[:, dst, :, target % self.ring] = buf[:, src, :, source % self.ring]
+        self.ring_owners[dst, target % self.ring] = torch.where(held, target, -1)
 
     def update(
         self, layer: int, step: CacheStep, *new_entries: torch.Tensor
@@ -238,6 +354,9 @@ class KVCache(nn.Module):
         """
         if len(new_entries) != len(self.names):
             raise ValueError(f"update: takes {self.names}, got {len(new_entries)} tensors")
+        in_ring, layer = self._where[layer]
+        if in_ring:
+            return self._update_ring(layer, step, new_entries)
         index = (step.rows[:, None], slice(None), step.write_positions)
         out = []
         for buf, new in zip((t[layer] for t in self.tensors), new_entries, strict=True):
@@ -250,6 +369,33 @@ class KVCache(nn.Module):
             else:
                 out.append(buf[:, :, : step.kv_len].index_select(0, step.rows))
         return tuple(out)
+
+    def _update_ring(
+        self, layer: int, step: CacheStep, new_entries: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        """A sliding-window layer's update: each buffer's (batch, heads, tail + time, width),
+        its committed tail read from the ring then the new entries (`WindowStep`); the
+        tail is read before the new entries are written over the oldest slots."""
+        window = step.window
+        assert window is not None
+        out = []
+        for buf, new in zip((t[layer] for t in self.rings), new_entries, strict=True):
+            tail = buf[step.rows[:, None], :, window.tail_slots]  # (batch, tail, h, d)
+            out.append(torch.cat([tail.transpose(1, 2), new], 2))
+            kept = new[:, :, window.write_from :].transpose(1, 2)
+            buf[step.rows[:, None], :, window.write_slots] = kept
+        return tuple(out)
+
+    def record_positions(self, step: CacheStep, positions: torch.Tensor) -> None:
+        """Note the token positions (batch, time) of the entries `step` writes."""
+        assert self.token_positions is not None, "the config has no sliding layers"
+        self.token_positions[0, step.rows[:, None], 0, step.write_positions, 0] = positions
+
+    def positions_of(self, step: CacheStep) -> torch.Tensor:
+        """(batch, step.kv_len) token positions of the step's rows' entries (stale past a
+        row's length: the mask hides those)."""
+        assert self.token_positions is not None, "the config has no sliding layers"
+        return self.token_positions[0, :, 0, : step.kv_len, 0].index_select(0, step.rows)
 
     def _check_row(self, row: int) -> None:
         if not 0 <= row < self.rows:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.config import ModelConfig
-from lm.kv_cache import CacheStep, KVCache
+from lm.kv_cache import CacheStep, KVCache, WindowStep
 
 
 class Transformer(nn.Module):
@@ -35,7 +35,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        block = ARCHITECTURES[config.architecture].block
+        self.layers = nn.ModuleList(block(config) for _ in range(config.n_layers))
         self.norm = NORMS[config.norm](config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -85,9 +86,11 @@ class Transformer(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        window_slack: int = 256,
     ) -> KVCache:
         """An empty cache of `rows` sequences of up to `max_len` tokens, of the kind this
-        architecture's attention reads; device and dtype default to the model's."""
+        architecture's attention reads; device and dtype default to the model's.
+        window_slack: entries a sliding-window layer keeps beyond its window (`KVCache`)."""
         weight = self.norm.weight  # the compute dtype (`dtype`) and the device
         return ARCHITECTURES[self.config.architecture].cache(
             self.config,
@@ -95,6 +98,7 @@ class Transformer(nn.Module):
             max_len,
             device=weight.device if device is None else device,
             dtype=weight.dtype if dtype is None else dtype,
+            window_slack=window_slack,
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -150,10 +154,30 @@ class Transformer(nn.Module):
         else:
             positions = step.write_positions if positions is None else positions
             mask = cached_attention_mask(step, mask) if cache_mask is None else cache_mask[:, None]
-        cos, sin = rope_cos_sin(positions, self.config, self.dtype)
+        config = self.config
+        views = {
+            False: (*rope_cos_sin(positions, config.head_dim, config.rope_theta, self.dtype), mask)
+        }
+        if config.sliding_layers:  # those layers' own RoPE base and a windowed mask
+            assert config.sliding_window is not None  # ModelConfig checks it
+            if step is None:
+                local_mask = window_mask(mask, positions, positions, config.sliding_window)
+            else:
+                cache.record_positions(step, positions)
+                keys = cache.positions_of(step)
+                local_mask = window_mask(mask, positions, keys, config.sliding_window)
+                if step.window is not None:
+                    local_mask = ring_mask(local_mask, step.window)
+            local = rope_cos_sin(
+                positions, config.head_dim, config.rope_local_theta or config.rope_theta, self.dtype
+            )
+            views[True] = (*local, local_mask)
         x = self.tok_embeddings(input_ids)
+        if ARCHITECTURES[config.architecture].scaled_embeddings:  # HF rounds the scale first
+            x = x * torch.tensor(config.dim**0.5).to(x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, step)
+            cos, sin, layer_mask = views[i in config.sliding_layers]
+            x = layer(x, cos, sin, layer_mask, cache, i, step)
         return self.norm(x)
 
     def _prepare(
@@ -172,6 +196,8 @@ class Transformer(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         norm = NORMS[config.norm]
@@ -194,6 +220,30 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+class SandwichBlock(TransformerBlock):
+    """Gemma's block: each half's output is normed again before it joins the residual,
+    x + post_norm(attention(norm(x))), then x + post_ffn_norm(mlp(ffn_norm(x)))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.post_attention_norm = NORMS[config.norm](config.dim, config.norm_eps)
+        self.post_ffn_norm = NORMS[config.norm](config.dim, config.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        step: CacheStep | None,
+    ) -> torch.Tensor:
+        attended = self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, step)
+        x = x + self.post_attention_norm(attended)
+        return x + self.post_ffn_norm(self.feed_forward(self.ffn_norm(x)))
+
+
 class Attention(nn.Module):
     """Grouped-query attention: n_heads queries share n_kv_heads keys/values."""
 
@@ -212,6 +262,9 @@ class Attention(nn.Module):
         self.wqkv: nn.Module | None = None
         # Each query attends to its own keys alone (Transformer.batch_invariant).
         self.per_query = False
+        # None: SDPA's head_dim ** -0.5
+        scalar = config.query_pre_attn_scalar
+        self.scale = None if scalar is None else scalar**-0.5
 
     def forward(
         self,
@@ -225,20 +278,47 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: (batch, time, dim); mask: (batch, 1, time, keys) bool or None for causal."""
         batch, time, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, step, k, v)
+        y = attend(q, k, v, mask, per_query=self.per_query, scale=self.scale)
+        return self.wo(y.transpose(1, 2).reshape(batch, time, -1))
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated q (batch, heads, time, head_dim), rotated k and v (batch, kv_heads, ...)."""
+        batch, time, _ = x.shape
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is None:
             q = self.wq(x).view(batch, time, heads, head_dim).transpose(1, 2)
             k = self.wk(x).view(batch, time, kv_heads, head_dim).transpose(1, 2)
             v = self.wv(x).view(batch, time, kv_heads, head_dim).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        else:  # one projection, and q and k rotated together
-            qkv = self.wqkv(x).view(batch, time, heads + 2 * kv_heads, head_dim).transpose(1, 2)
-            q, k = apply_rope(qkv[:, : heads + kv_heads], cos, sin).split([heads, kv_heads], 1)
-            v = qkv[:, heads + kv_heads :].to(q.dtype)  # quantized layers give bfloat16
-        if cache is not None:
-            k, v = cache.update(layer, step, k, v)
-        y = attend(q, k, v, mask, per_query=self.per_query)
-        return self.wo(y.transpose(1, 2).reshape(batch, time, -1))
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        # one projection, and q and k rotated together
+        qkv = self.wqkv(x).view(batch, time, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+        q, k = apply_rope(qkv[:, : heads + kv_heads], cos, sin).split([heads, kv_heads], 1)
+        return q, k, qkv[:, heads + kv_heads :].to(q.dtype)  # quantized layers give bfloat16
+
+
+class QKNormAttention(Attention):
+    """Gemma 3's attention: each q and k head RMS-normed (its own weight over head_dim)
+    before RoPE; otherwise `Attention`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.q_norm = NORMS[config.norm](config.head_dim, config.norm_eps)
+        self.k_norm = NORMS[config.norm](config.head_dim, config.norm_eps)
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, time, _ = x.shape
+        shape = (batch, time, -1, self.head_dim)
+        q = self.q_norm(self.wq(x).view(shape).transpose(1, 2))
+        k = self.k_norm(self.wk(x).view(shape).transpose(1, 2))
+        v = self.wv(x).view(shape).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class LatentAttention(nn.Module):
@@ -366,6 +446,20 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+class GemmaRMSNorm(nn.Module):
+    """x / rms(x) * (1 + weight), all in float32 and cast back after (as HF's Gemma; the
+    stored weight is the offset from 1)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
 @dataclass(frozen=True)
 class ArchitectureParts:
     """What an architecture plugs into the core besides its norm and activation.
@@ -378,6 +472,11 @@ class ArchitectureParts:
 
     attention: Callable[[ModelConfig], nn.Module]
     cache: Callable[..., KVCache]
+    # The residual block, built from the config; forward(x, cos, sin, mask, cache, layer,
+    # step) as `TransformerBlock`.
+    block: Callable[[ModelConfig], nn.Module] = TransformerBlock
+    # Token embeddings multiplied by sqrt(dim) (Gemma).
+    scaled_embeddings: bool = False
 
 
 LLAMA = ArchitectureParts(attention=Attention, cache=KVCache)
@@ -390,9 +489,15 @@ ARCHITECTURES: dict[str, ArchitectureParts] = {
     "Qwen2ForCausalLM": LLAMA,
     "MistralForCausalLM": LLAMA,
     "DeepseekV3ForCausalLM": ArchitectureParts(attention=LatentAttention, cache=KVCache),
+    "Gemma3ForCausalLM": ArchitectureParts(
+        attention=QKNormAttention, cache=KVCache, block=SandwichBlock, scaled_embeddings=True
+    ),
 }
 # ModelConfig.norm -> the norm layer, built as norm(dim, eps).
-NORMS: dict[str, Callable[[int, float], nn.Module]] = {"rmsnorm": RMSNorm}
+NORMS: dict[str, Callable[[int, float], nn.Module]] = {
+    "rmsnorm": RMSNorm,
+    "gemma_rmsnorm": GemmaRMSNorm,
+}
 # ModelConfig.activation -> the MLP's activation (names as lm.config maps them to HF's).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -499,16 +604,16 @@ def repeat_kv(x: torch.Tensor, repeat: int) -> torch.Tensor:
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, config: ModelConfig, dtype: torch.dtype
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: (batch, 1, time, head_dim) for positions (batch, time).
 
-    Frequency i (of head_dim / 2) is rope_theta ** (-2i / head_dim); both halves of a
-    head share it (HF layout). Computed in float32 on the fly, so any position works,
+    Frequency i (of head_dim / 2) is theta ** (-2i / head_dim); both halves of a head
+    share it (HF layout). Computed in float32 on the fly, so any position works,
     including the repeated depths of a token tree.
     """
-    half = torch.arange(0, config.head_dim, 2, device=positions.device, dtype=torch.float32)
-    inv_freq = 1.0 / config.rope_theta ** (half / config.head_dim)
+    half = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / theta ** (half / head_dim)
     angles = positions[:, None, :, None].float() * inv_freq  # (batch, 1, time, head_dim / 2)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -536,3 +641,36 @@ def cached_attention_mask(step: CacheStep, mask: torch.Tensor | None) -> torch.T
     full = (keys < step.starts[:, None]).unsqueeze(1).expand(batch, time, -1).clone()
     full.scatter_(2, step.write_positions[:, None, :].expand(batch, time, time), mask)
     return full[:, None]
+
+
+def window_mask(
+    mask: torch.Tensor | None, queries: torch.Tensor, keys: torch.Tensor, window: int
+) -> torch.Tensor:
+    """`mask` (batch, 1, time, kv) bool, or None for causal over the new tokens alone,
+    narrowed to keys less than `window` positions behind their query: key j stays visible
+    to query t when queries[b, t] - keys[b, j] < window (HF's sliding window).
+
+    queries: (batch, time) token positions; keys: (batch, kv) token positions of the keys
+    (a cache row's entries are not at their token's position once a tree was committed).
+    """
+    if mask is None:
+        batch, time = queries.shape
+        mask = torch.ones(time, time, dtype=torch.bool, device=queries.device).tril()
+        mask = mask.expand(batch, 1, time, time)
+    near = (queries[:, :, None] - keys[:, None, :]) < window  # (batch, time, kv)
+    return mask & near[:, None]
+
+
+def ring_mask(mask: torch.Tensor, window: WindowStep) -> torch.Tensor:
+    """`mask` (batch, 1, time, kv_len) over whole cache rows, as the columns a ring's
+    read gives (`WindowStep.columns`); ValueError when a key the window lets a query see
+    is no longer in the ring (a pass, rollback or tree deeper than the ring's slack)."""
+    batch, _, time, _ = mask.shape
+    columns = window.columns.clamp_min(0)[:, None, None, :].expand(batch, 1, time, -1)
+    narrowed = mask.gather(3, columns) & window.valid[:, None, None, :]
+    if int(narrowed.sum()) != int(mask.sum()):
+        raise ValueError(
+            "cache: a key inside the sliding window has left the ring that holds it; "
+            "create the cache with a larger window_slack"
+        )
+    return narrowed

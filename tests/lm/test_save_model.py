@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from lm.checkpoint import load_model, save_model
-from tests.tiny import MLA_SHAPE
+from tests.tiny import GEMMA3_SHAPE, MLA_SHAPE
 
 pytest.importorskip("transformers")
 
@@ -19,6 +19,7 @@ VARIANTS = {
     "mistral": dict(architecture="MistralForCausalLM", n_kv_heads=4),
     "deepseek_v3_mla": MLA_SHAPE,
     "deepseek_v3_mla_direct_q": dict(MLA_SHAPE, q_lora_rank=None, tie_embeddings=True),
+    "gemma3": GEMMA3_SHAPE,
 }
 
 
