@@ -76,7 +76,7 @@ def main() -> None:
     verifier = {}
     for budget in (None, args.kv_cache_gb):
         resolved = VerifierConfig("smollm2", kv_cache_gb=budget).for_model(
-            config.max_seq_len, position_bytes
+            config.max_seq_len, lambda positions: positions * position_bytes
         )
         rows = resolved.max_context + resolved.round_room
         verifier[f"budget_{budget}"] = {

@@ -23,12 +23,19 @@ the per-session path the engine ran until the batched one (a warped float32 dist
 per session, then `verify_tree`, which copies every visited row to the host in float64);
 "after" is `lm.acceptance.accept_batch` (one batched step per warping, one host transfer).
 
+Kernels (`--kernels sdpa flex`; both by default on CUDA, `--kernels-only` to run just this):
+the model's forward pass alone on a cache holding `--context` tokens per row, for trees of
+16, 64 and 256 nodes against a one-token step, at batches of 1 to 64 (1 and 4 on CPU), with
+SDPA and a dense mask against FlexAttention block masks (`lm.flex`). `--shape 7b` makes the
+model a random 7B-class one (Llama-2-7B's shape, `--layers` to cut it down) for GPU timing.
+
 Every configuration is measured in `--passes` slices interleaved with the others, so a
 neighbour's load on a shared machine spreads over all of them instead of skewing one ratio.
 
     python benchmarks/verifier.py                  # the demo target, or a random one of its shape
     python benchmarks/verifier.py --model DIR      # any checkpoint lm.checkpoint.load_model reads
     python benchmarks/verifier.py --quick          # a ~30 s smoke run
+    python benchmarks/verifier.py --device cuda --dtype bfloat16 --shape 7b --kernels-only
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import torch
 from common import REPO_ROOT, device_flags, machine, model_summary, print_json, summarize_ms, timed
 from grpc import aio
 
-from cloud_node.config import BATCH_INVARIANT_CHOICES, VerifierConfig
+from cloud_node.config import ATTENTION_KERNELS, BATCH_INVARIANT_CHOICES, VerifierConfig
 from cloud_node.engine import Session, VerifierEngine
 from cloud_node.server import start_verifier
 from cloud_node.validation import OpenRequest, RoundRequest
@@ -335,6 +342,54 @@ async def run(model: Transformer, args: argparse.Namespace, budget: Budget) -> d
     }
 
 
+KERNEL_TREES = (0, 16, 64, 256)  # 0: a one-token step
+SEVEN_B = dict(vocab_size=32000, dim=4096, n_heads=32, n_kv_heads=8, hidden_dim=11008)
+
+
+@torch.no_grad()
+def kernel_costs(
+    model: Transformer, kernels: Sequence[str], batches: Sequence[int], context: int, repeats: int
+) -> list[dict[str, object]]:
+    """Median ms of one forward pass per (kernel, batch, tree), every row holding `context`
+    cached tokens (random entries: the cost depends on shapes), interleaved `repeats` times."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    cache = model.new_cache(max(batches), context + max(KERNEL_TREES) + 1)
+    for tensor in cache.tensors + cache.rings:
+        tensor.normal_()
+    samples: dict[tuple[str, int, int], list[float]] = {}
+    for _ in range(repeats):
+        for kernel in kernels:
+            model.flex_attention = kernel == "flex"
+            for batch in batches:
+                for size in KERNEL_TREES:
+                    tree = beams_tree(max(size, 1), model.config.vocab_size, generator)
+                    if size == 0:
+                        tree = TokenTree.chain([tree.tokens[0]])
+                    for row in range(batch):
+                        cache.rollback(row, 0)
+                        cache.lengths[row] = context
+                    ids = torch.tensor([tree.tokens] * batch, device=device)
+                    positions = tree.positions(context)[None].expand(batch, -1).to(device)
+                    mask = tree.attention_mask(device)[None].expand(batch, -1, -1)
+                    inputs = dict(cache=cache, rows=range(batch), positions=positions, mask=mask)
+                    model(ids, **inputs)  # warm-up (and on CUDA, compiling a new shape)
+                    with timed(device) as t:
+                        model(ids, **inputs)
+                    samples.setdefault((kernel, batch, size), []).append(t.ms)
+    model.flex_attention = False
+    rows = []
+    print()
+    print(f"Forward pass by kernel, {context} cached tokens a row (median of {repeats}):")
+    print(f"{'kernel':>6} {'batch':>6} {'tree':>5} {'ms':>9} {'vs 1 token':>11}")
+    for (kernel, batch, size), runs in samples.items():
+        ms = statistics.median(runs)
+        base = statistics.median(samples[kernel, batch, 0])
+        rows.append(dict(kernel=kernel, batch=batch, tree=size, ms=ms, vs_one_token=ms / base))
+        print(f"{kernel:>6} {batch:>6} {size:>5} {ms:>9.2f} {ms / base:>10.2f}x")
+    return rows
+
+
 def median_ms(rows: Sequence[dict], tree: int, batch: int) -> float:
     return next(r for r in rows if r["tree"] == tree and r["batch"] == batch)["round"]["median_ms"]
 
@@ -500,6 +555,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the verifier's per-query attention (auto: on for half precision on CPU)",
     )
     parser.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=ATTENTION_KERNELS,
+        help="attention kernels to time tree passes with (default: sdpa and flex on CUDA, "
+        "sdpa elsewhere)",
+    )
+    parser.add_argument(
+        "--kernels-only", action="store_true", help="time the kernels' passes and stop"
+    )
+    parser.add_argument(
+        "--shape", choices=("7b",), help="a random model of this shape instead of --model"
+    )
+    parser.add_argument("--layers", type=int, help="with --shape: this many layers")
+    parser.add_argument(
         "--acceptance", action="store_true", help="also time acceptance alone, before/after"
     )
     parser.add_argument(
@@ -516,7 +585,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device) if args.device else default_device()
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     path = args.model or (DEMO_TARGET if (DEMO_TARGET / "config.json").exists() else None)
-    if path is None:
+    if args.shape == "7b":
+        torch.manual_seed(args.seed)
+        layers = args.layers or 32
+        config = ModelConfig(**SEVEN_B, n_layers=layers, max_seq_len=4096)
+        with torch.device(device):
+            model = Transformer(config).to(dtype=dtype).eval()
+        source = f"random, Llama-2-7B's shape with {layers} layers (seed {args.seed})"
+    elif path is None:
         model = demo_shaped_model(args.seed, device, dtype)
         source = f"random, the demo target's shape (seed {args.seed}); none at {DEMO_TARGET}"
     else:
@@ -530,6 +606,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     started = time.monotonic()
+    kernels = args.kernels or (["sdpa", "flex"] if device.type == "cuda" else ["sdpa"])
+    batches = (1, 4, 16, 64) if device.type == "cuda" else (1, 4)
+    kernel_rows = kernel_costs(model, kernels, batches, args.context, 3 if args.quick else 7)
+    if args.kernels_only:
+        print_json(
+            {
+                "benchmark": "verifier-kernels",
+                "machine": machine(device),
+                "model": description,
+                "context": args.context,
+                "kernels": kernel_rows,
+            }
+        )
+        return 0
     if args.acceptance or args.acceptance_only:
         accept_rows = acceptance_costs(device, 3 if args.quick else 9, args.seed)
         if args.acceptance_only:
@@ -556,6 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tree_note": "0 = cloud-only step; n > 0 = up to 4 beams of n/4 random tokens",
             **results,
             **derived,
+            "kernels": kernel_rows,
             **({"acceptance": accept_rows} if args.acceptance else {}),
             "wall_s": time.monotonic() - started,
         }

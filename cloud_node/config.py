@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from cloud_node.scheduling import make_policy
 
 # `--batch-invariant` on the command line: VerifierConfig.batch_invariant per choice.
 BATCH_INVARIANT_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+# `--attention`: VerifierConfig.attention.
+ATTENTION_KERNELS = ("sdpa", "flex")
 # Sessions without `max_sessions` or `kv_cache_gb`, and the most either may give.
 DEFAULT_SESSIONS = 32
 MAX_SESSIONS = 4096
@@ -26,8 +29,9 @@ class VerifierConfig:
     # KV-cache budget in GB (10^9 bytes). The context stays max_context and the budget
     # sets the sessions: floor(budget / bytes per session), at most MAX_SESSIONS, where a
     # session takes (max_context + round_room) x 2 x layers x KV heads x head dim x dtype
-    # size. Refused when not even one session fits, or fewer than max_sessions when both
-    # are given. None: no budget; max_sessions alone decides.
+    # size (less where sliding-window layers keep a ring, `lm.kv_cache.row_bytes`).
+    # Refused when not even one session fits, or fewer than max_sessions when both are
+    # given. None: no budget; max_sessions alone decides.
     kv_cache_gb: float | None = None
     # Most draft nodes in one round; also caps `round.new_tokens`.
     max_tree_nodes: int = 64
@@ -48,6 +52,9 @@ class VerifierConfig:
     # serves first the sessions closest to missing their tpot_slo_ms (with no targets
     # set, first come first served, aged); "fifo" in arrival order.
     schedule: str = "slack"
+    # The attention kernel of tree passes (Transformer.flex_attention): "sdpa" with a
+    # dense mask, or "flex", FlexAttention block masks (compiled on CUDA; lm/flex.py).
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         checks = {
@@ -67,6 +74,10 @@ class VerifierConfig:
         if not self.model_name:
             raise ValueError("model_name: must be non-empty")
         make_policy(self.schedule)  # raises naming the field
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"attention: must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}"
+            )
 
     @property
     def round_room(self) -> int:
@@ -74,13 +85,13 @@ class VerifierConfig:
         tree nodes, padded to the batch's longest, plus the pending bonus token."""
         return 2 * self.max_tree_nodes + 2
 
-    def for_model(self, max_seq_len: int, position_bytes: int) -> VerifierConfig:
+    def for_model(self, max_seq_len: int, row_bytes: Callable[[int], int]) -> VerifierConfig:
         """This config with `max_context` resolved against the model's max_seq_len, then
-        `max_sessions` against `kv_cache_gb`; `position_bytes`: what one cached token
-        takes in a row (`lm.kv_cache.bytes_per_position` of the model and its dtype).
-        Resolving a resolved config changes nothing."""
+        `max_sessions` against `kv_cache_gb`; `row_bytes(positions)`: what a session's
+        cache row of that many positions takes (`lm.kv_cache.row_bytes` of the model and
+        its dtype). Resolving a resolved config changes nothing."""
         resolved = replace(self, max_context=self._context(max_seq_len))
-        return replace(resolved, max_sessions=resolved._sessions(position_bytes))
+        return replace(resolved, max_sessions=resolved._sessions(row_bytes))
 
     def _context(self, max_seq_len: int) -> int:
         room = max_seq_len - self.round_room
@@ -98,18 +109,15 @@ class VerifierConfig:
             )
         return self.max_context
 
-    def _sessions(self, position_bytes: int) -> int:
+    def _sessions(self, row_bytes: Callable[[int], int]) -> int:
         """Example: 256 bytes a position (2 layers, 2 KV heads x 8, float32) and a
         context of 382 plus 130 for a round: 131072 bytes a session; 0.001 GB holds 7."""
         if self.kv_cache_gb is None:
             return self.max_sessions or DEFAULT_SESSIONS
         positions = self.max_context + self.round_room
-        per_session = positions * position_bytes
+        per_session = row_bytes(positions)
         fits = min(round(self.kv_cache_gb * 1e9) // per_session, MAX_SESSIONS)
-        need = (
-            f"a session takes {per_session / 1e9:.6g} GB "
-            f"({positions} positions x {position_bytes} bytes)"
-        )
+        need = f"a session takes {per_session / 1e9:.6g} GB ({positions} positions)"
         if fits < 1:
             raise ValueError(
                 f"kv_cache_gb: {self.kv_cache_gb} GB holds no session; {need}: raise "

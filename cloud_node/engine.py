@@ -51,7 +51,7 @@ from cloud_node.scheduling import Pace, make_policy
 from cloud_node.validation import OpenRequest, RoundRequest
 from lm.acceptance import Acceptance, PendingRound, accept_batch
 from lm.hidden_codec import EncodedHidden, HiddenEncoding, encode_hidden
-from lm.kv_cache import KVCache, bytes_per_position
+from lm.kv_cache import KVCache, row_bytes
 from lm.model import Transformer
 from lm.sampling import SamplingParams, make_generator
 from lm.tree import TokenTree
@@ -136,7 +136,16 @@ def resolve_config(config: VerifierConfig, model: Transformer) -> VerifierConfig
     sessions from the bytes a cached position takes in the model's dtype), as the engine
     runs it; the CLI resolves first, so that a misfit is a usage error."""
     dtype = next(model.parameters()).dtype
-    return config.for_model(model.config.max_seq_len, bytes_per_position(model.config, dtype))
+    slack = window_slack(config)
+    return config.for_model(
+        model.config.max_seq_len, lambda positions: row_bytes(model.config, dtype, positions, slack)
+    )
+
+
+def window_slack(config: VerifierConfig) -> int:
+    """What sliding-window layers keep beyond their window (`lm.kv_cache.ring_length`):
+    at least a round's pending entries, which a rejected round discards."""
+    return max(256, config.round_room)
 
 
 class VerifierEngine:
@@ -152,12 +161,14 @@ class VerifierEngine:
         if invariant is None:  # CUDA GEMMs are not row-invariant anyway (README)
             invariant = self.device.type == "cpu" and self.dtype in (torch.float16, torch.bfloat16)
         model.batch_invariant = invariant
+        model.flex_attention = config.attention == "flex"
         self.cache = KVCache(
             model.config,
             config.max_sessions,
             config.max_context + config.round_room,
             device=self.device,
             dtype=self.dtype,
+            window_slack=window_slack(config),
         )
         log.info(
             "KV cache: %d sessions x %d positions, %.4g GB (budget: %s GB)",

@@ -23,9 +23,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from lm.config import ModelConfig
+from lm.flex import flex_attend, tree_block_mask
 from lm.kv_cache import CacheStep, KVCache, WindowStep
+
+# What a layer's attention is given: None (causal, no cache), a dense bool mask (batch, 1,
+# time, keys), or a FlexAttention block mask.
+Mask = torch.Tensor | BlockMask | None
 
 
 class Transformer(nn.Module):
@@ -41,6 +47,11 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Cached passes with a tree (or causal) mask attend through FlexAttention block
+        # masks (`lm.flex`) instead of SDPA with a dense mask: the verifier's choice on
+        # CUDA. Not for multi-head latent attention, sliding-window layers held in rings,
+        # `cache_mask` or batch_invariant.
+        self.flex_attention = False
 
     def forward(
         self, input_ids: torch.Tensor, *, return_hidden: bool = False, **inputs: Any
@@ -150,28 +161,12 @@ class Transformer(nn.Module):
         if step is None:
             if positions is None:
                 positions = torch.arange(time, device=input_ids.device).expand(batch, time)
-            mask = None if mask is None else mask[:, None]
         else:
             positions = step.write_positions if positions is None else positions
-            mask = cached_attention_mask(step, mask) if cache_mask is None else cache_mask[:, None]
-        config = self.config
-        views = {
-            False: (*rope_cos_sin(positions, config.head_dim, config.rope_theta, self.dtype), mask)
-        }
-        if config.sliding_layers:  # those layers' own RoPE base and a windowed mask
-            assert config.sliding_window is not None  # ModelConfig checks it
-            if step is None:
-                local_mask = window_mask(mask, positions, positions, config.sliding_window)
-            else:
+            if self.config.sliding_layers:
                 cache.record_positions(step, positions)
-                keys = cache.positions_of(step)
-                local_mask = window_mask(mask, positions, keys, config.sliding_window)
-                if step.window is not None:
-                    local_mask = ring_mask(local_mask, step.window)
-            local = rope_cos_sin(
-                positions, config.head_dim, config.rope_local_theta or config.rope_theta, self.dtype
-            )
-            views[True] = (*local, local_mask)
+        views = self._views(positions, mask, cache_mask, cache, step)
+        config = self.config
         x = self.tok_embeddings(input_ids)
         if ARCHITECTURES[config.architecture].scaled_embeddings:  # HF rounds the scale first
             x = x * torch.tensor(config.dim**0.5).to(x.dtype)
@@ -179,6 +174,59 @@ class Transformer(nn.Module):
             cos, sin, layer_mask = views[i in config.sliding_layers]
             x = layer(x, cos, sin, layer_mask, cache, i, step)
         return self.norm(x)
+
+    def _views(
+        self,
+        positions: torch.Tensor,
+        tree: torch.Tensor | None,
+        cache_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        step: CacheStep | None,
+    ) -> dict[bool, tuple[torch.Tensor, torch.Tensor, Mask]]:
+        """Per kind of layer (False: full attention, True: a sliding window), its RoPE cos
+        and sin and its mask: None for causal, a dense bool (batch, 1, time, keys), or a
+        FlexAttention block mask (`flex_attention`)."""
+        config, dtype = self.config, self.dtype
+        flex = (
+            self.flex_attention
+            and step is not None
+            and cache_mask is None
+            and not config.mla
+            and not self.batch_invariant
+        )
+        mask: Mask
+        if step is None:
+            mask = None if tree is None else tree[:, None]
+        elif flex:
+            if tree is None:
+                batch, time = positions.shape
+                tree = torch.ones(time, time, dtype=torch.bool, device=positions.device).tril()
+                tree = tree.expand(batch, time, time)
+            mask = tree_block_mask(step.starts, tree, step.kv_len)
+        else:
+            mask = cached_attention_mask(step, tree) if cache_mask is None else cache_mask[:, None]
+        views = {False: (*rope_cos_sin(positions, config.head_dim, config.rope_theta, dtype), mask)}
+        if not config.sliding_layers:
+            return views
+        window = config.sliding_window
+        assert window is not None  # ModelConfig checks it
+        keys = positions if cache is None or step is None else cache.positions_of(step)
+        local_mask: Mask
+        if flex and step is not None and step.window is None:
+            assert tree is not None
+            local_mask = tree_block_mask(
+                step.starts, tree, step.kv_len, window=(positions, keys, window)
+            )
+        else:  # rings read their own columns (`ring_mask`), from the dense mask
+            if isinstance(mask, BlockMask):
+                assert step is not None
+                mask = cached_attention_mask(step, tree)
+            local_mask = window_mask(mask, positions, keys, window)
+            if step is not None and step.window is not None:
+                local_mask = ring_mask(local_mask, step.window)
+        theta = config.rope_local_theta or config.rope_theta
+        views[True] = (*rope_cos_sin(positions, config.head_dim, theta, dtype), local_mask)
+        return views
 
     def _prepare(
         self, cache: KVCache, rows: Sequence[int] | None, batch: int, time: int
@@ -510,20 +558,23 @@ def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: Mask,
     *,
     per_query: bool,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention of q (batch, heads, time, d) over k (batch, kv_heads,
     keys, d) and v (batch, kv_heads, keys, d_v), kv_heads dividing heads; out (batch,
-    heads, time, d_v). mask: (batch, 1, time, keys) bool, or None for causal.
+    heads, time, d_v). mask: (batch, 1, time, keys) bool, None for causal, or a
+    FlexAttention block mask (`lm.flex`).
     per_query: `per_query_attention` (Transformer.batch_invariant) instead of one call.
 
     On CPU, SDPA reads each kv head for its query group (enable_gqa): no copy of the whole
     cache per layer, which repeat_kv makes (1.9 of 15 ms per decoded token, SmolLM2 int4,
     200 cached tokens). CUDA's masked kernels lack it, so there the heads are repeated.
     """
+    if isinstance(mask, BlockMask):
+        return flex_attend(q, k, v, mask, scale)
     repeat = q.shape[1] // k.shape[1]
     gqa = repeat > 1 and q.device.type == "cpu"
     if repeat > 1 and not gqa:

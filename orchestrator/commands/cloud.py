@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from cloud_node.config import BATCH_INVARIANT_CHOICES
+from cloud_node.config import ATTENTION_KERNELS, BATCH_INVARIANT_CHOICES
 from orchestrator.commands.flags import add_server_flags, dtype_flag, server_config, torch_dtype
 from orchestrator.usage import UsageError
 
@@ -82,6 +82,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     serve.add_argument(
+        "--attention",
+        choices=ATTENTION_KERNELS,
+        default="sdpa",
+        help="tree passes' attention: sdpa with a dense mask, or flex (FlexAttention block "
+        "masks, compiled on CUDA) (default: %(default)s)",
+    )
+    serve.add_argument(
         "--redis-url", help="register in this registry (a verifier outside Ray joining a fleet)"
     )
     serve.add_argument("--advertise", help="HOST:PORT edges dial (default: --host:--port)")
@@ -147,6 +154,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             batch_invariant=BATCH_INVARIANT_CHOICES[args.batch_invariant],
             schedule=args.schedule,
+            attention=args.attention,
         )
         server = server_config(args)
     except ValueError as exc:

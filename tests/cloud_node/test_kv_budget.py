@@ -15,10 +15,14 @@ from cloud_node.config import VerifierConfig
 from cloud_node.engine import VerifierEngine
 from lm.checkpoint import save_model
 from tests.test_cli import run_cli
-from tests.tiny import MODEL_NAME, tiny_model
+from tests.tiny import GEMMA3_SHAPE, MODEL_NAME, tiny_model
 
 POSITION_BYTES = 256
 SESSION_BYTES = 512 * POSITION_BYTES
+
+
+def ROW_BYTES(positions: int) -> int:  # noqa: N802 (a constant of the tiny model)
+    return positions * POSITION_BYTES
 
 
 @pytest.mark.parametrize(
@@ -45,33 +49,47 @@ async def test_the_budget_gives_the_sessions_from_the_models_shape(dtype, max_co
         await engine.stop()
 
 
+async def test_the_budget_counts_sliding_window_layers_at_their_ring():
+    """Gemma 3's shape (window 3 on layer 0 of 2; 2 KV heads x 16, float32: 256 bytes a
+    layer and position): a 512-position session takes 512 x 256 on layer 1 but only
+    (3 + 256 slack) x 256 on layer 0, 197376 bytes, so 10^6 holds 5 sessions, not 3."""
+    model = tiny_model(seed=1, **GEMMA3_SHAPE)
+    engine = VerifierEngine(model, VerifierConfig(MODEL_NAME, kv_cache_gb=0.001))
+    try:
+        assert engine.config.max_sessions == 5
+        assert engine.cache.ring == 259 and engine.cache.ring_layers == (0,)
+        assert engine.cache.nbytes == 5 * 197376
+    finally:
+        await engine.stop()
+
+
 def test_without_a_budget_the_sessions_are_asked_for_or_32():
-    assert VerifierConfig(MODEL_NAME).for_model(512, POSITION_BYTES).max_sessions == 32
+    assert VerifierConfig(MODEL_NAME).for_model(512, ROW_BYTES).max_sessions == 32
     config = VerifierConfig(MODEL_NAME, max_sessions=5)
-    assert config.for_model(512, POSITION_BYTES).max_sessions == 5
+    assert config.for_model(512, ROW_BYTES).max_sessions == 5
 
 
 def test_sessions_asked_for_within_the_budget_are_kept():
     config = VerifierConfig(MODEL_NAME, kv_cache_gb=0.001, max_sessions=3)
-    resolved = config.for_model(512, POSITION_BYTES)
+    resolved = config.for_model(512, ROW_BYTES)
     assert resolved.max_sessions == 3
-    assert resolved.for_model(512, POSITION_BYTES) == resolved
+    assert resolved.for_model(512, ROW_BYTES) == resolved
 
 
 def test_a_budget_that_holds_no_session_is_refused_naming_it():
     config = VerifierConfig(MODEL_NAME, kv_cache_gb=0.0001)
     with pytest.raises(ValueError) as refused:
-        config.for_model(512, POSITION_BYTES)
+        config.for_model(512, ROW_BYTES)
     assert str(refused.value) == (
         "kv_cache_gb: 0.0001 GB holds no session; a session takes 0.000131072 GB "
-        "(512 positions x 256 bytes): raise kv_cache_gb or lower max_context"
+        "(512 positions): raise kv_cache_gb or lower max_context"
     )
 
 
 def test_more_sessions_than_the_budget_holds_are_refused():
     config = VerifierConfig(MODEL_NAME, kv_cache_gb=0.001, max_sessions=8)
     with pytest.raises(ValueError, match="kv_cache_gb: 0.001 GB holds 7 sessions, max_sessions"):
-        config.for_model(512, POSITION_BYTES)
+        config.for_model(512, ROW_BYTES)
 
 
 @pytest.mark.parametrize("budget", [0.0, -1.0, float("nan"), float("inf")])

@@ -80,11 +80,21 @@ async def test_greedy_output_equals_target_greedy(kind, target, verifier_factory
         assert all(a == 4 for a in accepted), accepted
 
 
-async def test_batched_sessions_each_match_reference(target, verifier_factory, channel_factory):
-    """Sessions verified together in one forward pass still decode exactly."""
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+async def test_batched_sessions_each_match_reference(
+    target, verifier_factory, channel_factory, attention, monkeypatch
+):
+    """Sessions verified together in one forward pass still decode exactly, with SDPA and
+    with FlexAttention block masks (eager on CPU)."""
     import asyncio
 
-    server = await verifier_factory(target, batch_window_ms=50.0)
+    import lm.model
+
+    calls = []
+    kernel = lm.model.flex_attend
+    monkeypatch.setattr(lm.model, "flex_attend", lambda *a: calls.append(1) or kernel(*a))
+    server = await verifier_factory(target, batch_window_ms=50.0, attention=attention)
     contexts = [[1, 2], [3, 4, 5, 6, 7], [9], [11, 12, 13]]
     rng = random.Random(7)
     vocab = target.config.vocab_size
@@ -98,6 +108,7 @@ async def test_batched_sessions_each_match_reference(target, verifier_factory, c
     for context, out in zip(contexts, outs, strict=True):
         assert out == greedy_reference(target, context, 16)
     assert server.engine.forward_passes < sum(len(o) for o in outs)
+    assert bool(calls) == (attention == "flex" and not target.config.mla)  # MLA keeps SDPA
 
 
 async def test_cloud_only_rounds_are_one_token_each(target, verifier_factory, channel_factory):

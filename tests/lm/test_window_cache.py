@@ -8,6 +8,8 @@ window_slack 4, so layer 0 keeps 7 entries a row while layer 1 keeps all 64.
 import pytest
 import torch
 
+from lm.config import ModelConfig
+from lm.kv_cache import row_bytes
 from lm.tree import TokenTree
 from tests.lm.conftest import random_transformer
 from tests.tiny import GEMMA3_SHAPE
@@ -103,3 +105,23 @@ def test_what_the_ring_no_longer_holds_is_an_error_not_a_wrong_answer(model):
     cache.copy_row(0, 1, [0, 1, 2])
     with pytest.raises(ValueError, match="left the ring"):
         model(torch.tensor([[5]]), cache=cache, rows=[1])
+
+
+def test_row_bytes_replays_its_example_and_counts_what_a_cache_allocates(model):
+    shape = dict(GEMMA3_SHAPE, head_dim=256, sliding_window=512)
+    shape["sliding_layers"] = tuple(i for i in range(18) if (i + 1) % 6)
+    gemma_270m = ModelConfig(
+        vocab_size=262144,
+        dim=640,
+        n_layers=18,
+        n_heads=4,
+        n_kv_heads=1,
+        hidden_dim=2048,
+        max_seq_len=32768,
+        **shape,
+    )
+    assert row_bytes(gemma_270m, torch.bfloat16, 32768) == 112_459_776
+    assert row_bytes(gemma_270m, torch.bfloat16, 600) == 600 * 18 * 1024  # no ring: 512 + 256
+    for slack in (4, 100):
+        cache = model.new_cache(3, 64, window_slack=slack)
+        assert cache.nbytes == 3 * row_bytes(model.config, torch.float32, 64, slack)
