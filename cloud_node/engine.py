@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cloud_node.config import VerifierConfig
+from cloud_node.load import BusyMeter
 from cloud_node.metrics import VerifierMetrics
 from cloud_node.scheduling import Pace, make_policy
 from cloud_node.validation import OpenRequest, RoundRequest
@@ -179,6 +180,7 @@ class VerifierEngine:
         )
         self.sessions: dict[str, Session] = {}
         self.forward_passes = 0
+        self.busy = BusyMeter()  # the load each reply carries
         self._free_rows = deque(range(config.max_sessions))
         self._prefills: deque[_PrefillWork] = deque()
         self._rounds: deque[_RoundWork] = deque()
@@ -190,6 +192,7 @@ class VerifierEngine:
         self.metrics = VerifierMetrics(
             sessions=lambda: len(self.sessions),
             queued=lambda: len(self._rounds) + len(self._prefills),
+            load=lambda: self.busy.load(),
             rows_in_use=lambda: config.max_sessions - len(self._free_rows),
             rows=config.max_sessions,
             cache_bytes=self.cache.nbytes,
@@ -380,6 +383,7 @@ class VerifierEngine:
         for session in sessions:
             session.in_pass = True
         start = time.perf_counter()
+        began = time.monotonic()
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, execute, items
@@ -389,6 +393,7 @@ class VerifierEngine:
             results = [exc] * len(items)
         finally:
             now = time.monotonic()
+            self.busy.add(began, now)
             for session in sessions:
                 session.in_pass = False
                 session.last_used = now  # the reaper counts idleness from here

@@ -27,6 +27,7 @@ class VerifierMetrics:
         *,
         sessions: Callable[[], int],
         queued: Callable[[], int],
+        load: Callable[[], float],
         rows_in_use: Callable[[], int],
         rows: int,
         cache_bytes: int,
@@ -73,6 +74,7 @@ class VerifierMetrics:
         gauges = {
             "sessions": ("Open sessions", sessions),
             "queue_depth": ("Prefill chunks and rounds waiting for a pass", queued),
+            "load": ("Share of the last second spent in forward passes (RoundResult.load)", load),
             "kv_rows_in_use": ("KV-cache rows held by sessions", rows_in_use),
             "kv_rows": (
                 "KV-cache rows in all (--max-sessions, or what --kv-cache-gb holds)",

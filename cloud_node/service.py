@@ -53,9 +53,9 @@ class VerifierService(pb_grpc.VerifierServicer):
                         raise FailedPrecondition("round: open a session on this stream first")
                     request = parse_round(message.round, self.engine.config, self.engine.vocab_size)
                     outcome = await self.engine.verify(session, request)
-                    yield result_message(request.round_id, outcome)
+                    yield result_message(request.round_id, outcome, self.engine.busy.load())
                     async for step in self.engine.decode(session, request.decode_tokens):
-                        yield result_message(request.round_id, step)
+                        yield result_message(request.round_id, step, self.engine.busy.load())
                 else:
                     raise InvalidRequest("kind: each message must set `open` or `round`")
         except EdgecloudError as error:
@@ -68,7 +68,8 @@ class VerifierService(pb_grpc.VerifierServicer):
                 self.engine.close(session, "stream ended")
 
 
-def result_message(round_id: int, outcome: RoundOutcome) -> pb.VerifyResponse:
+def result_message(round_id: int, outcome: RoundOutcome, load: float) -> pb.VerifyResponse:
+    """A round's reply; load: the verifier's (`VerifierEngine.busy`)."""
     return pb.VerifyResponse(
         result=pb.RoundResult(
             round_id=round_id,
@@ -80,6 +81,7 @@ def result_message(round_id: int, outcome: RoundOutcome) -> pb.VerifyResponse:
             batch_size=outcome.batch_size,
             hidden=hidden_message(outcome.hidden),
             slo_unreachable=outcome.slo_unreachable,
+            load=load,
         )
     )
 

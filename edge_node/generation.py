@@ -51,6 +51,7 @@ from lm.hidden_codec import HiddenEncoding, decode_hidden
 from lm.model import Transformer
 from lm.sampling import make_generator, probs_from_logits, sample
 from lm.tokenizer import Tokenizer
+from lm.tree import TokenTree
 from protocol.types import Chunk, FinishReason, GenerationStats, Mode
 from protocol.v1 import verification_pb2 as pb
 
@@ -76,12 +77,14 @@ class _Counters:
     pipelined_rounds: int = 0
     head_rounds: int = 0
     slo_unreachable_rounds: int = 0
+    verifier_load: float = 0.0
     accepted_per_position: list[int] = field(default_factory=list)
 
     def count_round(self, draft: Draft | None, result: pb.RoundResult) -> None:
         self.rounds += 1
         self.cloud_forward_passes += 1
         self.slo_unreachable_rounds += result.slo_unreachable
+        self.verifier_load = result.load
         accepted = len(result.accepted_tokens)
         self.accepted_tokens += accepted
         if draft is not None:
@@ -216,10 +219,18 @@ class Generation:
         """A draft for the round after the history, by source `name`."""
         start = time.perf_counter()
         context = DraftContext(self.lm, self.hidden, self.request.sampling, self.generator)
-        draft = await self.in_thread(self.sources[name].draft, context, self.policies[name].shape())
+        draft = await self.in_thread(self.draft_with, name, context)
         self.last_draft_ms = (time.perf_counter() - start) * 1000
         self.counters.draft_ms += self.last_draft_ms
         return draft
+
+    def draft_with(self, name: str, context: DraftContext) -> Draft:
+        """Source `name`'s draft in the shape its policy asks for: an empty tree (a plain
+        round, the pending token alone) when the policy asks for none."""
+        shape = self.policies[name].shape()
+        if shape is None:
+            return Draft(TokenTree.chain([]), {}, (), 0, (), drafter=name)
+        return self.sources[name].draft(context, shape)
 
     async def local_token(self) -> tuple[int, float]:
         """The edge's own next token and the SLM's probability of it."""
@@ -243,12 +254,16 @@ class Generation:
         round_ms = self.connection.last_round_ms
         self.choice.observe(draft.drafter, len(tokens), self.last_draft_ms, round_ms)
         main = draft.main_path[: len(result.accepted_nodes)]
+        in_pass = result.batch_size * (result.nodes_verified + 1)  # about: trees differ
         self.policies[draft.drafter].observe(
             depth=max(draft.tree.depths(), default=-1) + 1,
             accepted=len(result.accepted_nodes),
             off_main_path=tuple(result.accepted_nodes) != main,
             round_trip_ms=round_ms,
             draft_ms=self.last_draft_ms,
+            verifier_load=result.load,
+            verify_ms_per_node=result.server_ms / in_pass if result.batch_size else None,
+            batch_size=result.batch_size,
         )
         return self.out.emit(tokens, verified=True)
 

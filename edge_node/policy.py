@@ -18,6 +18,18 @@ extra beams are earning their cost and the width grows by one, below
 shape tracks a session as its text changes; before any observation the request's
 own shape is used.
 
+Under load the verifier's time is what every client shares, so a round also pays for the
+nodes it makes the verifier score on behalf of the others: each reply carries the
+verifier's load (the busy share of its last second), its pass time and how many sessions
+shared the pass, from which the edge keeps a cost per verified node and the load others
+put on the verifier, load * (1 - 1 / batch size); cost(L) gains that shared load *
+node_ms * (1 + width * L) (the pending token plus the tree). A client alone on a busy
+verifier pays for its nodes in its round trip already, so only others' load counts. A
+saturated shared verifier thus shrinks trees, and once the shared load reaches
+`plain_above` a plain round (no draft, depth 0: the pending token alone) competes too; at
+`narrow_load` and above the width drops to 1 (branches are the first nodes to go). An idle
+verifier costs nothing extra, and the shape is the latency-optimal one above.
+
 Example: a = (0.9, 0.8, 0.7, 0.5), round trip 50 ms, 1 ms per level, no node cost:
 tau = 1.9, 2.62, 3.12, 3.38 for L = 1..4; tau/cost = .037, .050, .059, .062, so L = 4.
 With a 2 ms round trip instead: .63, .66, .62, .56, so L = 2.
@@ -41,13 +53,24 @@ def expected_tokens(acceptance: Sequence[float], depth: int) -> float:
 
 
 def best_depth(
-    acceptance: Sequence[float], round_trip_ms: float, draft_ms_per_level: float, max_depth: int
+    acceptance: Sequence[float],
+    round_trip_ms: float,
+    draft_ms_per_level: float,
+    max_depth: int,
+    *,
+    node_ms: float = 0.0,
+    width: int = 1,
+    min_depth: int = 1,
 ) -> int:
+    """The depth in [min_depth, max_depth] with the most tokens per ms of cost (module
+    docstring); node_ms: what one verified node costs here (load x the verifier's ms per
+    node), charged for the pending token and width x depth tree nodes."""
+
     def rate(depth: int) -> float:
-        cost = round_trip_ms + draft_ms_per_level * depth
+        cost = round_trip_ms + draft_ms_per_level * depth + node_ms * (1 + width * depth)
         return expected_tokens(acceptance, depth) / max(cost, 1e-6)
 
-    return max(range(1, max_depth + 1), key=rate)
+    return max(range(min_depth, max_depth + 1), key=rate)
 
 
 @dataclass
@@ -67,18 +90,35 @@ class ShapePolicy:
     draft_ms_per_level: float = 0.0
     off_main_rate: float = 0.0
     width: int = 0
+    # The load other sessions put on the verifier (0 idle .. 1 busy all the time with
+    # them) and the verifier's ms per verified node, both from its replies.
+    verifier_load: float = 0.0
+    verify_ms_per_node: float = 0.0
+    plain_above: float = 0.5
+    narrow_load: float = 0.8
 
     def __post_init__(self) -> None:
         self.width = self.initial.width
         self.acceptance = [0.7] * max(self.max_depth, self.initial.depth)
 
-    def shape(self) -> DraftShape:
-        depth = self.initial.depth
+    def shape(self) -> DraftShape | None:
+        """The next round's shape; None for a plain round (no draft), which only a busy
+        verifier makes worth it."""
+        depth, width = self.initial.depth, min(self.width, self.max_nodes)
         if self.adapt and self.round_trip_ms is not None:
+            if self.verifier_load >= self.narrow_load:
+                width = 1
             depth = best_depth(
-                self.acceptance, self.round_trip_ms, self.draft_ms_per_level, self.max_depth
+                self.acceptance,
+                self.round_trip_ms,
+                self.draft_ms_per_level,
+                self.max_depth,
+                node_ms=self.verifier_load * self.verify_ms_per_node,
+                width=width,
+                min_depth=0 if self.verifier_load >= self.plain_above else 1,
             )
-        width = min(self.width, self.max_nodes)
+            if depth == 0:
+                return None
         return DraftShape(width, max(1, min(depth, self.max_nodes // width)))
 
     def observe(
@@ -88,9 +128,18 @@ class ShapePolicy:
         off_main_path: bool,
         round_trip_ms: float,
         draft_ms: float,
+        verifier_load: float = 0.0,
+        verify_ms_per_node: float | None = None,
+        batch_size: int = 1,
     ) -> None:
-        """Folds one round in: `accepted` of `depth` drafted positions were kept."""
+        """Folds one round in: `accepted` of `depth` drafted positions were kept.
+        verifier_load, verify_ms_per_node, batch_size: from the reply (sessions in its
+        pass; None / 0: the verifier did not say)."""
         s = self.smoothing
+        shared = min(max(verifier_load, 0.0), 1.0) * (1 - 1 / max(batch_size, 1))
+        self.verifier_load += s * (shared - self.verifier_load)
+        if verify_ms_per_node is not None:
+            self.verify_ms_per_node += s * (verify_ms_per_node - self.verify_ms_per_node)
         for j in range(min(depth, accepted + 1)):  # positions actually tested
             hit = 1.0 if j < accepted else 0.0
             self.acceptance[j] += s * (hit - self.acceptance[j])

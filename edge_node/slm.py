@@ -91,7 +91,9 @@ class EdgeLM:
             # First use is often inside a forward's inference mode; made there, the buffers
             # would refuse the in-place moves `accept` and `truncate` make outside it.
             with torch.inference_mode(False):
-                self._cache = self.model.new_cache(2, self.max_len)
+                # window_slack = max_len: no ring on sliding-window layers. The edge
+                # rolls back as far as adaptive mode's catch-up needs, past any slack.
+                self._cache = self.model.new_cache(2, self.max_len, window_slack=self.max_len)
         return self._cache
 
     def spare(self) -> EdgeLM:

@@ -43,6 +43,10 @@ _MODEL_TYPES: dict[str, str] = {
 }
 _MLA = "DeepseekV3ForCausalLM"
 _GEMMA3 = "Gemma3ForCausalLM"
+# Gemma 3's defaults where a config does not say (HF's and llama.cpp's alike): every
+# sixth layer global, the others local with RoPE base 10000.
+GEMMA3_GLOBAL_EVERY = 6
+GEMMA3_LOCAL_THETA = 10_000.0
 
 
 @dataclass(frozen=True)
@@ -303,12 +307,13 @@ class ModelConfig:
                         "rope_theta": self.rope_local_theta or self.rope_theta,
                     },
                 },
+                # transformers 4's spelling of the local base (it reads rope_theta too)
+                rope_local_base_freq=self.rope_local_theta or self.rope_theta,
                 query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
                 attention_bias=False,
                 final_logit_softcapping=None,
                 attn_logit_softcapping=None,
             )
-            del hf["rope_theta"]
         elif self.architecture == "LlamaForCausalLM":
             hf.update(attention_bias=False, mlp_bias=False)
         elif self.architecture == "MistralForCausalLM":
@@ -356,7 +361,7 @@ def _gemma3_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
     types = hf_config.get("layer_types")
     if types is None:
         pattern = hf_config.get(
-            "sliding_window_pattern", hf_config.get("_sliding_window_pattern", 6)
+            "sliding_window_pattern", hf_config.get("_sliding_window_pattern", GEMMA3_GLOBAL_EVERY)
         )
         types = [
             "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
@@ -366,7 +371,7 @@ def _gemma3_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
     thetas = {}
     for layer_type, legacy_key, default in (
         ("full_attention", "rope_theta", 1_000_000.0),
-        ("sliding_attention", "rope_local_base_freq", 10_000.0),
+        ("sliding_attention", "rope_local_base_freq", GEMMA3_LOCAL_THETA),
     ):
         params = rope.get(layer_type) or {}
         scaling = hf_config.get("rope_scaling") if layer_type == "full_attention" else None

@@ -34,11 +34,13 @@ def tree_block_mask(
     window: (query positions (batch, time), key positions (batch, kv_len), width) to
     narrow it for a sliding-window layer."""
     batch, time, _ = tree.shape
-    last = time - 1
 
     def visible(
         b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
     ) -> torch.Tensor:
+        # Sizes read from the captured tensors, not closed over as Python ints, so the
+        # compiled builder does not specialise on every tree size.
+        last = tree.shape[2] - 1
         new = kv - starts[b]
         seen = (new < 0) | ((new <= last) & tree[b, q, new.clamp(0, last)])
         if window is None:
@@ -46,10 +48,8 @@ def tree_block_mask(
         queries, keys, width = window
         return seen & (queries[b, q] - keys[b, kv.clamp(max=keys.shape[1] - 1)] < width)
 
-    device = tree.device
-    return create_block_mask(
-        visible, batch, None, time, kv_len, device=device, _compile=device.type == "cuda"
-    )
+    build = _builder(tree.device.type)
+    return build(visible, batch, None, time, kv_len, device=tree.device)
 
 
 def flex_attend(
@@ -63,6 +63,14 @@ def flex_attend(
     `block_mask`; kv_heads divides heads. Out: (batch, heads, time, d)."""
     kernel = _kernel(q.device.type)
     return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@cache
+def _builder(device_type: str) -> Callable[..., BlockMask]:
+    """create_block_mask, compiled once per process on CUDA (dynamic shapes)."""
+    if device_type == "cuda":
+        return torch.compile(create_block_mask, dynamic=True)
+    return create_block_mask
 
 
 @cache

@@ -1,5 +1,5 @@
 """Reader for GGUF files (llama.cpp's format): a Llama-family or Gemma 3 model's config
-and tensors, and its byte-level BPE tokenizer (Gemma's SentencePiece one is not read).
+and tensors, and its tokenizer (byte-level BPE, or Gemma's SentencePiece BPE).
 
 The `{arch}.*` metadata becomes a `ModelConfig`; the tensors keep their quantized bytes in
 the file until loaded, when `gguf.quants.dequantize` (llama.cpp's own numpy reference:
@@ -31,9 +31,9 @@ import tokenizers
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, Keys, ReaderTensor, TokenType
 from gguf.quants import dequantize
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 
-from lm.config import Architecture, ModelConfig
+from lm.config import GEMMA3_GLOBAL_EVERY, GEMMA3_LOCAL_THETA, Architecture, ModelConfig
 from lm.errors import CheckpointError
 from lm.llama2c import interleaved_to_halves
 
@@ -72,10 +72,6 @@ _GEMMA3_LAYER_NAMES = {
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
-# llama.cpp's Gemma 3 constants (llama-model.cpp): the pattern of local layers and their
-# RoPE base, which its GGUF files do not carry.
-_GEMMA3_GLOBAL_EVERY = 6
-_GEMMA3_LOCAL_THETA = 10_000.0
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)")
 # tokenizer.ggml.pre values whose pre-tokenizer is GPT-2's regex (tokenizers' ByteLevel).
 _GPT2_SPLIT = frozenset({"default", "gpt-2", "gpt2", "smollm"})
@@ -193,9 +189,11 @@ class GGUFTokenizer:
 
 
 def read_gguf_tokenizer(path: str | Path) -> GGUFTokenizer:
-    """The byte-level BPE tokenizer (`tokenizer.ggml.model` "gpt2") a GGUF file holds.
+    """The tokenizer a GGUF file holds: byte-level BPE (`tokenizer.ggml.model` "gpt2"), or
+    Gemma's SentencePiece BPE ("llama" in a gemma3 file, `_sentencepiece_bpe`).
 
-    Vocabulary and merges come from tokenizer.ggml.tokens / merges; tokens typed CONTROL
+    The vocabulary comes from tokenizer.ggml.tokens, merges from tokenizer.ggml.merges
+    (byte-level) or the vocabulary itself (Gemma's files list none); tokens typed CONTROL
     become special added tokens and USER_DEFINED ones plain added tokens, so both are
     matched whole, as llama.cpp does. BOS/EOS are added only where add_bos_token /
     add_eos_token say so (default: not, as llama.cpp for this model type).
@@ -203,26 +201,16 @@ def read_gguf_tokenizer(path: str | Path) -> GGUFTokenizer:
     path = Path(path)
     fields = _Fields(path)
     model = fields.get(Keys.Tokenizer.MODEL)
-    if model != "gpt2":
+    arch = fields.get(Keys.General.ARCHITECTURE)
+    if model == "gpt2":
+        inner, tokens = _byte_level_bpe(fields)
+    elif model == "llama" and arch == "gemma3":
+        inner, tokens = _sentencepiece_bpe(fields)
+    else:
         raise CheckpointError(
-            f"{path}: tokenizer.ggml.model {model!r} is not supported (only byte-level BPE, 'gpt2')"
+            f"{path}: tokenizer.ggml.model {model!r} is not supported (byte-level BPE, 'gpt2', "
+            "and Gemma 3's SentencePiece, 'llama')"
         )
-    pre = fields.get(Keys.Tokenizer.PRE, "default")
-    if pre not in _GPT2_SPLIT:
-        raise CheckpointError(
-            f"{path}: tokenizer.ggml.pre {pre!r} is not supported; "
-            f"supported: {', '.join(sorted(_GPT2_SPLIT))}"
-        )
-    tokens: list[str] = fields.require(Keys.Tokenizer.LIST)
-    vocab: dict[str, int] = {}
-    for token_id, token in enumerate(tokens):
-        vocab.setdefault(token, token_id)
-    merges = [tuple(merge.split(" ", 1)) for merge in fields.require(Keys.Tokenizer.MERGES)]
-    inner = tokenizers.Tokenizer(models.BPE(vocab, merges))
-    inner.pre_tokenizer = pre_tokenizers.ByteLevel(
-        add_prefix_space=bool(fields.get(Keys.Tokenizer.ADD_PREFIX, False)), use_regex=True
-    )
-    inner.decoder = decoders.ByteLevel()
     types = fields.get(Keys.Tokenizer.TOKEN_TYPE) or [TokenType.NORMAL] * len(tokens)
     by_type = {TokenType.CONTROL: [], TokenType.USER_DEFINED: []}
     for token, token_type in zip(tokens, types, strict=True):
@@ -251,6 +239,61 @@ def read_gguf_tokenizer(path: str | Path) -> GGUFTokenizer:
         eos_token=None if eos is None else eos[0],
         chat_template=fields.get(Keys.Tokenizer.CHAT_TEMPLATE),
     )
+
+
+def _byte_level_bpe(fields: _Fields) -> tuple[tokenizers.Tokenizer, list[str]]:
+    """GPT-2 style BPE over bytes spelt as characters, with the file's merges; and the
+    vocabulary, by id."""
+    pre = fields.get(Keys.Tokenizer.PRE, "default")
+    if pre not in _GPT2_SPLIT:
+        raise CheckpointError(
+            f"{fields.path}: tokenizer.ggml.pre {pre!r} is not supported; "
+            f"supported: {', '.join(sorted(_GPT2_SPLIT))}"
+        )
+    tokens: list[str] = fields.require(Keys.Tokenizer.LIST)
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tokens):
+        vocab.setdefault(token, token_id)
+    merges = [tuple(merge.split(" ", 1)) for merge in fields.require(Keys.Tokenizer.MERGES)]
+    inner = tokenizers.Tokenizer(models.BPE(vocab, merges))
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(
+        add_prefix_space=bool(fields.get(Keys.Tokenizer.ADD_PREFIX, False)), use_regex=True
+    )
+    inner.decoder = decoders.ByteLevel()
+    return inner, tokens
+
+
+def _sentencepiece_bpe(fields: _Fields) -> tuple[tokenizers.Tokenizer, list[str]]:
+    """Gemma's tokenizer: BPE over text whose spaces are "▁", falling back to the
+    <0xNN> byte tokens, no prefix space; and the vocabulary, by id.
+
+    Its files list no merges. A token's merges are its splits into two tokens of the
+    vocabulary; they rank by the token's place in the file (Gemma's scores do not follow
+    its merge order, its token order does), then by the longer left part. Tokens that are
+    runs of spaces are stored as spaces but looked up as runs of "▁".
+    """
+    tokens = [
+        "▁" * len(t) if t and not t.strip(" ") else t for t in fields.require(Keys.Tokenizer.LIST)
+    ]
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tokens):
+        vocab.setdefault(token, token_id)
+    found = _special(fields, Keys.Tokenizer.UNK_ID, tokens)
+    unknown = "<unk>" if found is None else found[0]
+    merges = []
+    for token in tokens:
+        for cut in range(len(token) - 1, 0, -1):  # longer left part first
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                merges.append((left, right))
+    inner = tokenizers.Tokenizer(
+        models.BPE(vocab, merges, unk_token=unknown, fuse_unk=True, byte_fallback=True)
+    )
+    inner.normalizer = normalizers.Replace(" ", "▁")
+    inner.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return inner, tokens
 
 
 class _Fields:
@@ -317,23 +360,23 @@ def _config(
             architecture=architecture,
             bos_token_id=fields.get(Keys.Tokenizer.BOS_ID),
             eos_token_id=fields.get(Keys.Tokenizer.EOS_ID),
-            **(_gemma3_fields(fields, key) if arch == "gemma3" else {}),
+            **(_gemma3_gguf_fields(fields, key) if arch == "gemma3" else {}),
         )
     except ValueError as error:
         raise CheckpointError(f"{path}: invalid GGUF metadata: {error}") from error
 
 
-def _gemma3_fields(fields: _Fields, key: Callable[[str], str]) -> dict[str, Any]:
+def _gemma3_gguf_fields(fields: _Fields, key: Callable[[str], str]) -> dict[str, Any]:
     """ModelConfig's Gemma 3 fields: the window from the file, the rest llama.cpp's."""
     n_layers = fields.require(key(Keys.LLM.BLOCK_COUNT))
     window = fields.require(key(Keys.Attention.SLIDING_WINDOW))
-    local = tuple(i for i in range(n_layers) if (i + 1) % _GEMMA3_GLOBAL_EVERY)
+    local = tuple(i for i in range(n_layers) if (i + 1) % GEMMA3_GLOBAL_EVERY)
     return dict(
         norm="gemma_rmsnorm",
         activation="gelu_tanh",
         sliding_window=window if local else None,
         sliding_layers=local,
-        rope_local_theta=_GEMMA3_LOCAL_THETA,
+        rope_local_theta=GEMMA3_LOCAL_THETA,
         query_pre_attn_scalar=fields.require(key(Keys.Attention.KEY_LENGTH)),
     )
 

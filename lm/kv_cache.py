@@ -125,9 +125,10 @@ class WindowStep:
 
 
 class KVCache(nn.Module):
-    """Per-token buffers named by `cache_layout`, each (n_layers, rows, heads, max_len,
+    """Per-token buffers named by `cache_layout`, each (layers, rows, heads, max_len,
     width): `k` and `v` (n_kv_heads, head_dim) for grouped-query attention, `latent` for
-    multi-head latent attention."""
+    multi-head latent attention. With sliding-window layers kept in rings, `full_layers`
+    are in those and `ring_layers` in `{name}_ring` buffers of `ring` positions."""
 
     def __init__(
         self,
@@ -161,11 +162,11 @@ class KVCache(nn.Module):
         for name, (heads, width) in cache_layout(config).items():
             shape = (len(self.full_layers), rows, heads, max_len, width)
             self.register_buffer(name, torch.zeros(shape, device=device, dtype=dtype))
-            ring = None
+            held = None
             if self.ring_layers:
                 shape = (len(self.ring_layers), rows, heads, self.ring, width)
-                ring = torch.zeros(shape, device=device, dtype=dtype)
-            self.register_buffer(f"{name}_ring", ring)
+                held = torch.zeros(shape, device=device, dtype=dtype)
+            self.register_buffer(f"{name}_ring", held)
         # The entry index each ring slot holds (-1: none), so a read knows what is there.
         owners = None
         if self.ring_layers:

@@ -514,7 +514,7 @@ class ArchitectureParts:
 
     attention: built from the config; forward(x, cos, sin, mask, cache, layer, step) as
         `Attention`, and a `per_query` flag (`Transformer.batch_invariant`).
-    cache: built as cache(config, rows, max_len, device=, dtype=) by
+    cache: built as cache(config, rows, max_len, device=, dtype=, window_slack=) by
         `Transformer.new_cache`; what `attention` reads and writes (`KVCache`'s interface).
     """
 

@@ -361,6 +361,8 @@ class GenerationStats:
     pipelined_rounds: int = 0
     # Rounds the verifier served last: this request was too far behind its tpot_slo_ms.
     slo_unreachable_rounds: int = 0
+    # The verifier's load in its last reply (0 idle .. 1 saturated), which shapes the drafts.
+    verifier_load: float = 0.0
 
     @property
     def tau(self) -> float:

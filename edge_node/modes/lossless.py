@@ -83,7 +83,7 @@ def _speculate(g: Generation, draft: Draft, spare: EdgeLM, name: str) -> _Specul
     spare.append([bonus])
     start = time.perf_counter()
     context = DraftContext(spare, None, g.request.sampling, None)
-    following = g.sources[name].draft(context, g.policies[name].shape())
+    following = g.draft_with(name, context)
     draft_ms = (time.perf_counter() - start) * 1000
     g.counters.draft_ms += draft_ms
     return _Speculation(tuple(path), bonus, following, previous=g.lm, draft_ms=draft_ms)

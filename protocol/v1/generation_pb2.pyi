@@ -279,6 +279,7 @@ class GenerationStats(_message.Message):
     DRAFT_MS_FIELD_NUMBER: _builtins.int
     PIPELINED_ROUNDS_FIELD_NUMBER: _builtins.int
     SLO_UNREACHABLE_ROUNDS_FIELD_NUMBER: _builtins.int
+    VERIFIER_LOAD_FIELD_NUMBER: _builtins.int
     rounds: _builtins.int
     """Verification rounds sent to the cloud."""
     tokens_per_round: _builtins.float
@@ -315,6 +316,8 @@ class GenerationStats(_message.Message):
     """Rounds the verifier answered with slo_unreachable: this request was too far behind
     its tpot_slo_ms and waited behind requests that could still make theirs.
     """
+    verifier_load: _builtins.float
+    """The verifier's load in its last reply (RoundResult.load): 0 idle to 1 saturated."""
     @_builtins.property
     def accepted_per_position(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """accepted_per_position[i]: rounds in which the draft's (i+1)-th token was accepted."""
@@ -342,10 +345,11 @@ class GenerationStats(_message.Message):
         draft_ms: _builtins.float = ...,
         pipelined_rounds: _builtins.int = ...,
         slo_unreachable_rounds: _builtins.int = ...,
+        verifier_load: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_per_position", b"accepted_per_position", "accepted_tokens", b"accepted_tokens", "bytes_from_cloud", b"bytes_from_cloud", "bytes_to_cloud", b"bytes_to_cloud", "cloud_forward_passes", b"cloud_forward_passes", "dedup_saved_tokens", b"dedup_saved_tokens", "degraded", b"degraded", "draft_ms", b"draft_ms", "draft_tokens", b"draft_tokens", "failovers", b"failovers", "generated_tokens", b"generated_tokens", "head_rounds", b"head_rounds", "pipelined_rounds", b"pipelined_rounds", "prompt_tokens", b"prompt_tokens", "rollbacks", b"rollbacks", "rounds", b"rounds", "slo_unreachable_rounds", b"slo_unreachable_rounds", "time_to_first_token_ms", b"time_to_first_token_ms", "tokens_per_round", b"tokens_per_round", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_per_position", b"accepted_per_position", "accepted_tokens", b"accepted_tokens", "bytes_from_cloud", b"bytes_from_cloud", "bytes_to_cloud", b"bytes_to_cloud", "cloud_forward_passes", b"cloud_forward_passes", "dedup_saved_tokens", b"dedup_saved_tokens", "degraded", b"degraded", "draft_ms", b"draft_ms", "draft_tokens", b"draft_tokens", "failovers", b"failovers", "generated_tokens", b"generated_tokens", "head_rounds", b"head_rounds", "pipelined_rounds", b"pipelined_rounds", "prompt_tokens", b"prompt_tokens", "rollbacks", b"rollbacks", "rounds", b"rounds", "slo_unreachable_rounds", b"slo_unreachable_rounds", "time_to_first_token_ms", b"time_to_first_token_ms", "tokens_per_round", b"tokens_per_round", "total_ms", b"total_ms", "verifier_load", b"verifier_load"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

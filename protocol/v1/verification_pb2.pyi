@@ -386,6 +386,7 @@ class RoundResult(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     HIDDEN_FIELD_NUMBER: _builtins.int
     SLO_UNREACHABLE_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     bonus_token: _builtins.int
     """One token sampled from the target after the accepted path."""
@@ -399,6 +400,11 @@ class RoundResult(_message.Message):
     """The session is so far behind its tpot_slo_ms that its rounds now wait behind
     every session that can still make its own (it is not starved: it still runs when
     the verifier has room). Set on each reply while that holds.
+    """
+    load: _builtins.float
+    """The verifier's load when it replied: the share of its last second spent in forward
+    passes, 0 (idle) to 1 (busy all the time). The edge drafts smaller trees as it
+    rises (edge_node/policy.py). Unset (0) from verifiers that predate it.
     """
     @_builtins.property
     def accepted_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -427,10 +433,11 @@ class RoundResult(_message.Message):
         batch_size: _builtins.int = ...,
         hidden: Global___HiddenState | None = ...,
         slo_unreachable: _builtins.bool = ...,
+        load: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden", b"hidden"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_nodes", b"accepted_nodes", "accepted_tokens", b"accepted_tokens", "batch_size", b"batch_size", "bonus_token", b"bonus_token", "hidden", b"hidden", "nodes_verified", b"nodes_verified", "round_id", b"round_id", "server_ms", b"server_ms", "slo_unreachable", b"slo_unreachable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_nodes", b"accepted_nodes", "accepted_tokens", b"accepted_tokens", "batch_size", b"batch_size", "bonus_token", b"bonus_token", "hidden", b"hidden", "load", b"load", "nodes_verified", b"nodes_verified", "round_id", b"round_id", "server_ms", b"server_ms", "slo_unreachable", b"slo_unreachable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

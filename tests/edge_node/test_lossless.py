@@ -129,3 +129,41 @@ async def test_pipelined_drafting_is_used_and_changes_nothing(draft, target):
     assert on == off == cloud
     assert stats_on.pipelined_rounds > 0
     assert stats_off.pipelined_rounds == 0
+
+
+async def test_the_verifiers_load_reaches_the_edge(runtime, verifier):
+    """Replies carry the verifier's load into the edge's shape policy (its statistics
+    report the last one): idle, about 0; with six other sessions keeping the verifier busy,
+    well above. The output stays exactly cloud-only's either way."""
+    import asyncio
+    import random
+
+    from edge_node.verifier_client import VerifierSession
+    from protocol.channel import open_aio_channel
+    from tests.cloud_node.test_verify_greedy import random_tree
+    from tests.tiny import METADATA, MODEL_NAME
+
+    prompt = PROMPTS[2]
+    expected, _, _ = await run(runtime, prompt, Mode.CLOUD_ONLY)
+    await asyncio.sleep(1.1)  # the load window forgets that
+    got, idle, _ = await run(runtime, prompt, Mode.LOSSLESS, DraftConfig("beam", 4, 5))
+    assert got == expected and idle.verifier_load < 0.2
+
+    stop = asyncio.Event()
+
+    async def hammer(seed: int) -> None:
+        rng = random.Random(seed)
+        channel = open_aio_channel(f"127.0.0.1:{verifier.port}")
+        async with VerifierSession(channel, metadata=METADATA) as session:
+            await session.open(MODEL_NAME, [1, 2, 3], SamplingParams())
+            while not stop.is_set():
+                await session.verify(random_tree(rng, 64, 16))
+        await channel.close()
+
+    others = [asyncio.ensure_future(hammer(seed)) for seed in range(6)]
+    await asyncio.sleep(0.5)
+    got, busy, _ = await run(runtime, prompt, Mode.LOSSLESS, DraftConfig("beam", 4, 5))
+    stop.set()
+    await asyncio.gather(*others)
+    assert got == expected
+    assert busy.verifier_load > max(0.2, idle.verifier_load), (idle, busy)

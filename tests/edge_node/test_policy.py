@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from edge_node.drafters import DraftShape
@@ -67,3 +69,73 @@ def test_shape_never_exceeds_the_verifiers_tree_limit():
     observe(policy, 40, lambda depth: depth, rtt_ms=200, off_main=True)
     shape = policy.shape()
     assert shape.width * shape.depth <= 64 and shape.depth >= 1
+
+
+def loaded(
+    policy: ShapePolicy, rounds: int, load: float, node_ms: float, seed: int = 0, batch: int = 8
+):
+    """Rounds over a 20 ms link whose drafted tokens are each accepted with chance 0.7
+    (seeded), the replies carrying the verifier's `load`, `node_ms` per node and passes
+    shared by `batch` sessions."""
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        shape = policy.shape()
+        depth = 0 if shape is None else shape.depth
+        accepted = 0
+        while accepted < depth and rng.random() < 0.7:
+            accepted += 1
+        policy.observe(
+            depth=depth,
+            accepted=accepted,
+            off_main_path=True,  # evidence for branching: only load narrows the width
+            round_trip_ms=20.0,
+            draft_ms=depth * 1.0,
+            verifier_load=load,
+            verify_ms_per_node=node_ms,
+            batch_size=batch,
+        )
+
+
+def test_a_busy_verifier_shrinks_trees_and_an_idle_one_does_not():
+    """Idle: 4 beams, deep. Load 0.95 at 2 ms a node: one beam, shallower. Saturated at
+    10 ms a node: plain rounds (no draft). Idle again: 4 beams, deep again."""
+    policy = ShapePolicy(DraftShape(4, 4), max_depth=12, max_width=4)
+    loaded(policy, 60, load=0.0, node_ms=2.0)
+    idle = policy.shape()
+    assert idle is not None and idle.width == 4 and idle.depth >= 4
+    loaded(policy, 60, load=0.95, node_ms=2.0, seed=1)
+    busy = policy.shape()
+    assert busy is not None and busy.width == 1 and busy.depth < idle.depth
+    loaded(policy, 60, load=1.0, node_ms=10.0, seed=2)
+    assert policy.shape() is None
+    loaded(policy, 80, load=0.0, node_ms=10.0, seed=3)
+    again = policy.shape()
+    assert again is not None and again.width == 4 and again.depth >= 4
+
+
+def test_a_client_alone_on_a_busy_verifier_keeps_its_shape():
+    """Its own rounds keep the verifier busy: its nodes cost it the round trip it already
+    measures, and nobody else, so the load changes nothing."""
+    alone, idle = (ShapePolicy(DraftShape(4, 4), max_depth=12, max_width=4) for _ in range(2))
+    loaded(alone, 60, load=1.0, node_ms=10.0, batch=1)
+    loaded(idle, 60, load=0.0, node_ms=10.0, batch=1)
+    assert alone.shape() == idle.shape() and alone.shape() is not None
+
+
+def test_a_busy_verifier_still_takes_drafts_it_accepts_whole():
+    """Nothing rejected is nothing wasted: at full acceptance a deep draft costs the
+    verifier one node per token it gains, so even saturated it keeps drafting deep."""
+    policy = ShapePolicy(DraftShape(1, 4), max_depth=8)
+    for _ in range(60):
+        depth = policy.shape().depth
+        policy.observe(
+            depth, depth, False, 20.0, depth * 1.0, verifier_load=1.0, verify_ms_per_node=10.0
+        )
+    shape = policy.shape()
+    assert shape is not None and shape.depth >= 6  # grown from 4
+
+
+def test_load_is_ignored_when_the_shape_is_fixed():
+    policy = ShapePolicy(DraftShape(3, 5), adapt=False)
+    loaded(policy, 20, load=1.0, node_ms=10.0)
+    assert policy.shape() == DraftShape(3, 5)

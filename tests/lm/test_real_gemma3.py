@@ -10,6 +10,7 @@ import torch
 
 from lm.checkpoint import load_model
 from lm.tree import TokenTree
+from tests.lm.conftest import REPO
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -87,3 +88,45 @@ def test_cached_decode_and_a_tree_past_the_window_match_transformers(pair):
     path = tree.path(tree.leaves()[0])
     assert [tree.tokens[n] for n in path] == main
     torch.testing.assert_close(logits[path], expected[594:600], atol=ATOL, rtol=0)
+
+
+TEXTS = [
+    "Hello world",
+    "  two spaces  and\ttabs\nnewline",
+    "ünïcödé 日本語 emoji 🤖 and a bell \x07",
+    "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+    "def f(x):\n    return x**2  # square",
+    "     leading spaces",
+]
+
+
+def test_tokenizer_and_greedy_text_match_transformers(real_gemma3, pair):
+    """The SentencePiece tokenizer rebuilt from the file (no merges in it), then 12 greedy
+    tokens through our cache against transformers' generate."""
+    from transformers import AutoTokenizer
+
+    from lm.tokenizer import Tokenizer
+
+    ours_model, theirs_model, _, _ = pair
+    ours = Tokenizer.from_dir(real_gemma3)
+    theirs = AutoTokenizer.from_pretrained(real_gemma3.parent, gguf_file=real_gemma3.name)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")[:20000]  # prose, tables, code
+    for text in [*TEXTS, *(readme[i : i + 2000] for i in range(0, len(readme), 2000))]:
+        ids = ours.encode(text)
+        assert ids == theirs(text)["input_ids"], text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    assert (ours.bos_id, ours.eos_id) == (2, 1)
+    prompt = ours.encode(TEXTS[3])
+    with torch.no_grad():
+        expected = theirs_model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False
+        )[0, len(prompt) :].tolist()
+        cache = ours_model.new_cache(1, len(prompt) + 13)
+        logits = ours_model(torch.tensor([prompt]), cache=cache)[0, -1]
+        cache.commit(0, range(len(prompt)))
+        got = []
+        for _ in range(12):
+            got.append(int(logits.argmax()))
+            logits = ours_model(torch.tensor([[got[-1]]]), cache=cache)[0, -1]
+            cache.commit(0, [0])
+    assert got == expected, (ours.decode(got), ours.decode(expected))
