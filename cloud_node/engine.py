@@ -163,6 +163,9 @@ class VerifierEngine:
             invariant = self.device.type == "cpu" and self.dtype in (torch.float16, torch.bfloat16)
         model.batch_invariant = invariant
         model.flex_attention = config.attention == "flex"
+        if model.flex_attention and (model.config.mla or invariant):
+            why = "multi-head latent attention" if model.config.mla else "batch-invariant attention"
+            log.warning("attention flex: %s keeps SDPA's dense masks", why)
         self.cache = KVCache(
             model.config,
             config.max_sessions,
