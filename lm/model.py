@@ -363,9 +363,14 @@ class QKNormAttention(Attention):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, time, _ = x.shape
         shape = (batch, time, -1, self.head_dim)
-        q = self.q_norm(self.wq(x).view(shape).transpose(1, 2))
-        k = self.k_norm(self.wk(x).view(shape).transpose(1, 2))
-        v = self.wv(x).view(shape).transpose(1, 2)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:  # quantized: one projection (lm.quantized), bfloat16 out
+            q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).to(x.dtype).split([q_dim, kv_dim, kv_dim], -1)
+        q = self.q_norm(q.view(shape).transpose(1, 2))
+        k = self.k_norm(k.view(shape).transpose(1, 2))
+        v = v.view(shape).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 

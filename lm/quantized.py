@@ -267,12 +267,13 @@ def quantize_model(
         blocks, `lm.gguf.read_gguf_int4`), whatever `scheme.bits` says. A fused layer
         uses them when all its parts have them.
     A layer int4 cannot hold (rows or inputs not multiples of 16) is stored as int8.
-    Llama, Qwen2 and Mistral only (ValueError for the others' attention layers).
+    Not multi-head latent attention (ValueError: its up-projections are absorbed as
+    float matrices).
     """
-    if model.config.mla or model.config.gemma3:
+    if model.config.mla:
         raise ValueError(
             f"quantize: {model.config.architecture} cannot be quantized; "
-            "Llama, Qwen2 and Mistral models can"
+            "Llama, Qwen2, Mistral and Gemma 3 models can"
         )
     int4_weights = int4_weights or {}
     model.float()

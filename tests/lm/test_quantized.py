@@ -28,6 +28,7 @@ from lm.quantized import (
 from lm.sampling import SamplingParams
 from lm.training.evaluate import generate
 from tests.lm.test_gguf import write_gguf
+from tests.tiny import GEMMA3_SHAPE
 
 BF16_EPS = 2.0**-8  # bfloat16's spacing at 1 (7 stored mantissa bits)
 
@@ -148,6 +149,8 @@ SHAPES = {
         n_kv_heads=2, architecture="Qwen2ForCausalLM", qkv_bias=True, tie_embeddings=True
     ),
     "mha_head_dim_32": dict(n_kv_heads=4, head_dim=32),
+    # QK-norm on the fused projection's q and k, sandwich norms, scaled embeddings
+    "gemma3": dict(GEMMA3_SHAPE, n_kv_heads=2),
 }
 
 
