@@ -117,9 +117,12 @@ async def test_a_dead_cloud_node_leaves_routing_and_its_sessions_fail_over(clust
         if _nodes_of(stack.verifier_actors[:1]) == {nodes[name].node_id}
     )
     async with edgecloud.AsyncClient(stack.gateway_address, token=stack.client_token) as client:
-        reference = await client.generate(PROMPT, max_tokens=48, mode="cloud_only")
+        # Long enough that the generations are still running when the node is gone: at
+        # 48 tokens (about six rounds each at the demo pair's tau) one CI run saw all four
+        # finish between the first pass on verifier-0 and the kill.
+        reference = await client.generate(PROMPT, max_tokens=160, mode="cloud_only")
         before = await stack.verifier_actors[0].forward_passes.remote()
-        running = [asyncio.ensure_future(client.generate(PROMPT, max_tokens=48)) for _ in range(4)]
+        running = [asyncio.ensure_future(client.generate(PROMPT, max_tokens=160)) for _ in range(4)]
         # Kill only once verifier-0 verifies rounds of these generations.
         deadline = time.monotonic() + 30
         while await stack.verifier_actors[0].forward_passes.remote() == before:
