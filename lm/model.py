@@ -199,9 +199,7 @@ class Transformer(nn.Module):
             mask = None if tree is None else tree[:, None]
         elif flex:
             if tree is None:
-                batch, time = positions.shape
-                tree = torch.ones(time, time, dtype=torch.bool, device=positions.device).tril()
-                tree = tree.expand(batch, time, time)
+                tree = causal_mask(*positions.shape, positions.device)
             mask = tree_block_mask(step.starts, tree, step.kv_len)
         else:
             mask = cached_attention_mask(step, tree) if cache_mask is None else cache_mask[:, None]
@@ -259,7 +257,7 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: Mask,
         cache: KVCache | None,
         layer: int,
         step: CacheStep | None,
@@ -282,7 +280,7 @@ class SandwichBlock(TransformerBlock):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: Mask,
         cache: KVCache | None,
         layer: int,
         step: CacheStep | None,
@@ -319,7 +317,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: Mask,
         cache: KVCache | None,
         layer: int,
         step: CacheStep | None,
@@ -419,7 +417,7 @@ class LatentAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: Mask,
         cache: KVCache | None,
         layer: int,
         step: CacheStep | None,
@@ -444,8 +442,7 @@ class LatentAttention(nn.Module):
         # of one key head over 16 was measured 75x slower on CPU (decode, 2048 keys).
         keys = entry.shape[2]
         if mask is None:  # causal, no cache
-            mask = torch.ones(time, time, dtype=torch.bool, device=x.device).tril()
-            mask = mask.expand(batch, 1, time, time)
+            mask = causal_mask(batch, time, x.device)[:, None]
         mask = mask[:, :, None].expand(batch, 1, heads, time, keys)
         y = attend(
             query.reshape(batch, 1, heads * time, rank + self.rope_dim),
@@ -622,8 +619,7 @@ def per_query_attention(
     """
     batch, heads, time, dim = q.shape
     if mask is None:  # causal, no cache: query t sees keys 0..t
-        mask = torch.ones(time, time, dtype=torch.bool, device=q.device).tril()
-        mask = mask.expand(batch, 1, time, time)
+        mask = causal_mask(batch, time, q.device)[:, None]
     visible = mask[:, 0]  # (batch, time, keys)
     counts = visible.sum(-1).flatten().tolist()  # keys each query sees, query-major
     keys = visible.nonzero()[:, 2].split(counts)  # per query, in order
@@ -646,6 +642,11 @@ def per_query_attention(
                 scale=scale,
             )[:, :, 0]
     return out
+
+
+def causal_mask(batch: int, time: int, device: torch.device | str) -> torch.Tensor:
+    """(batch, time, time) bool: token t sees tokens 0..t (an expanded view, not a copy)."""
+    return torch.ones(time, time, dtype=torch.bool, device=device).tril().expand(batch, -1, -1)
 
 
 def repeat_kv(x: torch.Tensor, repeat: int) -> torch.Tensor:
@@ -692,7 +693,7 @@ def cached_attention_mask(step: CacheStep, mask: torch.Tensor | None) -> torch.T
     batch, time = step.write_positions.shape
     device = step.starts.device
     if mask is None:
-        mask = torch.ones(time, time, dtype=torch.bool, device=device).tril().expand(batch, -1, -1)
+        mask = causal_mask(batch, time, device)
     keys = torch.arange(step.kv_len, device=device)
     full = (keys < step.starts[:, None]).unsqueeze(1).expand(batch, time, -1).clone()
     full.scatter_(2, step.write_positions[:, None, :].expand(batch, time, time), mask)
@@ -710,9 +711,7 @@ def window_mask(
     (a cache row's entries are not at their token's position once a tree was committed).
     """
     if mask is None:
-        batch, time = queries.shape
-        mask = torch.ones(time, time, dtype=torch.bool, device=queries.device).tril()
-        mask = mask.expand(batch, 1, time, time)
+        mask = causal_mask(*queries.shape, queries.device)[:, None]
     near = (queries[:, :, None] - keys[:, None, :]) < window  # (batch, time, kv)
     return mask & near[:, None]
 

@@ -16,16 +16,18 @@ from serving.auth import AuthConfig
 from serving.server import ServerConfig
 from tests.edge_node.conftest import make_runtime, noisy_copy
 from tests.stats import chi_square_pvalue
-from tests.tiny import MODEL_NAME, TOKEN, tiny_model
+from tests.tiny import MODEL_NAME, SHAPES, TOKEN, tiny_model
 
 VOCAB = 8
 PROMPT = (1, 2, 3)
 TRIALS = 600
 
 
-@pytest.fixture(scope="module")
-def pair():
-    target = tiny_model(seed=31, vocab=VOCAB, sharpen=2.0)
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def pair(request):
+    """Target and draft of each architecture: GQA, MLA (latent cache) and Gemma 3 (its
+    3-token window crossed from the first round)."""
+    target = tiny_model(seed=31, vocab=VOCAB, sharpen=2.0, **SHAPES[request.param])
     return target, noisy_copy(target, 0.3, seed=2)
 
 
