@@ -2,11 +2,13 @@
 
 One asyncio task owns the model. Its loop is `schedule -> execute -> update`:
 
-- schedule: when both wait, prefill chunks and round batches take turns, so a session
-  that opens delays the running ones by at most one chunk (`prefill_chunk` tokens) per
-  round. A batch holds up to `max_batch` rounds from distinct sessions; its first round
-  waits at most `batch_window_ms` for rounds of other live sessions, and not at all
-  when every live session already has one queued.
+- schedule: when both wait, prefill passes and round batches take turns, so sessions
+  that open delay the running ones by at most one pass of `prefill_chunk` tokens per
+  round. A prefill pass holds the next chunks of as many opening sessions as fit in
+  `prefill_chunk` tokens (one chunk at least), so a burst of opens waits a few passes,
+  not one round batch each. A batch holds up to `max_batch` rounds from distinct
+  sessions; its first round waits at most `batch_window_ms` for rounds of other live
+  sessions, and not at all when every live session already has one queued.
 - execute: one forward pass in a worker thread (the event loop keeps serving I/O):
   per session its pending tokens (the last bonus token, plus tokens the edge added)
   followed by its draft tree, padded into one batch with per-row masks and positions.
@@ -46,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cloud_node.config import VerifierConfig
-from cloud_node.load import BusyMeter
+from cloud_node.load import BusyMeter, PassCost
 from cloud_node.metrics import VerifierMetrics
 from cloud_node.scheduling import Pace, make_policy
 from cloud_node.validation import OpenRequest, RoundRequest
@@ -184,6 +186,7 @@ class VerifierEngine:
         self.sessions: dict[str, Session] = {}
         self.forward_passes = 0
         self.busy = BusyMeter()  # the load each reply carries
+        self.cost = PassCost()  # the cost of a round pass each reply carries
         self._free_rows = deque(range(config.max_sessions))
         self._prefills: deque[_PrefillWork] = deque()
         self._rounds: deque[_RoundWork] = deque()
@@ -334,14 +337,29 @@ class VerifierEngine:
             while self._prefills or self._rounds:
                 if self._prefills and (prefill_next or not self._rounds):
                     prefill_next = False
-                    work = self._prefills.popleft()
-                    if not self._fail_if_closed(work):
-                        await self._run([work], self._prefill)
+                    chunks = self._prefill_batch()
+                    if chunks:
+                        await self._run(chunks, self._prefill)
                     continue
                 prefill_next = True
                 batch = await self._schedule()
                 if batch:
                     await self._run(batch, self._execute)
+
+    def _prefill_batch(self) -> list[_PrefillWork]:
+        """The waiting prefill chunks, in order, that fit in one pass of `prefill_chunk`
+        tokens (the first always); chunks of closed sessions are failed and skipped."""
+        chunks: list[_PrefillWork] = []
+        tokens = 0
+        while self._prefills:
+            work = self._prefills[0]
+            if chunks and tokens + len(work.tokens) > self.config.prefill_chunk:
+                break
+            self._prefills.popleft()
+            if not self._fail_if_closed(work):
+                chunks.append(work)
+                tokens += len(work.tokens)
+        return chunks
 
     async def _schedule(self) -> list[_RoundWork]:
         """Waits up to the batch window for rounds of other live sessions."""
@@ -417,16 +435,32 @@ class VerifierEngine:
 
     @torch.inference_mode()
     def _prefill(self, items: list[_PrefillWork]) -> list[None]:
-        (work,) = items
-        session, row = work.session, work.session.row
-        ids = torch.tensor([work.tokens], device=self.device)
-        hidden = self.model.hidden(ids, cache=self.cache, rows=[row])
-        if work.keep_hidden:
-            session.opened_hidden = encode_hidden(hidden[0, -1], session.return_hidden)
-        self.cache.commit(row, range(len(work.tokens)))
-        work.session.forward_passes += 1
+        """One pass over the chunks of several opening sessions, each in its own row
+        (padded to the longest, causal within its row, after what its row committed)."""
+        rows = [work.session.row for work in items]
+        empty = TokenTree((), ())
+        packed = pack_rounds(
+            [
+                (work.tokens, empty, self.cache.lengths[row])
+                for work, row in zip(items, rows, strict=True)
+            ]
+        )
+        hidden = self.model.hidden(
+            packed.input_ids.to(self.device),
+            cache=self.cache,
+            rows=rows,
+            positions=packed.positions.to(self.device),
+            mask=packed.mask.to(self.device),
+        )
+        for b, work in enumerate(items):
+            session = work.session
+            if work.keep_hidden:
+                last = hidden[b, len(work.tokens) - 1]
+                session.opened_hidden = encode_hidden(last, session.return_hidden)
+            self.cache.commit(session.row, range(len(work.tokens)))
+            session.forward_passes += 1
         self.forward_passes += 1
-        return [None]
+        return [None] * len(items)
 
     @torch.inference_mode()
     def _execute(self, batch: list[_RoundWork]) -> list[RoundOutcome | Exception]:
@@ -484,6 +518,7 @@ class VerifierEngine:
             outcomes.append(acceptance)
         encoded = self._encode_hidden(batch, hidden, bonus_rows)
         server_ms = (time.perf_counter() - start) * 1000
+        self.cost.add(len(batch), packed.input_ids.numel(), server_ms)
         return [
             a
             if isinstance(a, Exception)

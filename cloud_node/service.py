@@ -53,9 +53,9 @@ class VerifierService(pb_grpc.VerifierServicer):
                         raise FailedPrecondition("round: open a session on this stream first")
                     request = parse_round(message.round, self.engine.config, self.engine.vocab_size)
                     outcome = await self.engine.verify(session, request)
-                    yield result_message(request.round_id, outcome, self.engine.busy.load())
+                    yield result_message(request.round_id, outcome, self.engine)
                     async for step in self.engine.decode(session, request.decode_tokens):
-                        yield result_message(request.round_id, step, self.engine.busy.load())
+                        yield result_message(request.round_id, step, self.engine)
                 else:
                     raise InvalidRequest("kind: each message must set `open` or `round`")
         except EdgecloudError as error:
@@ -68,8 +68,11 @@ class VerifierService(pb_grpc.VerifierServicer):
                 self.engine.close(session, "stream ended")
 
 
-def result_message(round_id: int, outcome: RoundOutcome, load: float) -> pb.VerifyResponse:
-    """A round's reply; load: the verifier's (`VerifierEngine.busy`)."""
+def result_message(
+    round_id: int, outcome: RoundOutcome, engine: VerifierEngine
+) -> pb.VerifyResponse:
+    """A round's reply, with the verifier's load and pass cost as `engine` has them now."""
+    per_round, per_position = engine.cost.estimate()
     return pb.VerifyResponse(
         result=pb.RoundResult(
             round_id=round_id,
@@ -81,7 +84,9 @@ def result_message(round_id: int, outcome: RoundOutcome, load: float) -> pb.Veri
             batch_size=outcome.batch_size,
             hidden=hidden_message(outcome.hidden),
             slo_unreachable=outcome.slo_unreachable,
-            load=load,
+            load=engine.busy.load(),
+            pass_ms_per_round=per_round,
+            pass_ms_per_position=per_position,
         )
     )
 

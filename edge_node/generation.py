@@ -42,7 +42,7 @@ from edge_node.drafters.head import HeadSource
 from edge_node.drafters.sources import FALLBACK, make_sources
 from edge_node.modes import MODES
 from edge_node.output import Output, stop_ids
-from edge_node.policy import ShapePolicy
+from edge_node.policy import ShapePolicy, VerifierView
 from edge_node.slm import EdgeLM, cache_len
 from edge_node.types import GenerationRequest
 from edge_node.verifier_client import hidden_from_message
@@ -109,7 +109,10 @@ class Generation:
         executor: Executor,
         max_tree_nodes: int = 64,
         head: DraftHead | None = None,
+        verifier: VerifierView | None = None,
     ) -> None:
+        """verifier: what the edge has heard of its verifier's load, shared with its other
+        generations (a fresh view when None)."""
         self.request = request
         # Sized to what this request can use (prompt, max_tokens, the draft reserve), not
         # the model's whole context: 755 MB for an 8192-token SmolLM2-135M in float32.
@@ -139,12 +142,15 @@ class Generation:
             request.draft.drafter if request.mode is Mode.LOSSLESS else FALLBACK,
             pipelined=frozenset(n for n, s in self.sources.items() if s.pipelines),
         )
-        # One shape policy per source: their acceptance and cost per level differ.
+        # One shape policy per source: their acceptance and cost per level differ; the
+        # verifier's load is the same for all.
+        verifier = VerifierView() if verifier is None else verifier
         self.policies = {
             name: ShapePolicy(
                 DraftShape(request.draft.width, request.draft.depth),
                 adapt=request.draft.adapt,
                 max_nodes=max_tree_nodes,
+                verifier=verifier,
             )
             for name in self.sources
         }
@@ -253,17 +259,8 @@ class Generation:
         self._take_hidden(result.hidden if result.HasField("hidden") else None)
         round_ms = self.connection.last_round_ms
         self.choice.observe(draft.drafter, len(tokens), self.last_draft_ms, round_ms)
-        main = draft.main_path[: len(result.accepted_nodes)]
-        in_pass = result.batch_size * (result.nodes_verified + 1)  # about: trees differ
-        self.policies[draft.drafter].observe(
-            depth=max(draft.tree.depths(), default=-1) + 1,
-            accepted=len(result.accepted_nodes),
-            off_main_path=tuple(result.accepted_nodes) != main,
-            round_trip_ms=round_ms,
-            draft_ms=self.last_draft_ms,
-            verifier_load=result.load,
-            verify_ms_per_node=result.server_ms / in_pass if result.batch_size else None,
-            batch_size=result.batch_size,
+        self.policies[draft.drafter].observe_reply(
+            draft.tree, draft.main_path, result, round_ms, self.last_draft_ms
         )
         return self.out.emit(tokens, verified=True)
 

@@ -16,6 +16,7 @@ from edge_node.cloud_link import CloudLink
 from edge_node.drafters.sources import make_sources
 from edge_node.generation import Generation
 from edge_node.metrics import EdgeMetrics
+from edge_node.policy import VerifierView
 from edge_node.slm import draft_reserve
 from edge_node.types import DraftConfig, GenerationRequest
 from lm.draft_head import DraftHead
@@ -85,6 +86,8 @@ class EdgeRuntime:
         self.tokenizer = tokenizer
         self.link = link
         self.load = EdgeLoad()
+        # The verifier's load as this edge's generations heard it, each starting from it.
+        self.verifier = VerifierView()
         self.metrics = EdgeMetrics(model, lambda: self.load.active, config.max_concurrency)
         self.executor = ThreadPoolExecutor(config.threads, thread_name_prefix="edge-slm")
 
@@ -212,6 +215,7 @@ class EdgeRuntime:
                 executor=self.executor,
                 max_tree_nodes=self.config.max_tree_nodes,
                 head=self.head,
+                verifier=self.verifier,
             )
         except ValueError as error:  # a drafter or tree this edge does not offer
             raise InvalidRequest(str(error)) from error

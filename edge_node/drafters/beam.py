@@ -19,12 +19,44 @@ and that path is the draft's main path (what pipelining assumes is accepted).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from edge_node.drafters import Draft, DraftShape, ancestors, paths_to_draft
 from edge_node.slm import EdgeLM
 from lm.draft_head import extend_beams
 from lm.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class BeamGrowth:
+    """Every level of one beam search. Beam search extends its beams level by level and
+    never revisits a level, so the search cut after `d` levels is the depth-`d` search:
+    `draft(d)` is what drafting at depth d gives (the fleet emulator's draft book keeps
+    one growth per width and drafts any depth from it)."""
+
+    tokens: tuple[int, ...]  # (nodes,) node id -> token, level by level
+    parents: tuple[int, ...]  # (nodes,) node id -> parent node id, -1 below the history
+    levels: tuple[int, ...]  # beams per level: level l holds the next levels[l] node ids
+    greedy: tuple[int, ...]  # per level, the beam (index within the level) of the chain
+
+    def draft(self, depth: int) -> Draft:
+        """The depth-`depth` draft: the beams of that level with their ancestors,
+        deduplicated (the beams' shared prefixes are nodes they share)."""
+        if not 1 <= depth <= len(self.levels):
+            raise ValueError(f"depth: must be in [1, {len(self.levels)}], got {depth}")
+        start = sum(self.levels[: depth - 1])
+        frontier = range(start, start + self.levels[depth - 1])
+        parents = dict(enumerate(self.parents))
+        keep = sorted({a for n in frontier for a in ancestors(n, parents)} | set(frontier))
+        return paths_to_draft(
+            keep,
+            dict(enumerate(self.tokens)),
+            parents,
+            len(frontier) * depth,
+            frontier[self.greedy[depth - 1]],
+        )
 
 
 class BeamDrafter:
@@ -35,24 +67,32 @@ class BeamDrafter:
         sampling: SamplingParams,
         generator: torch.Generator | None,
     ) -> Draft:
-        tokens: dict[int, int] = {}
-        parents: dict[int, int] = {}
+        return self.grow(lm, shape).draft(shape.depth)
+
+    def grow(self, lm: EdgeLM, shape: DraftShape) -> BeamGrowth:
+        """`shape.depth` levels of beam search below `lm`'s history, in its cache."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        levels: list[int] = []
+        greedy_rows: list[int] = []
         logits = lm.next_logits().float()[None]
         beams = torch.empty((1, 0), dtype=torch.long, device=logits.device)
         scores = torch.zeros(1, device=logits.device)
         frontier, greedy = [-1], 0
         for level in range(shape.depth):
             if level:
-                paths = [ancestors(n, parents) for n in frontier]
+                parent_of = dict(enumerate(parents))
+                paths = [ancestors(n, parent_of) for n in frontier]
                 logits = lm.forward_nodes(frontier, [tokens[n] for n in frontier], paths).float()
             rows, beams, scores, greedy = extend_beams(
                 beams, scores, greedy, torch.log_softmax(logits, -1), shape.width
             )
             new_frontier = []
             for row, token in zip(rows.tolist(), beams[:, -1].tolist(), strict=True):
-                node = len(tokens)
-                tokens[node], parents[node] = token, frontier[row]
-                new_frontier.append(node)
+                new_frontier.append(len(tokens))
+                tokens.append(token)
+                parents.append(frontier[row])
             frontier = new_frontier
-        keep = sorted({a for n in frontier for a in ancestors(n, parents)} | set(frontier))
-        return paths_to_draft(keep, tokens, parents, len(frontier) * shape.depth, frontier[greedy])
+            levels.append(len(frontier))
+            greedy_rows.append(greedy)
+        return BeamGrowth(tuple(tokens), tuple(parents), tuple(levels), tuple(greedy_rows))

@@ -5,7 +5,10 @@ decoding figures (rounds, acceptance, cloud passes per token).
 
 records: per-request records and metric definitions; runner: closed and open loops on
 `edgecloud.AsyncClient`; prompts: prompt files and the held-out corpus; report: tables,
-JSON, plots and the progress bar. The CLI wiring is `orchestrator.commands.loadtest`.
+JSON, plots and the progress bar. The fleet emulator (`--emulate-edges`): recording (a
+real edge's streams at the wire), draft_book (the real draft's trees of every shape at
+every position of a greedy generation) and fleet (emulated edges replaying or drafting
+from them). The CLI wiring is `orchestrator.commands.loadtest`.
 """
 
 from orchestrator.loadtest.records import RequestRecord, Slo, Summary, percentile, summarize

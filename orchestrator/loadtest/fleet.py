@@ -13,6 +13,11 @@ direction) waits `rto_ms` more for its retransmission. Two kinds of client:
   deterministic given history and tree, greedy or seeded); a reply that differs from the
   recorded one is counted, and the replay goes on with the recorded next round, which is
   still a valid message. No drafting runs on the verifier's machine.
+  Or, given a `Shaping` and a draft book (draft_book.py, greedy recordings only), it
+  drafts each round in the shape its policy picks (the edge's load-aware shape policy, the
+  same policy blind to the load, or a fixed shape): the book holds the real SLM's beam
+  search of every shape at every position of the recorded output, and the edge waits the
+  SLM's drafting time for that shape. This is how shape policies compare under load.
 - cloud_only: the baseline, server-side decoding. Opens the same session, then sends one
   round asking for as many tokens as the recorded generation produced
   (`Round.decode_tokens`), and reads them as the verifier streams them; each token reaches
@@ -42,6 +47,11 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc import aio
 
+from edge_node.drafters import DraftShape
+from edge_node.policy import ShapePolicy, VerifierView
+from edge_node.verifier_client import round_message
+from lm.tree import TokenTree
+from orchestrator.loadtest.draft_book import DraftBook, expected_round
 from orchestrator.loadtest.recording import RecordedRequest, Recording
 from orchestrator.loadtest.records import (
     RequestRecord,
@@ -91,6 +101,57 @@ class LinkProfile:
 
 
 @dataclass(frozen=True)
+class Shaping:
+    """How a lossless emulated edge shapes the rounds it drafts from a draft book:
+    - "load-aware": the edge's shape policy as it runs (edge_node/policy.py), fed each
+      reply's round trip, acceptance and verifier load; it starts at width x depth;
+    - "latency": the same policy with the load withheld: the shape best for one client;
+    - "fixed": width x depth every round.
+    `parse` reads "load-aware", "latency" or a fixed "WxD" such as "4x6"."""
+
+    policy: str = "load-aware"
+    width: int = 4
+    depth: int = 6
+
+    POLICIES = ("load-aware", "latency", "fixed")
+
+    def __post_init__(self) -> None:
+        if self.policy not in self.POLICIES:
+            raise ValueError(
+                f"policy: must be one of {', '.join(self.POLICIES)}, got {self.policy!r}"
+            )
+        DraftShape(self.width, self.depth)  # validates both
+
+    @classmethod
+    def parse(cls, text: str) -> Shaping:
+        if text in cls.POLICIES[:2]:
+            return cls(text)
+        width, x, depth = text.partition("x")
+        if not (x and width.isdigit() and depth.isdigit()):
+            raise ValueError(f"shaping: load-aware, latency or WxD such as 4x6, got {text!r}")
+        return cls("fixed", int(width), int(depth))
+
+    def describe(self) -> str:
+        return f"{self.width}x{self.depth}" if self.policy == "fixed" else self.policy
+
+    def policy_for(
+        self, book: DraftBook, max_tree_nodes: int, verifier: VerifierView
+    ) -> ShapePolicy:
+        """A fresh shape policy for one request, within what `book` holds (the adaptive
+        ones start at width x depth cut to it), sharing `verifier` with the edge's other
+        requests as the edge's generations share it (`EdgeRuntime.verifier`)."""
+        width = min(self.width, book.max_width)
+        return ShapePolicy(
+            DraftShape(width, min(self.depth, book.depth_for(width))),
+            max_depth=book.max_depth,
+            max_width=book.max_width,
+            max_nodes=min(book.max_nodes, max_tree_nodes),
+            adapt=self.policy != "fixed",
+            verifier=verifier,
+        )
+
+
+@dataclass(frozen=True)
 class FleetPlan:
     """How a fleet runs: at least one of `requests` and `duration_s` bounds it."""
 
@@ -105,6 +166,8 @@ class FleetPlan:
     # Every client's priority and tpot_slo_ms, sent with its open (the verifier's
     # `--schedule slack` serves the rounds closest to missing their target first).
     schedule: Schedule = Schedule()
+    # Lossless edges draft from a draft book in this shaping; None: replay the recording.
+    shaping: Shaping | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.clients <= 4096:
@@ -190,8 +253,11 @@ class EmulatedEdge:
         plan: FleetPlan,
         *,
         metadata: Sequence[tuple[str, str]] = (),
+        book: DraftBook | None = None,
     ) -> None:
         self.index = index
+        self.book = book
+        self.verifier = VerifierView()  # its requests' shared view of the verifier's load
         self.stub = pb_grpc.VerifierStub(channel)
         self.plan, self.link = plan, plan.link
         self.metadata = tuple(metadata)
@@ -199,15 +265,18 @@ class EmulatedEdge:
         self.requests = 0
 
     async def generate(
-        self, recorded: RecordedRequest, timeline: _Timeline, counts: _Counts
+        self, number: int, recorded: RecordedRequest, timeline: _Timeline, counts: _Counts
     ) -> None:
-        """One request in the plan's mode, noting its arrivals in `timeline` and its rounds
-        in `counts`; AioRpcError, TimeoutError or ConnectionError when it fails."""
+        """One request in the plan's mode, recorded request `number`, noting its arrivals
+        in `timeline` and its rounds in `counts`; AioRpcError, TimeoutError or
+        ConnectionError when it fails."""
         self.requests += 1
         call = self.stub.Verify(metadata=self.metadata)
         try:
-            await self._exchange(call, self._open_message(recorded))
-            if self.plan.mode is Mode.LOSSLESS:
+            opened = (await self._exchange(call, self._open_message(recorded))).opened
+            if self.plan.mode is Mode.LOSSLESS and self.plan.shaping is not None:
+                await self._shaped(call, number, opened.max_tree_nodes, timeline, counts)
+            elif self.plan.mode is Mode.LOSSLESS:
                 await self._replay(call, recorded, timeline, counts)
             else:
                 await self._decode(call, timeline, counts)
@@ -266,6 +335,44 @@ class EmulatedEdge:
             if timeline.done:
                 return
 
+    async def _shaped(
+        self, call, number: int, max_tree_nodes: int, timeline: _Timeline, counts: _Counts
+    ) -> None:
+        """Rounds drafted from the book in the shapes the plan's shaping picks, each after
+        the SLM's drafting time for that shape, its reply fed back to the policy as the
+        edge's own generation feeds it (`Generation.accept`)."""
+        book, shaping = self.book, self.plan.shaping
+        booked = book.requests[number]
+        policy = shaping.policy_for(book, max_tree_nodes, self.verifier)
+        position = 0
+        while not timeline.done:
+            shape = policy.shape()
+            draft = None if shape is None else book.draft(number, position, shape)
+            tree = TokenTree.chain([]) if draft is None else draft.tree
+            draft_ms = book.draft_ms(shape) * self.link.edge_scale
+            await asyncio.sleep(draft_ms / 1000)
+            sent = time.perf_counter()
+            message = pb.VerifyRequest(round=round_message(tree, round_id=counts.rounds))
+            result = (await self._exchange(call, message)).result
+            round_ms = (time.perf_counter() - sent) * 1000
+            accepted = len(result.accepted_tokens)
+            counts.count(tree.size, accepted)
+            expected = expected_round(tree, booked.output, position)
+            counts.mismatched += expected is not None and expected != (
+                *result.accepted_nodes,
+                result.bonus_token,
+            )
+            timeline.arrive(accepted + 1)
+            position += accepted + 1
+            policy.observe_reply(
+                tree,
+                () if draft is None else draft.main_path,
+                result,
+                round_ms,
+                draft_ms,
+                with_load=shaping.policy == "load-aware",
+            )
+
     async def _decode(self, call, timeline: _Timeline, counts: _Counts) -> None:
         want = max(timeline.cap, 1)  # a recording that ended at once still asks for one
         rtt_ms = self.link.draw_rtt_ms(self.draws)
@@ -289,18 +396,25 @@ async def run_fleet(
     token: str | None = None,
     tls=None,
     on_record: Callable[[RequestRecord], None] | None = None,
+    book: DraftBook | None = None,
 ) -> FleetResult:
     """Runs `plan`'s emulated edges against the verifier at `target` (its edge credential
-    `token`, `tls` a `protocol.channel.TlsOptions`), replaying `recording`. Channels
-    connect before the clock starts. A failed request (a gRPC status, a reply timeout)
-    becomes a record with its status name; the client goes on with its next request."""
+    `token`, `tls` a `protocol.channel.TlsOptions`), replaying `recording`, or drafting
+    from `book` (made from `recording`) when the plan has a shaping. Channels connect
+    before the clock starts. A failed request (a gRPC status, a reply timeout) becomes a
+    record with its status name; the client goes on with its next request."""
     if not recording.requests:
         raise ValueError("recording: holds no requests")
+    if plan.shaping is not None and plan.mode is Mode.LOSSLESS:
+        if book is None or not book.fits(recording):
+            raise ValueError("book: a shaped fleet drafts from a draft book of its recording")
+        if plan.shaping.policy == "fixed":
+            book.draft(0, 0, DraftShape(plan.shaping.width, plan.shaping.depth))  # in the book
     channels = [open_aio_channel(target, tls=tls) for _ in range(plan.clients)]
     try:
         await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 30) for c in channels))
         edges = [
-            EmulatedEdge(i, c, plan, metadata=bearer_metadata(token))
+            EmulatedEdge(i, c, plan, metadata=bearer_metadata(token), book=book)
             for i, c in enumerate(channels)
         ]
         run = _Run(target, recording, plan, on_record)
@@ -346,7 +460,8 @@ class _Run:
 
     async def measure(self, edge: EmulatedEdge, index: int) -> RequestRecord:
         requests = self.recording.requests
-        recorded = requests[index % len(requests)]
+        number = index % len(requests)
+        recorded = requests[number]
         self.in_flight += 1
         fields = dict(
             index=index,
@@ -359,7 +474,7 @@ class _Run:
         )
         timeline, counts = _Timeline(recorded.output_tokens), _Counts()
         try:
-            await edge.generate(recorded, timeline, counts)
+            await edge.generate(number, recorded, timeline, counts)
         except (aio.AioRpcError, TimeoutError, ConnectionError) as error:
             code, message = _status(error)
             return timeline_record(
@@ -482,9 +597,11 @@ class FleetPoint:
         good_tokens = sum(
             r.output_tokens for r in self.result.records if self.slo and self.slo.met_by(r)
         )
+        shaping = self.plan.shaping
         row = {
             "clients": self.plan.clients,
             "mode": self.plan.mode.value,
+            "shaping": "recorded" if shaping is None else shaping.describe(),
             "rtt_ms": self.plan.link.rtt_ms,
             "completed": s["completed"],
             "failed": s["failed"],
@@ -520,11 +637,14 @@ async def measure_fleet(
     token: str | None = None,
     tls=None,
     on_record: Callable[[RequestRecord], None] | None = None,
+    book: DraftBook | None = None,
 ) -> FleetPoint:
     """`run_fleet`, with the verifier's work over the run read from `metrics` (a callable
     returning its `/metrics` text, e.g. `http_metrics(...)`) when given."""
     before = None if metrics is None else VerifierWork.parse(await asyncio.to_thread(metrics))
-    result = await run_fleet(target, recording, plan, token=token, tls=tls, on_record=on_record)
+    result = await run_fleet(
+        target, recording, plan, token=token, tls=tls, on_record=on_record, book=book
+    )
     work = None
     if metrics is not None:
         work = VerifierWork.parse(await asyncio.to_thread(metrics)) - before

@@ -135,16 +135,23 @@ def save_recordings(path: Path, recordings: Sequence[Recording]) -> None:
 def load_recordings(path: Path) -> list[Recording]:
     """The recordings in `path`; none when it does not exist. ValueError when it is not a
     recording file."""
+    document = read_document(path, FORMAT, "a fleet recording")
+    return [] if document is None else [_recording_from_json(i) for i in document["recordings"]]
+
+
+def read_document(path: Path, format_: str, kind: str) -> dict | None:
+    """The JSON object in `path` whose "format" is `format_`; None when there is no file.
+    ValueError, naming the file and `kind` (what it should have been), otherwise."""
     path = Path(path)
     if not path.exists():
-        return []
+        return None
     try:
         document = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path.name}: not JSON ({exc.msg})") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise ValueError(f"{path.name}: not a fleet recording (format {FORMAT!r})")
-    return [_recording_from_json(item) for item in document["recordings"]]
+    if not isinstance(document, dict) or document.get("format") != format_:
+        raise ValueError(f"{path.name}: not {kind} (format {format_!r})")
+    return document
 
 
 def find_recording(recordings: Sequence[Recording], **wanted: object) -> Recording | None:

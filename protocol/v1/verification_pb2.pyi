@@ -387,6 +387,8 @@ class RoundResult(_message.Message):
     HIDDEN_FIELD_NUMBER: _builtins.int
     SLO_UNREACHABLE_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
+    PASS_MS_PER_ROUND_FIELD_NUMBER: _builtins.int
+    PASS_MS_PER_POSITION_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     bonus_token: _builtins.int
     """One token sampled from the target after the accepted path."""
@@ -406,6 +408,14 @@ class RoundResult(_message.Message):
     passes, 0 (idle) to 1 (busy all the time). The edge drafts smaller trees as it
     rises (edge_node/policy.py). Unset (0) from verifiers that predate it.
     """
+    pass_ms_per_round: _builtins.float
+    """What a round pass costs the verifier, fitted over its recent passes
+    (cloud_node/load.py): pass_ms_per_round per round in the pass plus
+    pass_ms_per_position per position, positions counted padded (every row as wide as
+    the pass's widest). A busy verifier's edges pick the draft shape that costs it the
+    least time per token. Both 0: not known yet.
+    """
+    pass_ms_per_position: _builtins.float
     @_builtins.property
     def accepted_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Indices into the round's tree of the accepted root-to-node path."""
@@ -434,10 +444,12 @@ class RoundResult(_message.Message):
         hidden: Global___HiddenState | None = ...,
         slo_unreachable: _builtins.bool = ...,
         load: _builtins.float = ...,
+        pass_ms_per_round: _builtins.float = ...,
+        pass_ms_per_position: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden", b"hidden"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_nodes", b"accepted_nodes", "accepted_tokens", b"accepted_tokens", "batch_size", b"batch_size", "bonus_token", b"bonus_token", "hidden", b"hidden", "load", b"load", "nodes_verified", b"nodes_verified", "round_id", b"round_id", "server_ms", b"server_ms", "slo_unreachable", b"slo_unreachable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_nodes", b"accepted_nodes", "accepted_tokens", b"accepted_tokens", "batch_size", b"batch_size", "bonus_token", b"bonus_token", "hidden", b"hidden", "load", b"load", "nodes_verified", b"nodes_verified", "pass_ms_per_position", b"pass_ms_per_position", "pass_ms_per_round", b"pass_ms_per_round", "round_id", b"round_id", "server_ms", b"server_ms", "slo_unreachable", b"slo_unreachable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

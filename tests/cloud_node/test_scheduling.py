@@ -2,7 +2,8 @@
 the one with less slack against its tpot_slo_ms (or in a lower priority class) is
 verified first, where FIFO takes the first to arrive; a session far behind its target
 is told so and waits behind the others; long prefills hold a waiting round for one
-chunk at most; bad targets get INVALID_ARGUMENT naming the field.
+chunk at most, and short ones of several sessions share a pass; bad targets get
+INVALID_ARGUMENT naming the field.
 
 Passes are held with the same forward pre-hook as the lifecycle tests (PassGate), so
 which rounds are waiting when the next pass forms is deterministic.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 import edgecloud
 from cloud_node.config import VerifierConfig
@@ -165,6 +167,51 @@ async def test_long_prefills_hold_a_waiting_round_one_chunk_at_most(target, gate
         assert prefills._value.get() - before <= 1  # 4 chunks were queued, 40 to come
         await asyncio.gather(held, *long)
         assert prefills._value.get() - before == 10 * opening
+    finally:
+        await engine.stop()
+
+
+def greedy_continuation(model, context: list[int], n: int) -> list[int]:
+    """The model's own next `n` greedy tokens after `context`, by full forward passes."""
+    tokens = list(context)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(context) :]
+
+
+async def test_short_prefills_of_several_opening_sessions_share_a_pass(target, gate):
+    """Chunks that fit in `prefill_chunk` together go in one pass, each in its own row.
+    Each session's cache then holds what a prefill of its own would: a round drafting
+    the model's own greedy continuation is accepted whole, with the greedy bonus."""
+    engine = VerifierEngine(
+        target, VerifierConfig(MODEL_NAME, batch_window_ms=0.0, prefill_chunk=32)
+    )
+    engine.start()
+    try:
+        blocker = await open_session(engine, "blocker", Schedule())
+        prefills = engine.metrics.passes.labels("prefill")
+        lengths = (9, 13, 5, 20)  # prefixes of 8, 12, 4 and 19 tokens
+        contexts = [[(7 * i + 3 * k) % 50 + 1 for k in range(n)] for i, n in enumerate(lengths)]
+        gate.arm()
+        held = asyncio.ensure_future(engine.verify(blocker, one_token_round()))
+        await gate.wait_entered()
+        opening = [
+            asyncio.ensure_future(open_session(engine, f"s{i}", Schedule(), context=c))
+            for i, c in enumerate(contexts)
+        ]
+        await asyncio.sleep(0.01)  # every chunk is queued
+        before = prefills._value.get()
+        gate.release()
+        sessions = await asyncio.gather(*opening)
+        await held
+        assert prefills._value.get() - before == 2  # 8 + 12 + 4 tokens, then 19
+        for session, context in zip(sessions, contexts, strict=True):
+            greedy = greedy_continuation(target, context, 7)
+            tree = TokenTree.chain(greedy[:6])
+            outcome = await engine.verify(session, RoundRequest((), tree, {}, round_id=0))
+            assert outcome.acceptance.tokens == tuple(greedy[:6])
+            assert outcome.acceptance.bonus == greedy[6]
     finally:
         await engine.stop()
 

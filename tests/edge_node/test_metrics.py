@@ -126,7 +126,8 @@ async def test_verifier_and_edge_count_what_the_generations_report(servers):
     )
     assert round_passes < steps  # concurrent sessions shared passes
     assert at_verifier("edgecloud_verifier_busy_seconds_total", kind="round") > 0
-    assert at_verifier("edgecloud_verifier_forward_passes_total", kind="prefill") >= 4
+    # Four sessions: the three opened together may share prefill passes, cloud_only's not.
+    assert 2 <= at_verifier("edgecloud_verifier_forward_passes_total", kind="prefill") <= 4
     assert at_verifier("edgecloud_verifier_kv_rows") == 6
     assert at_verifier("edgecloud_verifier_queue_depth") == 0
     # The heartbeat's numbers are the same counts.

@@ -7,7 +7,13 @@ import random
 import pytest
 
 from edge_node.drafters import DraftShape
-from edge_node.policy import ShapePolicy, best_depth, expected_tokens
+from edge_node.policy import (
+    ShapePolicy,
+    VerifierView,
+    best_depth,
+    cheapest_depth,
+    expected_tokens,
+)
 
 EXAMPLE = (0.9, 0.8, 0.7, 0.5)
 
@@ -72,27 +78,37 @@ def test_shape_never_exceeds_the_verifiers_tree_limit():
 
 
 def loaded(
-    policy: ShapePolicy, rounds: int, load: float, node_ms: float, seed: int = 0, batch: int = 8
+    policy: ShapePolicy,
+    rounds: int,
+    load: float,
+    node_ms: float,
+    seed: int = 0,
+    batch: int = 8,
+    *,
+    accept: float = 0.7,
+    round_trip_ms: float = 20.0,
+    pass_cost: tuple[float, float] = (0.0, 0.0),
 ):
-    """Rounds over a 20 ms link whose drafted tokens are each accepted with chance 0.7
-    (seeded), the replies carrying the verifier's `load`, `node_ms` per node and passes
-    shared by `batch` sessions."""
+    """Rounds over a `round_trip_ms` link whose drafted tokens are each accepted with
+    chance `accept` (seeded), the replies carrying the verifier's `load`, `node_ms` per
+    node, `pass_cost` and passes shared by `batch` sessions."""
     rng = random.Random(seed)
     for _ in range(rounds):
         shape = policy.shape()
         depth = 0 if shape is None else shape.depth
         accepted = 0
-        while accepted < depth and rng.random() < 0.7:
+        while accepted < depth and rng.random() < accept:
             accepted += 1
         policy.observe(
             depth=depth,
             accepted=accepted,
             off_main_path=True,  # evidence for branching: only load narrows the width
-            round_trip_ms=20.0,
+            round_trip_ms=round_trip_ms,
             draft_ms=depth * 1.0,
             verifier_load=load,
             verify_ms_per_node=node_ms,
             batch_size=batch,
+            pass_cost=pass_cost,
         )
 
 
@@ -133,6 +149,41 @@ def test_a_busy_verifier_still_takes_drafts_it_accepts_whole():
         )
     shape = policy.shape()
     assert shape is not None and shape.depth >= 6  # grown from 4
+
+
+def test_a_busy_verifier_gets_the_depth_with_the_most_tokens_per_verifier_ms():
+    """From plain_above, with the verifier's pass cost reported, the depth is the one that
+    costs it least per token, not the latency-optimal one; without the cost (an older
+    verifier) the latency rate stays in charge; idle, the cost changes nothing."""
+    assert cheapest_depth([0.85] * 8, 1.6, 0.33, 8) == 5  # the docstring examples
+    assert cheapest_depth([0.85] * 8, 1.6, 0.33, 8, width=2) == 3
+    assert cheapest_depth([0.85] * 12, 8.0, 0.01, 12) == 12
+
+    def run(load: float, cost: tuple[float, float]) -> ShapePolicy:
+        policy = ShapePolicy(DraftShape(1, 4), max_depth=12)
+        # A long round trip: latency alone wants deep drafts.
+        loaded(policy, 80, load, 0.01, accept=0.85, round_trip_ms=100.0, pass_cost=cost)
+        return policy
+
+    busy = run(1.0, (1.6, 0.33))
+    cheapest = cheapest_depth(busy.acceptance, 1.6, 0.33, 12)
+    assert busy.shape() == DraftShape(1, cheapest) and 3 <= cheapest <= 7
+    assert run(1.0, (0.0, 0.0)).shape().depth >= 10  # not reported
+    assert run(0.0, (1.6, 0.33)).shape() == run(0.0, (0.0, 0.0)).shape()  # idle
+
+
+def test_a_new_generation_starts_from_what_the_edge_heard_of_a_busy_verifier():
+    """Policies of one edge share its VerifierView: a generation that starts while the
+    verifier is busy shapes its first round for that, before any reply of its own."""
+    view = VerifierView()
+    earlier = ShapePolicy(DraftShape(4, 6), max_depth=12, verifier=view)
+    loaded(earlier, 40, load=1.0, node_ms=0.5)
+    earlier.observe(1, 1, False, 20.0, 1.0, verifier_load=1.0, batch_size=8, pass_cost=(1.6, 0.33))
+    fresh = ShapePolicy(DraftShape(4, 6), max_depth=12, verifier=view)
+    cheapest = cheapest_depth(fresh.acceptance, 1.6, 0.33, 12)
+    assert fresh.shape() == DraftShape(1, cheapest) != DraftShape(4, 6)
+    alone = ShapePolicy(DraftShape(4, 6), max_depth=12)  # a view of its own: idle
+    assert alone.shape() == DraftShape(4, 6)
 
 
 def test_load_is_ignored_when_the_shape_is_fixed():

@@ -12,10 +12,14 @@ from prometheus_client import generate_latest
 
 from cloud_node.config import VerifierConfig
 from cloud_node.server import start_verifier
+from edge_node.drafters import DraftShape
+from lm.tree import TokenTree
 from orchestrator.cli import main
+from orchestrator.loadtest.draft_book import expected_round, load_book, make_book, save_book
 from orchestrator.loadtest.fleet import (
     FleetPlan,
     LinkProfile,
+    Shaping,
     VerifierWork,
     clients_served,
     measure_fleet,
@@ -117,6 +121,72 @@ async def test_small_fleet_both_modes_and_verifier_work(draft, verifier, tmp_pat
     assert cloud["verifier_round_passes_per_token"] <= 1.0  # decoding steps share passes
     assert lossless["verifier_busy_ms_per_token"] > 0
     assert lossless["request_goodput"] > 0 and lossless["token_goodput"] > 0
+
+
+async def test_a_draft_book_drafts_what_the_real_edge_drafted(draft, verifier, tmp_path):  # noqa: F811
+    """The book's tree at each recorded round's position is the tree the real edge sent,
+    and a fleet drafting from it in the recorded fixed shape gets the real acceptance."""
+    recording = await record_pair(draft, verifier, GREEDY)
+    book = make_book(draft, recording, max_width=3, max_depth=5, max_nodes=12)
+    assert book.depth_for(1) == 5 and book.depth_for(3) == 4
+    compared = 0
+    for number, recorded in enumerate(recording.requests):
+        position = 0
+        for step in recorded.rounds:
+            sent = step.request.round.tree
+            booked = book.draft(number, position, DraftShape(GREEDY.width, GREEDY.depth)).tree
+            assert booked == TokenTree(tuple(sent.tokens), tuple(sent.parents))
+            assert expected_round(booked, book.requests[number].output, position) in (
+                (*step.result.accepted_nodes, step.result.bonus_token),
+                None,
+            )
+            position += step.tokens
+            compared += 1
+    assert compared > 2 * len(PROMPTS)
+    save_book(tmp_path / "book.json", book)
+    assert load_book(tmp_path / "book.json") == book and load_book(tmp_path / "none") is None
+    save_recordings(tmp_path / "rec.json", [recording])
+    with pytest.raises(ValueError, match="rec.json: not a draft book"):
+        load_book(tmp_path / "rec.json")
+
+    plan = FleetPlan(clients=1, requests=len(PROMPTS), shaping=Shaping.parse("2x4"))
+    result = await run_fleet(address(verifier), recording, plan, token=TOKEN, book=book)
+    assert all(r.success for r in result.records), [r.error for r in result.records]
+    assert result.mismatched_rounds == 0
+    replay_tau = sum(r.tau * r.rounds for r in result.records) / result.rounds
+    assert replay_tau == pytest.approx(recording.tau, rel=0.05)
+    assert [r.output_tokens for r in result.records] == [
+        q.output_tokens for q in recording.requests
+    ]
+
+    # The adaptive policies choose their own shapes from the book; verification agrees.
+    for shaping in ("load-aware", "latency", "1x5", "3x4"):
+        plan = FleetPlan(
+            clients=3, requests=6, link=LinkProfile(rtt_ms=3), shaping=Shaping.parse(shaping)
+        )
+        result = await run_fleet(address(verifier), recording, plan, token=TOKEN, book=book)
+        assert all(r.success for r in result.records), (shaping, [r.error for r in result.records])
+        assert result.mismatched_rounds == 0, shaping
+    with pytest.raises(ValueError, match="depth: the book holds 1..4 at width 3"):
+        await run_fleet(
+            address(verifier),
+            recording,
+            FleetPlan(clients=1, requests=1, shaping=Shaping.parse("3x5")),
+            book=book,
+        )
+    with pytest.raises(ValueError, match="book"):
+        await run_fleet(address(verifier), recording, plan, token=TOKEN)
+    sampled = await record_pair(draft, verifier, SAMPLED)
+    with pytest.raises(ValueError, match="greedy recording"):
+        make_book(draft, sampled)
+
+
+def test_shapings_parse_and_refuse_bad_names():
+    assert Shaping.parse("4x6") == Shaping("fixed", 4, 6)
+    assert Shaping.parse("load-aware").describe() == "load-aware"
+    for bad in ("wide", "4x", "0x3", "4x99"):
+        with pytest.raises(ValueError, match="shaping|width|depth"):
+            Shaping.parse(bad)
 
 
 async def test_failed_requests_become_records_and_the_fleet_goes_on(verifier):
