@@ -35,11 +35,12 @@ leaves the latency rate, with plain rounds, in charge there. An idle verifier co
 nothing extra, and the shape is the latency-optimal one above.
 
 Why the thresholds: on `benchmarks/load_aware.py` (demo pair, CPU verifier, 24-32
-clients at 20 ms), with the depth still chosen for latency, goodput was 0.72-0.74x the
-best fixed shape's (1x4) with the width kept up to a shared load of 0.8, 0.83-0.86x
-narrowing from 0.5 and 0.87-0.92x from 0.3; at 8 clients 1.2x 1x4's either way. A
-branch costs as many nodes as it is deep for tokens it adds only when the main path
-fails.
+clients at 20 ms, single runs), with the depth still chosen for latency, goodput was
+0.72-0.74x the best fixed shape's (1x4) with the width kept up to a shared load of 0.8,
+0.83-0.86x narrowing from 0.5 and 0.87-0.92x from 0.3; at 8 clients 1.2x 1x4's either
+way. A branch costs as many nodes as it is deep for tokens it adds only when the main path
+fails. With the depth by verifier cost as well: 0.96-0.98x at 16-24 clients and 0.86x at
+32 (20 ms), 1.05-1.25x at 80 ms (README, "Load-aware drafting against fixed shapes").
 
 Example: a = (0.9, 0.8, 0.7, 0.5), round trip 50 ms, 1 ms per level, no node cost:
 tau = 1.9, 2.62, 3.12, 3.38 for L = 1..4; tau/cost = .037, .050, .059, .062, so L = 4.
