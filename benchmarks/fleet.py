@@ -122,6 +122,7 @@ class VerifierProcess:
                 stderr=subprocess.STDOUT,
                 cwd=REPO_ROOT,
                 env=env,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -140,6 +141,15 @@ class VerifierProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the verifier's process before it starts: the kernel sends it SIGTERM when the
+    benchmark dies, so a benchmark killed by a signal (which skips `stop`) leaves no
+    verifier holding the cores (prctl PR_SET_PDEATHSIG, Linux)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def keys(args: argparse.Namespace) -> list[RecordingKey]:

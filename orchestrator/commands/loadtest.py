@@ -64,6 +64,9 @@ examples:
   edgecloud loadtest --emulate-edges 1,4,16 --target VERIFIER:50061 --token-file edge-tok \\
       --recording rec.json --record-with DRAFT_DIR --model target --rtt-ms 80 \\
       --verifier-metrics 127.0.0.1:9100 --slo tpot=50
+  edgecloud loadtest --emulate-edges 8,32 --target VERIFIER:50061 --token-file edge-tok \\
+      --recording rec.json --record-with DRAFT_DIR --model target --rtt-ms 20 \\
+      --shaping load-aware --book book.json     # or --shaping 1x4: compare shapes
 
 Metrics follow `vllm bench serve`: TTFT, TPOT = (e2el - ttft) / (tokens - 1), ITL (per
 token: a chunk of k tokens g ms after the previous one counts k of g/k), E2EL,
@@ -214,6 +217,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with this draft model on the prompts, against --target serving --model",
     )
     fleet.add_argument(
+        "--shaping",
+        metavar="POLICY",
+        help="lossless edges draft each round from a draft book (--book) in the shape this "
+        "policy picks instead of replaying the recorded rounds: load-aware (the edge's "
+        "policy), latency (the same, blind to the verifier's load) or a fixed WxD such as "
+        "4x6; greedy recordings only",
+    )
+    fleet.add_argument(
+        "--book",
+        type=Path,
+        metavar="FILE",
+        help="with --shaping: the draft book of --recording's generations (made and saved "
+        "here with --record-with's draft when absent; orchestrator/loadtest/draft_book.py)",
+    )
+    fleet.add_argument(
         "--rtt-ms",
         default="0",
         metavar="MS",
@@ -281,6 +299,8 @@ def run_loadtest(args: argparse.Namespace) -> int:
     fleet_only = {
         "recording": None,
         "record_with": None,
+        "shaping": None,
+        "book": None,
         "verifier_metrics": None,
         "rtt_ms": "0",
         "rtt_jitter_ms": "0",

@@ -32,7 +32,7 @@ RECORDED_PROMPTS = 16
 
 
 def run_fleet_loadtest(args: argparse.Namespace, started_at: str) -> int:
-    from orchestrator.loadtest.fleet import FleetPlan, LinkProfile
+    from orchestrator.loadtest.fleet import FleetPlan, LinkProfile, Shaping
     from orchestrator.loadtest.records import Slo
     from protocol.types import Mode
 
@@ -50,6 +50,12 @@ def run_fleet_loadtest(args: argparse.Namespace, started_at: str) -> int:
     if len(set(clients)) != len(clients):
         raise UsageError(f"--emulate-edges: each count once, got {args.emulate_edges}")
     requests, duration = run_bounds(args)
+    if args.book is not None and args.shaping is None:
+        raise UsageError("--book: only with --shaping")
+    try:
+        shaping = None if args.shaping is None else Shaping.parse(args.shaping)
+    except ValueError as exc:
+        raise UsageError(f"--shaping: {exc}") from None
     try:
         link = LinkProfile(
             rtt_ms=_float("--rtt-ms", args.rtt_ms),
@@ -67,6 +73,7 @@ def run_fleet_loadtest(args: argparse.Namespace, started_at: str) -> int:
                 link=link,
                 seed=0 if args.seed is None else _int("--seed", args.seed),
                 model=args.model,
+                shaping=shaping,
             )
             for n in clients
         ]
@@ -76,8 +83,16 @@ def run_fleet_loadtest(args: argparse.Namespace, started_at: str) -> int:
     check_outputs(args)
     token, tls = client_token(args), tls_options(args)
     recording = find_or_record(args, targets[0], token, tls, link.rtt_ms)
-    print(f"replaying {len(recording.requests)} recorded requests: {recording.key.describe()}")
-    points = asyncio.run(run_points(args, targets[0], token, tls, recording, plans, slo))
+    book = None
+    if shaping is not None and args.mode == Mode.LOSSLESS:
+        book = find_or_make_book(args, recording, shaping)
+        print(
+            f"drafting {shaping.describe()} from the draft book of "
+            f"{len(recording.requests)} recorded requests: {recording.key.describe()}"
+        )
+    else:
+        print(f"replaying {len(recording.requests)} recorded requests: {recording.key.describe()}")
+    points = asyncio.run(run_points(args, targets[0], token, tls, recording, plans, slo, book))
     if args.out:
         config = {
             "started_at": started_at,
@@ -85,6 +100,7 @@ def run_fleet_loadtest(args: argparse.Namespace, started_at: str) -> int:
             "recording": str(args.recording),
             "recording_key": dataclasses.asdict(recording.key),
             "recorded_tau": recording.tau,
+            "shaping": None if shaping is None else shaping.describe(),
             "slo": None if slo is None else slo.describe(),
         }
         write_fleet_results(args.out, config, points)
@@ -164,6 +180,51 @@ def find_or_record(args: argparse.Namespace, target: str, token, tls, rtt_ms: fl
     return recording
 
 
+def find_or_make_book(args: argparse.Namespace, recording, shaping):
+    """The draft book in --book when it was made from `recording`, else made now with
+    --record-with's draft and saved there; UsageError when `shaping` asks for a fixed
+    shape it does not hold."""
+    book = _book(args, recording)
+    if shaping.policy == "fixed":
+        from edge_node.drafters import DraftShape
+
+        try:
+            book.draft(0, 0, DraftShape(shaping.width, shaping.depth))
+        except ValueError as exc:
+            raise UsageError(f"--shaping: {exc}") from None
+    return book
+
+
+def _book(args: argparse.Namespace, recording):
+    from lm.checkpoint import load_model
+    from orchestrator.loadtest.draft_book import load_book, make_book, save_book
+
+    if args.book is None:
+        raise UsageError("--shaping: needs --book FILE (the draft book to draft from)")
+    try:
+        book = load_book(args.book)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--book: {exc}") from None
+    if book is not None and book.fits(recording):
+        return book
+    if args.record_with is None:
+        have = "nothing" if book is None else "a book of other generations"
+        raise UsageError(
+            f"--book: {args.book} holds {have}; add --record-with DRAFT_DIR to make one"
+        )
+    if not args.record_with.exists():
+        raise UsageError(f"--record-with: {args.record_with} does not exist")
+    try:
+        book = make_book(
+            load_model(args.record_with, device="cpu"), recording, source=str(args.record_with)
+        )
+    except ValueError as exc:
+        raise UsageError(f"--shaping: {exc}") from None
+    save_book(args.book, book)
+    print(f"booked the draft's trees into {args.book}", file=sys.stderr)
+    return book
+
+
 async def record_with(args: argparse.Namespace, target: str, token, tls, key):
     from lm.checkpoint import load_model
     from lm.tokenizer import Tokenizer
@@ -191,7 +252,7 @@ async def record_with(args: argparse.Namespace, target: str, token, tls, key):
     )
 
 
-async def run_points(args, target, token, tls, recording, plans, slo):
+async def run_points(args, target, token, tls, recording, plans, slo, book=None):
     """Runs each plan in turn, printing each one's summary as it ends, the sweep after."""
     from orchestrator.loadtest.fleet import fleet_lines, http_metrics, measure_fleet
     from orchestrator.loadtest.report import Progress, summary_table
@@ -211,6 +272,7 @@ async def run_points(args, target, token, tls, recording, plans, slo):
                 token=token,
                 tls=tls,
                 on_record=bar,
+                book=book,
             )
         finally:
             bar.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 from prometheus_client import generate_latest
@@ -13,6 +14,7 @@ from prometheus_client import generate_latest
 from cloud_node.config import VerifierConfig
 from cloud_node.server import start_verifier
 from edge_node.drafters import DraftShape
+from lm.checkpoint import save_model
 from lm.tree import TokenTree
 from orchestrator.cli import main
 from orchestrator.loadtest.draft_book import expected_round, load_book, make_book, save_book
@@ -282,6 +284,44 @@ async def test_cli_emulate_edges_end_to_end(draft, verifier, tmp_path, capsys): 
     assert {r["client"] for r in run["records"]} == {0, 1}
 
 
+async def test_cli_shaped_fleet_books_the_draft_once_then_reuses_it(
+    draft,  # noqa: F811
+    verifier,
+    tmp_path,
+    capsys,
+):
+    rec, book, out = tmp_path / "rec.json", tmp_path / "book.json", tmp_path / "fleet.json"
+    save_recordings(rec, [await record_pair(draft, verifier, GREEDY)])
+    save_model(draft, tmp_path / "draft")
+    argv = [
+        "loadtest",
+        "--emulate-edges=2",
+        f"--target={address(verifier)}",
+        f"--token={TOKEN}",
+        f"--recording={rec}",
+        "--max-tokens=24",
+        "--requests=4",
+        "--rtt-ms=3",
+        f"--book={book}",
+        f"--out={out}",
+        "--no-progress",
+    ]
+    made = [*argv, "--shaping=load-aware", f"--record-with={tmp_path / 'draft'}"]
+    assert await asyncio.to_thread(main, made) == 0
+    printed = capsys.readouterr().out
+    assert "drafting load-aware from the draft book of 4 recorded requests" in printed
+    assert re.search(r"Replayed rounds unlike the recording:\s+0 of [1-9]", printed)
+    assert load_book(book).fits(load_recordings(rec)[0])
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["summary"]["completed"] == 4 and run["fleet"]["shaping"] == "load-aware"
+    # The book is reused: no draft needed now. A shape it does not hold is refused.
+    assert await asyncio.to_thread(main, [*argv, "--shaping=2x3"]) == 0
+    assert "drafting 2x3" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, [*argv, "--shaping=8x9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--shaping: depth: the book holds" in err, err
+
+
 @pytest.mark.parametrize(
     "flags, needle",
     [
@@ -292,6 +332,10 @@ async def test_cli_emulate_edges_end_to_end(draft, verifier, tmp_path, capsys): 
         (["--emulate-edges", "2", "--recording", "r.json", "--loss", "1"], "--loss"),
         (["--emulate-edges", "2", "--recording", "/nonexistent/r.json"], "--recording"),
         (["--rtt-ms", "20"], "--rtt-ms"),
+        (["--emulate-edges", "2", "--recording", "r.json", "--shaping", "wide"], "--shaping"),
+        (["--emulate-edges", "2", "--recording", "r.json", "--shaping", "0x3"], "--shaping"),
+        (["--emulate-edges", "2", "--recording", "r.json", "--book", "b.json"], "--book"),
+        (["--shaping", "4x6"], "--shaping"),
     ],
 )
 def test_bad_fleet_flags_are_one_line_naming_the_flag(flags, needle, capsys):
