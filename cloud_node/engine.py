@@ -5,10 +5,11 @@ One asyncio task owns the model. Its loop is `schedule -> execute -> update`:
 - schedule: when both wait, prefill passes and round batches take turns, so sessions
   that open delay the running ones by at most one pass of `prefill_chunk` tokens per
   round. A prefill pass holds the next chunks of as many opening sessions as fit in
-  `prefill_chunk` tokens (one chunk at least), so a burst of opens waits a few passes,
-  not one round batch each. A batch holds up to `max_batch` rounds from distinct
-  sessions; its first round waits at most `batch_window_ms` for rounds of other live
-  sessions, and not at all when every live session already has one queued.
+  `prefill_chunk` positions padded (rows x the longest chunk; one chunk at least), so a
+  burst of opens waits a few passes, not one round batch each. A batch holds up to
+  `max_batch` rounds from distinct sessions; its first round waits at most
+  `batch_window_ms` for rounds of other live sessions, and not at all when every live
+  session already has one queued.
 - execute: one forward pass in a worker thread (the event loop keeps serving I/O):
   per session its pending tokens (the last bonus token, plus tokens the edge added)
   followed by its draft tree, padded into one batch with per-row masks and positions.
@@ -347,19 +348,32 @@ class VerifierEngine:
                     await self._run(batch, self._execute)
 
     def _prefill_batch(self) -> list[_PrefillWork]:
-        """The waiting prefill chunks, in order, that fit in one pass of `prefill_chunk`
-        tokens (the first always); chunks of closed sessions are failed and skipped."""
+        """The waiting prefill chunks, in order, that share one pass (`_shares_pass`; the
+        first always goes); chunks of closed sessions are failed and skipped."""
         chunks: list[_PrefillWork] = []
-        tokens = 0
         while self._prefills:
             work = self._prefills[0]
-            if chunks and tokens + len(work.tokens) > self.config.prefill_chunk:
+            if chunks and not self._shares_pass([*chunks, work]):
                 break
             self._prefills.popleft()
             if not self._fail_if_closed(work):
                 chunks.append(work)
-                tokens += len(work.tokens)
         return chunks
+
+    def _shares_pass(self, chunks: list[_PrefillWork]) -> bool:
+        """Whether `chunks`, each row padded to the longest, fit one prefill pass: at most
+        `prefill_chunk` positions computed (rows x longest, so running sessions wait one
+        chunk's pass at most), inside every row's cache, and no row padded by more than
+        the window layers' slack (padding is written into the ring before it is dropped;
+        more would push out entries still inside the window)."""
+        longest = max(len(work.tokens) for work in chunks)
+        shortest = min(len(work.tokens) for work in chunks)
+        furthest = max(self.cache.lengths[work.session.row] for work in chunks)
+        return (
+            len(chunks) * longest <= self.config.prefill_chunk
+            and furthest + longest <= self.cache.max_len
+            and longest - shortest <= window_slack(self.config)
+        )
 
     async def _schedule(self) -> list[_RoundWork]:
         """Waits up to the batch window for rounds of other live sessions."""

@@ -29,9 +29,10 @@ saturated shared verifier thus shrinks trees. Branches are the first nodes to go
 a shared load of `narrow_load` the width is 1. From `plain_above` the verifier's time is
 what the clients run short of, so the depth is the one with the most expected tokens per
 millisecond of verifier time, tau(L) / (per_round + per_position * (1 + width * L)), from
-the pass cost each reply carries (cloud_node/load.py); a plain round (no draft, depth 0:
-the pending token alone) competes too. A verifier that does not report its pass cost
-leaves the latency rate, with plain rounds, in charge there. An idle verifier costs
+the pass cost each reply carries (cloud_node/load.py), but no deeper than the latency
+rate asks and at least 1 (a plain round would stop measuring the acceptance). A verifier
+that does not report its pass cost leaves the latency rate in charge there, with a plain
+round (no draft, depth 0: the pending token alone) competing too. An idle verifier costs
 nothing extra, and the shape is the latency-optimal one above.
 
 Why the thresholds: on `benchmarks/load_aware.py` (demo pair, CPU verifier, 24-32
@@ -167,15 +168,8 @@ class ShapePolicy:
         if view.shared_load >= self.narrow_load:
             width = 1
         busy = view.shared_load >= self.plain_above
-        if busy and view.pass_ms_per_round + view.pass_ms_per_position > 0:
-            depth = cheapest_depth(
-                self.acceptance,
-                view.pass_ms_per_round,
-                view.pass_ms_per_position,
-                self.max_depth,
-                width=width,
-            )
-        elif self.round_trip_ms is not None:
+        costed = view.pass_ms_per_round + view.pass_ms_per_position > 0
+        if self.round_trip_ms is not None:
             depth = best_depth(
                 self.acceptance,
                 self.round_trip_ms,
@@ -183,8 +177,19 @@ class ShapePolicy:
                 self.max_depth,
                 node_ms=view.shared_load * view.ms_per_node,
                 width=width,
-                min_depth=0 if busy else 1,
+                min_depth=0 if busy and not costed else 1,
             )
+        if busy and costed:
+            # Never deeper than the latency rate asks (load only shrinks drafts), never a
+            # plain round: it would stop measuring the acceptance this choice rests on.
+            cheapest = cheapest_depth(
+                self.acceptance,
+                view.pass_ms_per_round,
+                view.pass_ms_per_position,
+                self.max_depth,
+                width=width,
+            )
+            depth = max(1, min(cheapest, depth))
         if depth == 0:
             return None
         return DraftShape(width, max(1, min(depth, self.max_nodes // width)))

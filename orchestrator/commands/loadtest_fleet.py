@@ -52,6 +52,10 @@ def run_fleet_loadtest(args: argparse.Namespace, started_at: str) -> int:
     requests, duration = run_bounds(args)
     if args.book is not None and args.shaping is None:
         raise UsageError("--book: only with --shaping")
+    if args.shaping is not None and args.mode != Mode.LOSSLESS:
+        raise UsageError(f"--shaping: lossless edges only (they draft), got --mode {args.mode}")
+    if args.book is not None and not args.book.parent.is_dir():
+        raise UsageError(f"--book: directory {args.book.parent} does not exist")
     try:
         shaping = None if args.shaping is None else Shaping.parse(args.shaping)
     except ValueError as exc:
@@ -84,7 +88,7 @@ def run_fleet_loadtest(args: argparse.Namespace, started_at: str) -> int:
     token, tls = client_token(args), tls_options(args)
     recording = find_or_record(args, targets[0], token, tls, link.rtt_ms)
     book = None
-    if shaping is not None and args.mode == Mode.LOSSLESS:
+    if shaping is not None:
         book = find_or_make_book(args, recording, shaping)
         print(
             f"drafting {shaping.describe()} from the draft book of "
@@ -189,7 +193,7 @@ def find_or_make_book(args: argparse.Namespace, recording, shaping):
         from edge_node.drafters import DraftShape
 
         try:
-            book.draft(0, 0, DraftShape(shaping.width, shaping.depth))
+            book.check(DraftShape(shaping.width, shaping.depth))
         except ValueError as exc:
             raise UsageError(f"--shaping: {exc}") from None
     return book
@@ -215,9 +219,11 @@ def _book(args: argparse.Namespace, recording):
     if not args.record_with.exists():
         raise UsageError(f"--record-with: {args.record_with} does not exist")
     try:
-        book = make_book(
-            load_model(args.record_with, device="cpu"), recording, source=str(args.record_with)
-        )
+        draft = load_model(args.record_with, device="cpu")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--record-with: {exc}") from None
+    try:
+        book = make_book(draft, recording, source=str(args.record_with))
     except ValueError as exc:
         raise UsageError(f"--shaping: {exc}") from None
     save_book(args.book, book)

@@ -18,7 +18,8 @@ the trees.
 
 A book file is JSON: {"format": FORMAT, "source", "max_width", "max_depth", "max_nodes",
 "level_ms": {width: ms}, "requests": [{"prompt_index", "output", "output_tokens",
-"positions": [[{"tokens", "parents", "levels", "greedy"} per width] per position]}]}
+"positions": [[[tokens, parents, levels, greedy] per width] per position]}]}, each
+growth's four lists as `BeamGrowth` names them.
 """
 
 from __future__ import annotations
@@ -62,9 +63,8 @@ class DraftBook:
         """The deepest level booked at `width`."""
         return min(self.max_depth, self.max_nodes // width)
 
-    def draft(self, request: int, position: int, shape: DraftShape) -> Draft:
-        """What the SLM drafts in `shape` after request `request`'s prompt and the first
-        `position` tokens of its output."""
+    def check(self, shape: DraftShape) -> None:
+        """ValueError, naming the field and what the book holds, unless it holds `shape`."""
         if not 1 <= shape.width <= self.max_width:
             raise ValueError(f"width: the book holds 1..{self.max_width}, got {shape.width}")
         if shape.depth > self.depth_for(shape.width):
@@ -72,6 +72,11 @@ class DraftBook:
                 f"depth: the book holds 1..{self.depth_for(shape.width)} at width "
                 f"{shape.width}, got {shape.depth}"
             )
+
+    def draft(self, request: int, position: int, shape: DraftShape) -> Draft:
+        """What the SLM drafts in `shape` after request `request`'s prompt and the first
+        `position` tokens of its output."""
+        self.check(shape)
         return self.requests[request].positions[position][shape.width - 1].draft(shape.depth)
 
     def fits(self, recording: Recording) -> bool:
@@ -217,6 +222,13 @@ def load_book(path: Path) -> DraftBook | None:
     document = read_document(path, FORMAT, "a draft book")
     if document is None:
         return None
+    try:
+        return _book_from_json(document)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{Path(path).name}: not a draft book ({exc!r})") from None
+
+
+def _book_from_json(document: dict) -> DraftBook:
     return DraftBook(
         requests=tuple(
             BookedRequest(

@@ -409,7 +409,7 @@ async def run_fleet(
         if book is None or not book.fits(recording):
             raise ValueError("book: a shaped fleet drafts from a draft book of its recording")
         if plan.shaping.policy == "fixed":
-            book.draft(0, 0, DraftShape(plan.shaping.width, plan.shaping.depth))  # in the book
+            book.check(DraftShape(plan.shaping.width, plan.shaping.depth))
     channels = [open_aio_channel(target, tls=tls) for _ in range(plan.clients)]
     try:
         await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 30) for c in channels))

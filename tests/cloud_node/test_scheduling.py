@@ -18,7 +18,7 @@ import torch
 
 import edgecloud
 from cloud_node.config import VerifierConfig
-from cloud_node.engine import VerifierEngine
+from cloud_node.engine import VerifierEngine, _PrefillWork
 from cloud_node.scheduling import Pace, Slack
 from cloud_node.validation import OpenRequest, RoundRequest
 from lm.sampling import SamplingParams
@@ -185,7 +185,7 @@ async def test_short_prefills_of_several_opening_sessions_share_a_pass(target, g
     Each session's cache then holds what a prefill of its own would: a round drafting
     the model's own greedy continuation is accepted whole, with the greedy bonus."""
     engine = VerifierEngine(
-        target, VerifierConfig(MODEL_NAME, batch_window_ms=0.0, prefill_chunk=32)
+        target, VerifierConfig(MODEL_NAME, batch_window_ms=0.0, prefill_chunk=64)
     )
     engine.start()
     try:
@@ -205,13 +205,41 @@ async def test_short_prefills_of_several_opening_sessions_share_a_pass(target, g
         gate.release()
         sessions = await asyncio.gather(*opening)
         await held
-        assert prefills._value.get() - before == 2  # 8 + 12 + 4 tokens, then 19
+        # 3 rows padded to 12 (36 positions), then 19: 4 rows of 19 would be 76 > 64.
+        assert prefills._value.get() - before == 2
         for session, context in zip(sessions, contexts, strict=True):
             greedy = greedy_continuation(target, context, 7)
             tree = TokenTree.chain(greedy[:6])
             outcome = await engine.verify(session, RoundRequest((), tree, {}, round_id=0))
             assert outcome.acceptance.tokens == tuple(greedy[:6])
             assert outcome.acceptance.bonus == greedy[6]
+    finally:
+        await engine.stop()
+
+
+async def test_prefill_chunks_share_a_pass_only_within_its_budget_cache_and_slack():
+    """Padded to the longest, shared chunks compute at most prefill_chunk positions, stay
+    inside every row's cache, and pad no row by more than the ring's slack (256)."""
+    engine = VerifierEngine(
+        tiny_model(seed=0, max_seq_len=2048),
+        VerifierConfig(MODEL_NAME, prefill_chunk=1024, max_context=1400),
+    )
+    engine.start()
+    try:
+        near_end = await open_session(engine, "near-end", Schedule(), context=[5] * 1200)
+        fresh = await open_session(engine, "fresh", Schedule())
+
+        def chunk(session, n: int) -> _PrefillWork:
+            return _PrefillWork(session, [7] * n)
+
+        assert engine._shares_pass([chunk(fresh, 200), chunk(near_end, 100)])
+        assert not engine._shares_pass([chunk(fresh, 600), chunk(near_end, 500)])  # 1200 > 1024
+        assert not engine._shares_pass([chunk(fresh, 300), chunk(near_end, 1)])  # pads 299
+        assert engine._shares_pass([chunk(fresh, 257), chunk(near_end, 1)])  # pads 256
+        # 1199 committed + 340 would pass the cache's end (1400 + the round room, 1530)
+        assert engine.cache.lengths[near_end.row] + 340 > engine.cache.max_len
+        assert not engine._shares_pass([chunk(near_end, 340), chunk(fresh, 330)])
+        assert engine._shares_pass([chunk(near_end, 300), chunk(fresh, 290)])
     finally:
         await engine.stop()
 

@@ -169,6 +169,18 @@ def test_a_busy_verifier_gets_the_depth_with_the_most_tokens_per_verifier_ms():
     cheapest = cheapest_depth(busy.acceptance, 1.6, 0.33, 12)
     assert busy.shape() == DraftShape(1, cheapest) and 3 <= cheapest <= 7
     assert run(1.0, (0.0, 0.0)).shape().depth >= 10  # not reported
+    # Never deeper than the latency rate asks: a GPU-like cost wants depth 12, a 2 ms
+    # link much less. Never a plain round: a fit with no per-round cost asks for one.
+    short = ShapePolicy(DraftShape(1, 4), max_depth=12)
+    loaded(short, 80, 1.0, 0.01, accept=0.85, round_trip_ms=2.0, pass_cost=(8.0, 0.01))
+    node_ms = short.verifier.shared_load * short.verifier.ms_per_node
+    latency = best_depth(
+        short.acceptance, short.round_trip_ms, short.draft_ms_per_level, 12, node_ms=node_ms
+    )
+    assert short.shape().depth == latency < 12 == cheapest_depth(short.acceptance, 8.0, 0.01, 12)
+    free_rounds = run(1.0, (0.0, 0.33))
+    assert cheapest_depth(free_rounds.acceptance, 0.0, 0.33, 12) == 0
+    assert free_rounds.shape() == DraftShape(1, 1)
     assert run(0.0, (1.6, 0.33)).shape() == run(0.0, (0.0, 0.0)).shape()  # idle
 
 

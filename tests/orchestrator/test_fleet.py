@@ -336,6 +336,16 @@ async def test_cli_shaped_fleet_books_the_draft_once_then_reuses_it(
         (["--emulate-edges", "2", "--recording", "r.json", "--shaping", "0x3"], "--shaping"),
         (["--emulate-edges", "2", "--recording", "r.json", "--book", "b.json"], "--book"),
         (["--shaping", "4x6"], "--shaping"),
+        (
+            ["--emulate-edges", "2", "--recording", "r.json", "--shaping", "2x3", "--mode"]
+            + ["cloud_only"],
+            "--shaping",
+        ),
+        (
+            ["--emulate-edges", "2", "--recording", "r.json", "--shaping", "2x3", "--book"]
+            + ["/nonexistent/dir/b.json"],
+            "--book",
+        ),
     ],
 )
 def test_bad_fleet_flags_are_one_line_naming_the_flag(flags, needle, capsys):
