@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 import edgecloud
 from cloud_node.config import VerifierConfig
@@ -25,6 +24,7 @@ from lm.sampling import SamplingParams
 from lm.tree import TokenTree
 from protocol.types import Schedule
 from tests.cloud_node.test_lifecycle import PassGate
+from tests.cloud_node.test_verify_greedy import greedy_reference
 from tests.tiny import MODEL_NAME, tiny_model
 
 
@@ -171,15 +171,6 @@ async def test_long_prefills_hold_a_waiting_round_one_chunk_at_most(target, gate
         await engine.stop()
 
 
-def greedy_continuation(model, context: list[int], n: int) -> list[int]:
-    """The model's own next `n` greedy tokens after `context`, by full forward passes."""
-    tokens = list(context)
-    with torch.no_grad():
-        for _ in range(n):
-            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
-    return tokens[len(context) :]
-
-
 async def test_short_prefills_of_several_opening_sessions_share_a_pass(target, gate):
     """Chunks that fit in `prefill_chunk` together go in one pass, each in its own row.
     Each session's cache then holds what a prefill of its own would: a round drafting
@@ -208,7 +199,7 @@ async def test_short_prefills_of_several_opening_sessions_share_a_pass(target, g
         # 3 rows padded to 12 (36 positions), then 19: 4 rows of 19 would be 76 > 64.
         assert prefills._value.get() - before == 2
         for session, context in zip(sessions, contexts, strict=True):
-            greedy = greedy_continuation(target, context, 7)
+            greedy = greedy_reference(target, context, 7)
             tree = TokenTree.chain(greedy[:6])
             outcome = await engine.verify(session, RoundRequest((), tree, {}, round_id=0))
             assert outcome.acceptance.tokens == tuple(greedy[:6])
