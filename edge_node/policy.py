@@ -147,8 +147,8 @@ class ShapePolicy:
     width: int = 0
     # Shared with the edge's other generations (VerifierView).
     verifier: VerifierView = field(default_factory=VerifierView)
-    # Shared loads from which the depth follows the verifier's cost (plain rounds
-    # included) and the width is 1 (module docstring).
+    # Shared loads from which the depth follows the verifier's cost (or, when it reports
+    # none, plain rounds compete) and the width is 1 (module docstring).
     plain_above: float = 0.5
     narrow_load: float = 0.3
 
