@@ -379,13 +379,15 @@ class KVCache(nn.Module):
         in_ring, layer = self._where[layer]
         if in_ring:
             return self._update_ring(layer, step, new_entries)
-        index = (step.rows[:, None], slice(None), step.write_positions)
         out = []
-        for buf, new in zip((t[layer] for t in self.tensors), new_entries, strict=True):
+        buffers = self._buffers  # once per layer per pass: no nn.Module attribute lookups
+        for name, new in zip(self.names, new_entries, strict=True):
+            buf = buffers[name][layer]
             if step.write_slice is not None:
                 buf[step.row_slice, :, step.write_slice] = new
-            else:
-                buf[index] = new.transpose(1, 2)  # indexed view: (batch, time, h, d)
+            else:  # an indexed view: (batch, time, heads, width)
+                index = (step.rows[:, None], slice(None), step.write_positions)
+                buf[index] = new.transpose(1, 2)
             if step.row_slice is not None:
                 out.append(buf[step.row_slice, :, : step.kv_len])
             else:

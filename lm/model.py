@@ -197,6 +197,8 @@ class Transformer(nn.Module):
         mask: Mask
         if step is None:
             mask = None if tree is None else tree[:, None]
+        elif self._sees_whole_rows(step, tree, cache_mask):
+            mask = None  # one query per row, after all of its row: attend needs no mask
         elif flex:
             if tree is None:
                 tree = causal_mask(*positions.shape, positions.device)
@@ -225,6 +227,23 @@ class Transformer(nn.Module):
         theta = config.rope_local_theta or config.rope_theta
         views[True] = (*rope_cos_sin(positions, config.head_dim, theta, dtype), local_mask)
         return views
+
+    def _sees_whole_rows(
+        self, step: CacheStep, tree: torch.Tensor | None, cache_mask: torch.Tensor | None
+    ) -> bool:
+        """Whether each of a cached pass's queries sees every key its row's cache slice
+        holds: one new token per row, rows that share their committed length (so kv_len
+        is each row's own length), no tree, and attention that reads `attend`'s None as
+        that (not latent attention's, per-query or sliding-window layers)."""
+        return (
+            step.write_slice is not None
+            and step.write_positions.shape[1] == 1
+            and tree is None
+            and cache_mask is None
+            and not self.config.mla
+            and not self.config.sliding_layers
+            and not self.batch_invariant
+        )
 
     def _prepare(
         self, cache: KVCache, rows: Sequence[int] | None, batch: int, time: int
@@ -491,7 +510,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torch's fused kernel: the same bits as x32 * rsqrt(mean(x32^2) + eps) (checked in
-        # float32 and bfloat16), in one call instead of five.
+        # float32 and bfloat16), in one call instead of five; in float32 with the weight
+        # multiply too (the same bits as multiplying after: nothing is cast between).
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -567,7 +589,8 @@ def attend(
 ) -> torch.Tensor:
     """Scaled dot-product attention of q (batch, heads, time, d) over k (batch, kv_heads,
     keys, d) and v (batch, kv_heads, keys, d_v), kv_heads dividing heads; out (batch,
-    heads, time, d_v). mask: (batch, 1, time, keys) bool, None for causal, or a
+    heads, time, d_v). mask: (batch, 1, time, keys) bool; None for causal, which with one
+    query (a decode step after its whole row) is every key; or a
     FlexAttention block mask (`lm.flex`).
     per_query: `per_query_attention` (Transformer.batch_invariant) instead of one call.
 
@@ -583,8 +606,9 @@ def attend(
         k, v = repeat_kv(k, repeat), repeat_kv(v, repeat)
     if per_query:
         return per_query_attention(q, k, v, mask, enable_gqa=gqa, scale=scale)
+    causal = mask is None and q.shape[2] > 1  # one query after its row's keys sees them all
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     )
 
 
@@ -663,7 +687,8 @@ def repeat_kv(x: torch.Tensor, repeat: int) -> torch.Tensor:
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: (batch, 1, time, head_dim) for positions (batch, time).
+    """cos, sin: (batch, 1, time, head_dim) for positions (batch, time), sin with its first
+    half negated (what `apply_rope` multiplies).
 
     Frequency i (of head_dim / 2) is theta ** (-2i / head_dim); both halves of a head
     share it (HF layout). Computed in float32 on the fly, so any position works,
@@ -672,14 +697,16 @@ def rope_cos_sin(
     half = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = 1.0 / theta ** (half / head_dim)
     angles = positions[:, None, :, None].float() * inv_freq  # (batch, 1, time, head_dim / 2)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    sin = angles.sin()
+    cos = torch.cat((angles, angles), dim=-1).cos()
+    return cos.to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (x_i, x_{i + head_dim/2}) pairs: x * cos + rotate_half(x) * sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate (x_i, x_{i + head_dim/2}) pairs: x * cos + rotate_half(x) * sin (HF's), with
+    `rope_cos_sin`'s sin negated in its first half so that rotate_half is a roll: the
+    same bits (negating is exact) in four calls instead of six."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 def cached_attention_mask(step: CacheStep, mask: torch.Tensor | None) -> torch.Tensor:
