@@ -147,6 +147,11 @@ def main() -> None:
     )
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--calibration-tokens", type=int, default=16384)
+    parser.add_argument(
+        "--min-top1",
+        type=float,
+        help="SwiGLU: the accuracy calibrate's per-layer sparsity keeps (default: its 0.98)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     parser.add_argument("--quick", action="store_true", help="2 prompts, 8 new tokens")
     parser.add_argument(
@@ -208,13 +213,20 @@ def main() -> None:
 def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
     work = args.work / model_dir.name
     packs = {"float16": work / "pack_f16", "int8": work / "pack_int8", "int4": work / "pack_int4"}
+    # Only the packs the methods read: calibrating one takes minutes on a real model.
+    needed = {"float16"} | {PACK_OF[m] for m in args.methods if m in PACK_OF}
+    packs = {name: pack for name, pack in packs.items() if name in needed}
     tokenizer = Tokenizer.from_dir(model_dir)
     dim = read_hf_config(model_dir / "config.json").dim
     quant = {"int8": default_quant(8, dim), "int4": default_quant(4, dim)}
+    shares = None  # SwiGLU: the float16 pack's per-layer sparsity, reused by the others
     for name, pack in packs.items():
         if not (pack / "predictor.json").exists() or not is_current(pack):
             pack_model(model_dir, pack, quant=quant.get(name), dtype=torch.float16)
-            calibrate_pack(pack, tokenizer, args.calibration_tokens)
+            shares = calibrate_pack(pack, tokenizer, args.calibration_tokens, args.min_top1, shares)
+        elif shares is None:
+            meta = json.loads((pack / "predictor.json").read_text())
+            shares = meta["report"].get("sparsity")
     unbundled = work / "ffn_unbundled.bin"
     if not unbundled.exists():
         write_unbundled(load_model(model_dir, device="cpu", dtype=torch.float16), unbundled)
@@ -257,7 +269,7 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
     # The tight stores are cut from what each pack's own resident part leaves (int8 packs
     # keep int8 predictors: a smaller resident part than the float16 one).
     dtype = getattr(torch, args.dtype)
-    for method in TIGHT:
+    for method in (m for m in TIGHT if m in args.methods):
         shrink = pack_ffn[PACK_OF[method]] / pack_ffn["float16"]
         own = pack_resident(packs[PACK_OF[method]], dtype)
         spec["budgets"][method] = own + int(store_budget * shrink)
@@ -450,7 +462,7 @@ class SparsityRecorder:
     def __init__(self, model: Transformer, spec: dict) -> None:
         pack = spec["packs"]["float16"]
         loaded = load_predictors(pack, read_manifest(pack), torch.device("cpu"), torch.float32)
-        thresholds = loaded.meta.get("gate_thresholds") or [0.0] * len(model.layers)
+        thresholds = loaded.meta.get("thresholds") or [0.0] * len(model.layers)
         self.active = False
         self.true: list[list[torch.Tensor]] = [[] for _ in model.layers]
         self.predicted: list[list[torch.Tensor]] = [[] for _ in model.layers]
@@ -463,7 +475,8 @@ class SparsityRecorder:
         def capture(module, args):
             if self.active:
                 x = args[0].reshape(-1, args[0].shape[-1])
-                self.true[layer].append(active_mask(module.gate(x), activation, threshold))
+                gate, up = module.gate_and_up(x)
+                self.true[layer].append(active_mask(gate, up, activation, threshold))
                 self.predicted[layer].append(predictor.predict(x))
 
         return capture
@@ -603,15 +616,39 @@ def is_current(pack: Path) -> bool:
     return True
 
 
-def calibrate_pack(pack: Path, tokenizer: Tokenizer, tokens: int) -> None:
+def calibrate_pack(
+    pack: Path,
+    tokenizer: Tokenizer,
+    tokens: int,
+    min_top1: float | None,
+    shares: list[float] | None,
+) -> list[float] | None:
+    """Calibrates `pack`: at `shares` (per-layer sparsity) when given, else at the shares
+    that keep `min_top1`; returns the shares (None for ReLU)."""
     from edge_node.flash.calibrate import calibrate
 
     split = corpus.discover()
     train = text_windows(tokenizer, split.paths("train"), tokens, 256)
     heldout = text_windows(tokenizer, split.paths("heldout"), max(1024, tokens // 4), 256)
-    report = calibrate(pack, train, heldout, PredictorTraining(steps=300), progress=lambda s: None)
+    report = calibrate(
+        pack,
+        train,
+        heldout,
+        PredictorTraining(steps=300),
+        sparsity=shares,
+        min_top1=min_top1
+        if shares is None and read_manifest(pack).config.activation == "silu"
+        else None,
+        progress=lambda s: None,
+    )
     recall = [layer["recall"] for layer in report["layers"]]
     print(f"calibrated {pack}: held-out recall {recall}", flush=True)
+    for name in ("threshold_cost", "predicted_cost"):
+        if name in report:
+            print(f"  {name}: {report[name]}", flush=True)
+    if "sparsity" in report:
+        print(f"  sparsity per layer {report['sparsity']}", flush=True)
+    return report.get("sparsity")
 
 
 def heldout_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:

@@ -493,11 +493,15 @@ class FeedForward(nn.Module):
         self.gate_up: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is None:
-            gate, up = self.gate(x), self.up(x)
-        else:
-            gate, up = self.gate_up(x).chunk(2, -1)
+        gate, up = self.gate_and_up(x)
         return self.down(self.act(gate) * up)
+
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., dim) -> gate(x), up(x), each (..., hidden), before the activation."""
+        if self.gate_up is None:
+            return self.gate(x), self.up(x)
+        gate, up = self.gate_up(x).chunk(2, -1)
+        return gate, up
 
 
 class RMSNorm(nn.Module):

@@ -5,8 +5,11 @@ calibration text; each layer's FFN inputs and true active neurons train that lay
 low-rank predictor (lm.training.predictors). Held-out text then gives each layer's recall and
 false-positive rate, and what the predicted sparsity costs the model: top-1 agreement
 with the dense model and both perplexities, teacher-forced. SwiGLU models first get
-per-layer magnitude thresholds on the gate (`gate_sparsity`), and the report adds the
-cost of that thresholding alone (the oracle mask).
+per-layer magnitude thresholds on each neuron's coefficient |silu(gate(x)) * up(x)|
+(`lm.sparsity`): by default at the shares that keep teacher-forced top-1 agreement on
+the training text at `min_top1`, chosen per layer (`allocate_sparsity`), or at one
+`sparsity` for every layer; the report adds the cost of that thresholding alone (the
+oracle mask).
 """
 
 from __future__ import annotations
@@ -28,15 +31,20 @@ from lm.training import corpus
 from lm.training.predictors import (
     PredictorTraining,
     accuracy_cost,
+    activity_thresholds,
+    allocate_sparsity,
     fit_predictor,
-    gate_thresholds,
     rates,
     record_ffn,
 )
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GATE_SPARSITY = 0.5  # SwiGLU: share of |silu(gate)| values treated as zero
+# SwiGLU: the teacher-forced top-1 agreement with the dense model that the thresholds keep
+# (oracle masks, on the training text), unless one sparsity is given.
+DEFAULT_MIN_TOP1 = 0.98
+# Training tokens `allocate_sparsity` measures on (it makes about 10 passes per layer).
+ALLOCATION_TOKENS = 1024
 
 
 def text_windows(
@@ -72,24 +80,38 @@ def calibrate(
     heldout_windows: torch.Tensor,
     training: PredictorTraining,
     *,
-    gate_sparsity: float | None = None,
+    sparsity: float | Sequence[float] | None = None,
+    min_top1: float | None = None,
     progress: Callable[[str], None] = logger.info,
 ) -> dict[str, Any]:
     """Trains and saves the pack's predictors; returns the held-out report.
 
     train_windows, heldout_windows: (n, time) token ids.
-    gate_sparsity: SwiGLU only (default 0.5): share of gate activations treated as zero.
+    SwiGLU only, at most one of: sparsity, the share of coefficients treated as zero,
+    one for every layer or one per layer (a report's "sparsity", to calibrate another
+    pack of the same model without searching again); min_top1 (default
+    DEFAULT_MIN_TOP1), the accuracy the per-layer shares keep.
     """
     manifest = read_manifest(pack_dir)
     activation = manifest.config.activation
-    if activation == "relu" and gate_sparsity is not None:
-        raise ValueError("gate_sparsity: only for SwiGLU (silu) models; ReLU is sparse as is")
+    if activation == "relu" and (sparsity is not None or min_top1 is not None):
+        field = "sparsity" if sparsity is not None else "min_top1"
+        raise ValueError(f"{field}: only for SwiGLU (silu) models; ReLU is sparse as is")
+    if sparsity is not None and min_top1 is not None:
+        raise ValueError("min_top1: give sparsity or min_top1, not both")
     dense = load_dense(pack_dir, device="cpu", dtype=torch.float32)
     thresholds = None
     if activation == "silu":
-        sparsity = DEFAULT_GATE_SPARSITY if gate_sparsity is None else gate_sparsity
-        thresholds = gate_thresholds(dense, train_windows, sparsity)
-        progress(f"gate thresholds for sparsity {sparsity}: {[round(t, 5) for t in thresholds]}")
+        if sparsity is None:
+            min_top1 = DEFAULT_MIN_TOP1 if min_top1 is None else min_top1
+            windows = train_windows[: max(1, ALLOCATION_TOKENS // train_windows.shape[1])]
+            shares = allocate_sparsity(dense, windows, min_top1, progress=progress)
+        elif isinstance(sparsity, float | int):
+            shares = [float(sparsity)] * len(dense.layers)
+        else:
+            shares = list(sparsity)
+        thresholds = activity_thresholds(dense, train_windows, shares)
+        progress(f"sparsity per layer: {shares}; thresholds {[round(t, 5) for t in thresholds]}")
     records = record_ffn(dense, train_windows, thresholds)
     predictors = []
     for i, record in enumerate(records):
@@ -111,7 +133,10 @@ def calibrate(
         "predicted_cost": accuracy_cost(dense, sparsify(dense, predictors), heldout_windows),
     }
     if thresholds is not None:
-        report["gate_sparsity"] = sparsity
+        report["sparsity"] = shares
+        report["mean_sparsity"] = sum(shares) / len(shares)
+        if min_top1 is not None:
+            report["min_top1"] = min_top1
         report["threshold_cost"] = accuracy_cost(
             dense, sparsify(dense, None, thresholds), heldout_windows
         )
@@ -121,7 +146,7 @@ def calibrate(
         predictors,
         {
             "activation": activation,
-            "gate_thresholds": thresholds,
+            "thresholds": thresholds,  # on |silu(gate(x)) * up(x)| (lm.sparsity)
             "training": dataclasses.asdict(training),
             "report": report,
         },

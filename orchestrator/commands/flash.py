@@ -88,10 +88,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.99,
         help="target recall on training tokens (default: %(default)s)",
     )
-    calibrate.add_argument(
-        "--gate-sparsity",
+    shares = calibrate.add_mutually_exclusive_group()
+    shares.add_argument(
+        "--min-top1",
         type=float,
-        help="SwiGLU only: share of gate activations treated as zero (default: 0.5)",
+        help="SwiGLU only: per-layer sparsity that keeps this teacher-forced top-1 agreement "
+        "with the dense model on the training text (default: 0.98)",
+    )
+    shares.add_argument(
+        "--sparsity",
+        type=float,
+        help="SwiGLU only: instead, one share of every layer's |silu(gate) * up| treated as zero",
     )
     calibrate.add_argument(
         "--seed",
@@ -198,7 +205,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
             train,
             heldout,
             training,
-            gate_sparsity=args.gate_sparsity,
+            sparsity=args.sparsity,
+            min_top1=args.min_top1,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
     except (ValueError, CheckpointError) as exc:
@@ -217,7 +225,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             cost = report[name]
             label = name.replace("_", " ")
             if name == "threshold_cost":
-                label += f" (gate sparsity {report['gate_sparsity']})"
+                label += f" (mean sparsity {report['mean_sparsity']:.3f})"
             print(
                 f"{label}: top-1 agreement {cost['top1_agreement']:.4f}, "
                 f"KL {cost['kl_nats']:.5f} nats/token, "
@@ -279,8 +287,8 @@ def _flag_message(message: str) -> str:
     flags = {
         "group_size": "--group-size",
         "align": "--align",
-        "gate_sparsity": "--gate-sparsity",
-        "sparsity": "--gate-sparsity",
+        "sparsity": "--sparsity",
+        "min_top1": "--min-top1",
         "rank": "--rank",
         "steps": "--steps",
         "batch_size": "--batch",

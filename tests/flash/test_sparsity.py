@@ -17,10 +17,11 @@ from lm.training.predictors import (
     FFNRecord,
     PredictorTraining,
     accuracy_cost,
+    activity_thresholds,
+    allocate_sparsity,
     balanced_bce,
     choose_cut,
     fit_predictor,
-    gate_thresholds,
     rates,
     record_ffn,
 )
@@ -83,42 +84,92 @@ def test_record_matches_the_activation_rule(relu_model):
 def test_silu_thresholds_cut_the_requested_share():
     model = make_model(seed=4, activation="silu")
     windows = random_windows(5, 4, 32)
-    thresholds = gate_thresholds(model, windows, 0.6)
+    thresholds = activity_thresholds(model, windows, 0.6)
     records = record_ffn(model, windows, thresholds)
     for record in records:
         assert abs(record.active.float().mean().item() - 0.4) < 0.02
+    per_layer = record_ffn(model, windows, activity_thresholds(model, windows, [0.0, 0.3, 0.9]))
+    for record, share in zip(per_layer, (0.0, 0.3, 0.9), strict=True):
+        assert abs(record.active.float().mean().item() - (1 - share)) < 0.02
     with pytest.raises(ValueError, match="sparsity"):
-        gate_thresholds(model, windows, 1.0)
-    gate = torch.tensor([-10.0, -0.1, 0.1, 10.0])
-    assert active_mask(gate, "silu", 0.05).tolist() == [False, False, True, True]
+        activity_thresholds(model, windows, 1.0)
+    with pytest.raises(ValueError, match="sparsity"):
+        activity_thresholds(model, windows, [0.5, 0.5])  # three layers
+
+
+def test_a_silu_neuron_is_active_by_its_coefficient_on_down():
+    """|silu(gate) * up|, not the gate alone: a large gate times a tiny up adds nothing."""
+    gate = torch.tensor([-10.0, -0.1, 0.1, 10.0, 10.0])
+    up = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.001])
+    assert active_mask(gate, up, "silu", 0.05).tolist() == [False, False, True, True, False]
+    assert active_mask(gate, None, "relu").tolist() == [False, False, True, True, True]
+    with pytest.raises(ValueError, match="up"):
+        active_mask(gate, None, "silu", 0.05)
+
+
+def _oracle_top1(model, shares, windows) -> float:
+    thresholds = activity_thresholds(model, windows, shares)
+    return accuracy_cost(model, sparsify(model, None, thresholds), windows)["top1_agreement"]
+
+
+def test_allocated_sparsity_keeps_the_bound_and_cuts_more_when_it_is_looser():
+    model = make_model(seed=6, activation="silu", hidden=128)
+    windows = random_windows(7, 4, 32)
+    loose = allocate_sparsity(model, windows, 0.8)
+    tight = allocate_sparsity(model, windows, 0.97)
+    assert len(loose) == len(tight) == 3
+    assert sum(tight) < sum(loose) and sum(loose) > 0
+    # accuracy_cost counts next-token positions (all but the last), allocate_sparsity all.
+    assert _oracle_top1(model, loose, windows) >= 0.8 - 1 / windows.shape[1]
+    assert _oracle_top1(model, tight, windows) >= 0.97 - 1 / windows.shape[1]
+    # The greedy search stops where the bound would break: one more level fails it.
+    more = [min(0.9, share + 0.1) for share in loose]
+    assert _oracle_top1(model, more, windows) < 0.8 + 1 / windows.shape[1]
+    with pytest.raises(ValueError, match="min_top1"):
+        allocate_sparsity(model, windows, 0.0)
 
 
 def test_calibrate_a_silu_pack_reports_the_accuracy_cost(tmp_path):
-    """SwiGLU: magnitude-threshold sparsity on the gate, predictors trained on it, and the
-    report's costs; then the flash model runs with them."""
+    """SwiGLU: magnitude-threshold sparsity on the neurons' coefficients, predictors trained
+    on it, and the report's costs; then the flash model runs with them."""
     model = make_model(seed=6, activation="silu", hidden=128)
     save_model(model, tmp_path / "model")
     pack = tmp_path / "pack"
     pack_model(tmp_path / "model", pack)
     training = PredictorTraining(rank=16, steps=40, batch_size=256, recall=0.95)
     report = calibrate(
-        pack, random_windows(7, 8, 32), random_windows(8, 4, 32), training, gate_sparsity=0.5
+        pack, random_windows(7, 8, 32), random_windows(8, 4, 32), training, sparsity=0.5
     )
-    assert len(report["layers"]) == 3 and report["gate_sparsity"] == 0.5
+    assert len(report["layers"]) == 3 and report["sparsity"] == [0.5] * 3
     for layer in report["layers"]:
-        assert 0.45 < layer["active"] < 0.55  # half the activations fall below threshold
+        assert 0.45 < layer["active"] < 0.55  # half the coefficients fall below threshold
         assert 0 < layer["recall"] <= 1 and 0 <= layer["false_positive_rate"] <= 1
     for name in ("threshold_cost", "predicted_cost"):
         cost = report[name]
         assert 0 <= cost["top1_agreement"] <= 1 and cost["sparse_perplexity"] > 1
-        assert cost["kl_nats"] > 0  # skipping half the gate activations costs something
+        assert cost["kl_nats"] > 0  # skipping half the neurons costs something
     loaded = load_predictors(pack, _manifest(pack), torch.device("cpu"), torch.float32)
     assert loaded.meta["report"]["layers"] == report["layers"]
-    assert len(loaded.meta["gate_thresholds"]) == 3
+    assert len(loaded.meta["thresholds"]) == 3
     flash = load_flash_model(pack, 1 << 30, device="cpu", options=OPTIONS)
     flash(random_windows(9, 1, 4))
     assert flash_store(flash).totals.metrics.needed < 3 * 128
     assert (pack / PREDICTOR_META).is_file()
+
+
+def test_calibrate_chooses_per_layer_sparsity_for_the_accuracy_bound(tmp_path):
+    model = make_model(seed=6, activation="silu", hidden=128)
+    save_model(model, tmp_path / "model")
+    pack = tmp_path / "pack"
+    pack_model(tmp_path / "model", pack)
+    train = random_windows(7, 8, 32)
+    training = PredictorTraining(rank=16, steps=20, batch_size=256, recall=0.95)
+    report = calibrate(pack, train, random_windows(8, 4, 32), training, min_top1=0.9)
+    assert report["min_top1"] == 0.9 and len(report["sparsity"]) == 3
+    assert report["sparsity"] == allocate_sparsity(model, train, 0.9)
+    assert report["mean_sparsity"] == pytest.approx(sum(report["sparsity"]) / 3)
+    with pytest.raises(ValueError, match="not both"):
+        calibrate(pack, train, train, training, sparsity=0.5, min_top1=0.9)
 
 
 class _FixedLogits(torch.nn.Module):
@@ -142,14 +193,14 @@ def test_accuracy_cost_example_from_the_docstring():
     assert cost["sparse_perplexity"] == pytest.approx(math.sqrt(1 / (0.25 * 0.75)))
 
 
-def test_silu_threshold_cost_grows_with_the_gate_sparsity():
+def test_silu_threshold_cost_grows_with_the_sparsity():
     """The cost calibrate reports for SwiGLU: none without thresholding, then more KL and
-    less top-1 agreement the larger the share of gate activations treated as zero."""
+    less top-1 agreement the larger the share of coefficients treated as zero."""
     model = make_model(seed=6, activation="silu", hidden=128)
     train, heldout = random_windows(7, 8, 32), random_windows(8, 4, 32)
     costs = {
         sparsity: accuracy_cost(
-            model, sparsify(model, None, gate_thresholds(model, train, sparsity)), heldout
+            model, sparsify(model, None, activity_thresholds(model, train, sparsity)), heldout
         )
         for sparsity in (0.0, 0.3, 0.9)
     }
@@ -158,14 +209,15 @@ def test_silu_threshold_cost_grows_with_the_gate_sparsity():
     assert costs[0.9]["top1_agreement"] < costs[0.3]["top1_agreement"] <= 1.0
 
 
-def test_relu_refuses_gate_sparsity(relu_pack):
-    with pytest.raises(ValueError, match="gate_sparsity"):
+@pytest.mark.parametrize("field", ["sparsity", "min_top1"])
+def test_relu_refuses_sparsity(relu_pack, field):
+    with pytest.raises(ValueError, match=field):
         calibrate(
             relu_pack,
             random_windows(0, 2, 8),
             random_windows(1, 1, 8),
             PredictorTraining(steps=1),
-            gate_sparsity=0.5,
+            **{field: 0.5},
         )
 
 
