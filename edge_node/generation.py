@@ -132,7 +132,7 @@ class Generation:
             request.prompt_tokens,
             request.max_tokens,
             request.stop,
-            stop_ids(model.config.eos_token_id, tokenizer),
+            () if request.ignore_eos else stop_ids(model.config.eos_token_id, tokenizer),
             tokenizer,
         )
         # Built (and so checked against what this edge offers) in every mode; lossless
@@ -192,7 +192,12 @@ class Generation:
                             break
             except ContextFull:
                 self.out.finish(FinishReason.LENGTH)
-            yield Chunk(verified=True, finish_reason=self.out.finish_reason, stats=self.stats())
+            yield Chunk(
+                text=self.out.release(final=True),
+                verified=True,
+                finish_reason=self.out.finish_reason,
+                stats=self.stats(),
+            )
         finally:
             await self.connection.close()
 

@@ -2,8 +2,10 @@
 
 Every token the client sees goes through `Output.emit`, which cuts at `max_tokens`,
 the model's end-of-sequence and end-of-turn tokens and stop strings, and detokenises
-incrementally (never splitting a UTF-8 character). `rollback` undoes unverified
-tokens when the cloud corrects them; the client applies the same `Rollback` to its text.
+incrementally (never splitting a UTF-8 character). Text that may be the start of a stop
+string is held back until the next tokens tell (as vLLM does), so a stop string split
+across chunks never reaches the client in part. `rollback` undoes unverified tokens
+when the cloud corrects them; the client applies the same `Rollback` to its text.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Output:
         self.eos_ids = frozenset(eos_ids)
         self.tokens: list[int] = []
         self.text = ""
+        self._sent = 0  # characters of `text` returned in chunks
         self.finish_reason: FinishReason | None = None
         self._tokenizer = tokenizer
         self._detok = IncrementalDetokenizer(tokenizer, prompt) if tokenizer else None
@@ -55,40 +58,62 @@ class Output:
         end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
         if end is not None:
             tokens = tokens[:end]
-        sent_tokens, sent_chars = len(self.tokens), len(self.text)
+        sent_tokens = len(self.tokens)
         for step in ([t] for t in tokens) if self.stop else [tokens]:
-            self._append(step, self._detok.push(step) if self._detok else "", sent_chars)
+            self._append(step, self._detok.push(step) if self._detok else "")
             if self.done:
                 break
         if end is not None and not self.done:
             if self._detok:
-                self._append([], self._detok.flush(), sent_chars)
+                self._append([], self._detok.flush())
             self.finish_reason = FinishReason.STOP
         if self.finish_reason is None and len(self.tokens) >= self.max_tokens:
             self.finish_reason = FinishReason.LENGTH
         return Chunk(
             tokens=tuple(self.tokens[sent_tokens:]),
-            text=self.text[sent_chars:],
+            text=self.release(),
             verified=verified,
             rollback=rollback,
         )
 
     def finish(self, reason: FinishReason) -> None:
-        """Ends the output for a reason found outside it (a context limit: LENGTH)."""
+        """Ends the output for a reason found outside it (a context limit: LENGTH); the
+        final chunk carries what `release` still holds."""
         if self.finish_reason is None:
             self.finish_reason = reason
+
+    def release(self, final: bool = False) -> str:
+        """The text not yet returned that may go now: all of it once the output is done
+        (or for the `final` chunk), else all but a tail that a stop string may start
+        with (e.g. with stop "END", text "abcEN" releases "abc")."""
+        end = len(self.text)
+        if not (self.done or final):
+            tail = self.text[self._sent :]
+            end -= max(
+                (
+                    k
+                    for s in self.stop
+                    for k in range(min(len(s) - 1, len(tail)), 0, -1)
+                    if tail.endswith(s[:k])
+                ),
+                default=0,
+            )
+        text, self._sent = self.text[self._sent : end], end
+        return text
 
     def rollback(self, keep_tokens: int) -> Rollback:
         """Drops output tokens after the first `keep_tokens`."""
         keep_chars = self._detok.rollback(keep_tokens) if self._detok else 0
         self.tokens = self.tokens[:keep_tokens]
         self.text = self.text[:keep_chars]
+        self._sent = min(self._sent, keep_chars)
         self.finish_reason = None
         return Rollback(keep_tokens=keep_tokens, keep_chars=keep_chars)
 
-    def _append(self, tokens: list[int], text: str, sent_chars: int) -> None:
-        """Appends `tokens` and their `text`, cut before the first stop string (never
-        below `sent_chars`, the text of earlier chunks). `tokens` are dropped when the
+    def _append(self, tokens: list[int], text: str) -> None:
+        """Appends `tokens` and their `text`, cut before the first stop string (which
+        never starts in text already returned: `release` holds back any tail a stop
+        string may start with). `tokens` are dropped when the
         stop string starts before their own text, the last `len(decode(tokens))`
         characters of `text`: those before it complete tokens held back earlier (a
         UTF-8 character split across tokens), which are already in the output."""
@@ -101,7 +126,7 @@ class Output:
         own = len(self._tokenizer.decode(tokens)) if self._tokenizer and tokens else 0
         if hit > len(self.text) - min(own, len(text)):
             self.tokens.extend(tokens)
-        self.text = self.text[: max(hit, sent_chars)]
+        self.text = self.text[:hit]
         self.finish_reason = FinishReason.STOP
 
     def _stop_at(self, start: int) -> int | None:

@@ -152,6 +152,7 @@ class EdgeRuntime:
             ),
             mode=mode,
             stop=options.stop,
+            ignore_eos=options.ignore_eos,
             draft=draft,
             adaptive_threshold=options.adaptive_threshold or self.config.adaptive_threshold,
             schedule=Schedule(options.priority, options.tpot_slo_ms),

@@ -51,6 +51,8 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     mode: Mode = Mode.LOSSLESS
     stop: tuple[str, ...] = ()
+    # Generate past the model's end-of-sequence tokens (GenerateOptions.ignore_eos).
+    ignore_eos: bool = False
     draft: DraftConfig = DraftConfig()
     # Adaptive mode: keep the edge's own token when its probability is at least this.
     adaptive_threshold: float = 0.9

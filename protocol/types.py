@@ -172,6 +172,9 @@ class GenerateOptions:
     # The time per output token this client needs, in ms, in [0, 60000]; 0 = none. The
     # verifier serves first the rounds closest to missing their target.
     tpot_slo_ms: float = 0.0
+    # Generate past the model's end-of-sequence tokens, to max_tokens or a stop string
+    # (vLLM's ignore_eos: fixed-length outputs for load tests).
+    ignore_eos: bool = False
 
     default: ClassVar[GenerateOptions]
 
@@ -191,6 +194,10 @@ class GenerateOptions:
         object.__setattr__(self, "stop", tuple(stop))
         if not isinstance(self.model, str):
             raise InvalidRequest(f"model: must be a string, got {self.model!r}", field="model")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequest(
+                f"ignore_eos: must be true or false, got {self.ignore_eos!r}", field="ignore_eos"
+            )
         if not isinstance(self.draft, DraftOptions):
             raise InvalidRequest(
                 f"draft: must be a DraftOptions, got {type(self.draft).__name__}", field="draft"
@@ -329,6 +336,7 @@ class GenerateKwargs(TypedDict, total=False):
     adaptive_threshold: float | None
     priority: int | None
     tpot_slo_ms: float | None
+    ignore_eos: bool | None
 
 
 @dataclass(frozen=True)
@@ -400,9 +408,11 @@ class Rollback:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One streamed message. `text` is the delta for `tokens`; apply `rollback` (if any)
-    to what you have shown before appending them. The stream object tracks the
-    accumulated text and tokens with rollbacks applied (`stream.text`, `stream.tokens`)."""
+    """One streamed message. `text` is the delta of the text, `tokens` of the token ids;
+    apply `rollback` (if any) to what you have shown before appending them. The text may
+    lag the tokens by a few characters that could start a stop string (the next chunks,
+    or the last one, carry them). The stream object tracks the accumulated text and
+    tokens with rollbacks applied (`stream.text`, `stream.tokens`)."""
 
     text: str = ""
     tokens: tuple[int, ...] = ()

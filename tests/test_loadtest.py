@@ -67,6 +67,7 @@ async def test_closed_loop_cli_writes_counts_that_add_up(edge, tmp_path, capsys)
         "--concurrency=4",
         "--requests=12",
         f"--max-tokens={MAX_TOKENS}",
+        "--ignore-eos",
         f"--prompts={prompts}",
         "--slo=ttft=60000,tpot=60000",
         f"--out={out}",
@@ -76,6 +77,7 @@ async def test_closed_loop_cli_writes_counts_that_add_up(edge, tmp_path, capsys)
 
     document = json.loads(out.read_text())
     assert document["config"]["options"]["max_tokens"] == MAX_TOKENS
+    assert document["config"]["options"]["ignore_eos"] is True
     (run,) = document["runs"]
     records, summary = run["records"], run["summary"]
     assert run["plan"]["loop"] == "closed" and run["plan"]["concurrency"] == 4
@@ -354,6 +356,7 @@ def test_heldout_windows_round_robin():
         (["--temperature", "nan"], "--temperature"),
         (["--mode", "fast"], "--mode"),
         (["--max-tokens", "0"], "--max-tokens"),
+        (["--emulate-edges", "4", "--ignore-eos"], "--ignore-eos"),
         (["--seed", "-1"], "--seed"),
         (["--slo", "ttft=abc"], "--slo"),
         (["--prompt-tokens-from-file"], "--prompt-tokens-from-file"),

@@ -167,6 +167,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-tokens", default="128", metavar="N", help="tokens per request (default: %(default)s)"
     )
     gen.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="generate past end-of-sequence tokens: every output is --max-tokens long "
+        "(vLLM's ignore_eos), unless a stop string ends it",
+    )
+    gen.add_argument(
         "--temperature",
         default="0",
         metavar="T",
@@ -295,6 +301,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
     if args.emulate_edges is not None:
         from orchestrator.commands.loadtest_fleet import run_fleet_loadtest
 
+        if args.ignore_eos:
+            raise UsageError("--ignore-eos: not with --emulate-edges (it replays recorded outputs)")
+
         return run_fleet_loadtest(args, started_at)
     fleet_only = {
         "recording": None,
@@ -322,6 +331,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
             seed=None if args.seed is None else _int("--seed", args.seed),
             mode=args.mode,
             model=args.model,
+            ignore_eos=args.ignore_eos,
         )
         slo = None if args.slo is None else Slo.parse(args.slo)
     except (InvalidRequest, ValueError) as exc:

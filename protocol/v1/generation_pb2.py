@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotocol/v1/generation.proto\x12\x0c\x65\x64gecloud.v1\"K\n\x0c\x44raftOptions\x12\x0c\n\x04tree\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\x0f\n\x07\x64rafter\x18\x04 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf5\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x03(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\r\n\x05top_p\x18\x07 \x01(\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12 \n\x04mode\x18\t \x01(\x0e\x32\x12.edgecloud.v1.Mode\x12\x0c\n\x04stop\x18\n \x03(\t\x12)\n\x05\x64raft\x18\x0b \x01(\x0b\x32\x1a.edgecloud.v1.DraftOptions\x12\x1a\n\x12\x61\x64\x61ptive_threshold\x18\x0c \x01(\x02\x12\x10\n\x08priority\x18\r \x01(\x05\x12\x13\n\x0btpot_slo_ms\x18\x0e \x01(\x01\x12+\n\x08messages\x18\x0f \x03(\x0b\x32\x19.edgecloud.v1.ChatMessageB\x07\n\x05_seed\"3\n\x08Rollback\x12\x13\n\x0bkeep_tokens\x18\x01 \x01(\x05\x12\x12\n\nkeep_chars\x18\x02 \x01(\x05\"\x88\x04\n\x0fGenerationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\x05\x12\x18\n\x10tokens_per_round\x18\x02 \x01(\x02\x12\x1c\n\x14\x63loud_forward_passes\x18\x03 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x04 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x16\n\x0e\x62ytes_to_cloud\x18\x06 \x01(\x03\x12\x18\n\x10\x62ytes_from_cloud\x18\x07 \x01(\x03\x12\x1e\n\x16time_to_first_token_ms\x18\x08 \x01(\x02\x12\x10\n\x08total_ms\x18\t \x01(\x02\x12\x10\n\x08\x64\x65graded\x18\n \x01(\x08\x12\x11\n\tfailovers\x18\x0b \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x0c \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\r \x01(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x0e \x03(\x05\x12\x11\n\trollbacks\x18\x0f \x01(\x05\x12\x13\n\x0bhead_rounds\x18\x10 \x01(\x05\x12\x1a\n\x12\x64\x65\x64up_saved_tokens\x18\x11 \x01(\x05\x12\x10\n\x08\x64raft_ms\x18\x12 \x01(\x02\x12\x18\n\x10pipelined_rounds\x18\x13 \x01(\x05\x12\x1e\n\x16slo_unreachable_rounds\x18\x14 \x01(\x05\x12\x15\n\rverifier_load\x18\x15 \x01(\x02\"\xca\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x10\n\x08verified\x18\x03 \x01(\x08\x12(\n\x08rollback\x18\x04 \x01(\x0b\x32\x16.edgecloud.v1.Rollback\x12,\n\x05stats\x18\x05 \x01(\x0b\x32\x1d.edgecloud.v1.GenerationStats\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.edgecloud.v1.FinishReason\"\x13\n\x11ListModelsRequest\"Q\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\r\n\x05roles\x18\x04 \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.edgecloud.v1.ModelInfo*k\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_LOSSLESS\x10\x01\x12\x11\n\rMODE_ADAPTIVE\x10\x02\x12\x12\n\x0eMODE_EDGE_ONLY\x10\x03\x12\x13\n\x0fMODE_CLOUD_ONLY\x10\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xa7\x01\n\nGeneration\x12H\n\x08Generate\x12\x1d.edgecloud.v1.GenerateRequest\x1a\x1b.edgecloud.v1.GenerateChunk0\x01\x12O\n\nListModels\x12\x1f.edgecloud.v1.ListModelsRequest\x1a .edgecloud.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotocol/v1/generation.proto\x12\x0c\x65\x64gecloud.v1\"K\n\x0c\x44raftOptions\x12\x0c\n\x04tree\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\x0f\n\x07\x64rafter\x18\x04 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x89\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x03(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\r\n\x05top_p\x18\x07 \x01(\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12 \n\x04mode\x18\t \x01(\x0e\x32\x12.edgecloud.v1.Mode\x12\x0c\n\x04stop\x18\n \x03(\t\x12)\n\x05\x64raft\x18\x0b \x01(\x0b\x32\x1a.edgecloud.v1.DraftOptions\x12\x1a\n\x12\x61\x64\x61ptive_threshold\x18\x0c \x01(\x02\x12\x10\n\x08priority\x18\r \x01(\x05\x12\x13\n\x0btpot_slo_ms\x18\x0e \x01(\x01\x12+\n\x08messages\x18\x0f \x03(\x0b\x32\x19.edgecloud.v1.ChatMessage\x12\x12\n\nignore_eos\x18\x10 \x01(\x08\x42\x07\n\x05_seed\"3\n\x08Rollback\x12\x13\n\x0bkeep_tokens\x18\x01 \x01(\x05\x12\x12\n\nkeep_chars\x18\x02 \x01(\x05\"\x88\x04\n\x0fGenerationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\x05\x12\x18\n\x10tokens_per_round\x18\x02 \x01(\x02\x12\x1c\n\x14\x63loud_forward_passes\x18\x03 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x04 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x16\n\x0e\x62ytes_to_cloud\x18\x06 \x01(\x03\x12\x18\n\x10\x62ytes_from_cloud\x18\x07 \x01(\x03\x12\x1e\n\x16time_to_first_token_ms\x18\x08 \x01(\x02\x12\x10\n\x08total_ms\x18\t \x01(\x02\x12\x10\n\x08\x64\x65graded\x18\n \x01(\x08\x12\x11\n\tfailovers\x18\x0b \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x0c \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\r \x01(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x0e \x03(\x05\x12\x11\n\trollbacks\x18\x0f \x01(\x05\x12\x13\n\x0bhead_rounds\x18\x10 \x01(\x05\x12\x1a\n\x12\x64\x65\x64up_saved_tokens\x18\x11 \x01(\x05\x12\x10\n\x08\x64raft_ms\x18\x12 \x01(\x02\x12\x18\n\x10pipelined_rounds\x18\x13 \x01(\x05\x12\x1e\n\x16slo_unreachable_rounds\x18\x14 \x01(\x05\x12\x15\n\rverifier_load\x18\x15 \x01(\x02\"\xca\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x10\n\x08verified\x18\x03 \x01(\x08\x12(\n\x08rollback\x18\x04 \x01(\x0b\x32\x16.edgecloud.v1.Rollback\x12,\n\x05stats\x18\x05 \x01(\x0b\x32\x1d.edgecloud.v1.GenerationStats\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.edgecloud.v1.FinishReason\"\x13\n\x11ListModelsRequest\"Q\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\r\n\x05roles\x18\x04 \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.edgecloud.v1.ModelInfo*k\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_LOSSLESS\x10\x01\x12\x11\n\rMODE_ADAPTIVE\x10\x02\x12\x12\n\x0eMODE_EDGE_ONLY\x10\x03\x12\x13\n\x0fMODE_CLOUD_ONLY\x10\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xa7\x01\n\nGeneration\x12H\n\x08Generate\x12\x1d.edgecloud.v1.GenerateRequest\x1a\x1b.edgecloud.v1.GenerateChunk0\x01\x12O\n\nListModels\x12\x1f.edgecloud.v1.ListModelsRequest\x1a .edgecloud.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=1493
-  _globals['_MODE']._serialized_end=1600
-  _globals['_FINISHREASON']._serialized_start=1602
-  _globals['_FINISHREASON']._serialized_end=1697
+  _globals['_MODE']._serialized_start=1513
+  _globals['_MODE']._serialized_end=1620
+  _globals['_FINISHREASON']._serialized_start=1622
+  _globals['_FINISHREASON']._serialized_end=1717
   _globals['_DRAFTOPTIONS']._serialized_start=46
   _globals['_DRAFTOPTIONS']._serialized_end=121
   _globals['_CHATMESSAGE']._serialized_start=123
   _globals['_CHATMESSAGE']._serialized_end=167
   _globals['_GENERATEREQUEST']._serialized_start=170
-  _globals['_GENERATEREQUEST']._serialized_end=543
-  _globals['_ROLLBACK']._serialized_start=545
-  _globals['_ROLLBACK']._serialized_end=596
-  _globals['_GENERATIONSTATS']._serialized_start=599
-  _globals['_GENERATIONSTATS']._serialized_end=1119
-  _globals['_GENERATECHUNK']._serialized_start=1122
-  _globals['_GENERATECHUNK']._serialized_end=1324
-  _globals['_LISTMODELSREQUEST']._serialized_start=1326
-  _globals['_LISTMODELSREQUEST']._serialized_end=1345
-  _globals['_MODELINFO']._serialized_start=1347
-  _globals['_MODELINFO']._serialized_end=1428
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1430
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1491
-  _globals['_GENERATION']._serialized_start=1700
-  _globals['_GENERATION']._serialized_end=1867
+  _globals['_GENERATEREQUEST']._serialized_end=563
+  _globals['_ROLLBACK']._serialized_start=565
+  _globals['_ROLLBACK']._serialized_end=616
+  _globals['_GENERATIONSTATS']._serialized_start=619
+  _globals['_GENERATIONSTATS']._serialized_end=1139
+  _globals['_GENERATECHUNK']._serialized_start=1142
+  _globals['_GENERATECHUNK']._serialized_end=1344
+  _globals['_LISTMODELSREQUEST']._serialized_start=1346
+  _globals['_LISTMODELSREQUEST']._serialized_end=1365
+  _globals['_MODELINFO']._serialized_start=1367
+  _globals['_MODELINFO']._serialized_end=1448
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1450
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1511
+  _globals['_GENERATION']._serialized_start=1720
+  _globals['_GENERATION']._serialized_end=1887
 # @@protoc_insertion_point(module_scope)

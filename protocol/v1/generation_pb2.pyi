@@ -156,6 +156,7 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     TPOT_SLO_MS_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
+    IGNORE_EOS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Text prompt. Exactly one of prompt, prompt_tokens and messages must be set."""
     model: _builtins.str
@@ -179,6 +180,10 @@ class GenerateRequest(_message.Message):
     tpot_slo_ms: _builtins.float
     """The time per output token this client needs, in ms; the verifier serves the rounds
     closest to missing their target first. Allowed: 0..60000; 0 means none.
+    """
+    ignore_eos: _builtins.bool
+    """Keep generating past the model's end-of-sequence and end-of-turn tokens, to
+    max_tokens or a stop string (vLLM's ignore_eos: fixed-length outputs for load tests).
     """
     @_builtins.property
     def prompt_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -217,10 +222,11 @@ class GenerateRequest(_message.Message):
         priority: _builtins.int = ...,
         tpot_slo_ms: _builtins.float = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        ignore_eos: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "draft", b"draft", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "adaptive_threshold", b"adaptive_threshold", "draft", b"draft", "max_tokens", b"max_tokens", "messages", b"messages", "mode", b"mode", "model", b"model", "priority", b"priority", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "tpot_slo_ms", b"tpot_slo_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "adaptive_threshold", b"adaptive_threshold", "draft", b"draft", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "messages", b"messages", "mode", b"mode", "model", b"model", "priority", b"priority", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "tpot_slo_ms", b"tpot_slo_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015

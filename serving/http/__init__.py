@@ -26,8 +26,9 @@ gRPC answer a bad field with the same message:
 | top_p, seed, stop     | as OpenAI; stop is a string or up to 8 strings                |
 | n, best_of, echo, ... | only their "off" values (UNSUPPORTED); anything else is a 400 |
 |                       | (logprobs: the verifier sends no probabilities back)          |
-| ignore_eos, user, ... | IGNORED: accepted, no effect (load tools send vLLM's          |
-|                       | ignore_eos: the end-of-sequence token still ends a generation)|
+| ignore_eos            | as vLLM's: generate past the end-of-sequence tokens, to       |
+|                       | max_tokens or a stop string (load tools send it)              |
+| user, metadata, ...   | IGNORED: accepted, no effect                                  |
 | any other field       | a 400 naming it (`param`)                                     |
 
 Extra fields: `mode` ("lossless" | "adaptive" | "edge_only" | "cloud_only"), `top_k`

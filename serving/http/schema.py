@@ -44,6 +44,7 @@ UNSUPPORTED: dict[str, tuple[object, ...]] = {
 ACCEPTED = frozenset(
     {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options"}
     | {"mode", "draft", "top_k", "adaptive_threshold", "priority", "tpot_slo_ms", "timeout"}
+    | {"ignore_eos"}  # vLLM's: GuideLLM and AIPerf send it for fixed-length outputs
 )
 # The fields of one endpoint only: chat (True) or completions (False).
 ENDPOINT_FIELDS = {
@@ -51,11 +52,8 @@ ENDPOINT_FIELDS = {
     False: frozenset({"prompt"}),
 }
 # Sent by OpenAI clients and load generators; accepted and ignored, as none changes the
-# output here. vLLM's `ignore_eos` (GuideLLM and AIPerf send it for fixed-length
-# outputs) too: the end-of-sequence token still ends a generation.
-IGNORED = frozenset(
-    {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "ignore_eos"}
-)
+# output here.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -163,6 +161,7 @@ def parse_request(body: Mapping[str, object], *, chat: bool, config: HttpConfig)
         adaptive_threshold=_first(body, "adaptive_threshold", default=0.0),
         priority=_first(body, "priority", default=0),
         tpot_slo_ms=_first(body, "tpot_slo_ms", default=0.0),
+        ignore_eos=_first(body, "ignore_eos", default=False),
     )
     timeout_s = body.get("timeout")
     if timeout_s is None:

@@ -300,6 +300,27 @@ async def test_cloud_only_streams_from_the_verifier_and_fails_over(target, draft
     assert stats.bytes_to_cloud < 300
 
 
+@pytest.mark.parametrize("mode", [Mode.LOSSLESS, Mode.CLOUD_ONLY])
+async def test_ignore_eos_generates_past_the_end_of_sequence_token(verifier, draft, mode):
+    """vLLM's ignore_eos: the end token no longer ends the output, which runs to
+    max_tokens and equals the output with no end token at all (greedy)."""
+    runtime = make_runtime(draft, [f"127.0.0.1:{verifier.port}"])
+    try:
+        full, _ = await generate(runtime, request(mode, max_tokens=24))
+        saved = runtime.model.config
+        runtime.model.config = replace(saved, eos_token_id=full[5])  # the 6th token ends it
+        try:
+            stopped, stopped_last = await generate(runtime, request(mode, max_tokens=24))
+            ignoring = replace(request(mode, max_tokens=24), ignore_eos=True)
+            past, past_last = await generate(runtime, ignoring)
+        finally:
+            runtime.model.config = saved
+    finally:
+        await runtime.close()
+    assert stopped == full[: full.index(full[5])] and stopped_last.finish_reason == "stop"
+    assert past == full and past_last.finish_reason == "length"
+
+
 async def test_cloud_only_stopping_early_stops_the_verifier(target, draft, verifier):
     """An end-of-sequence token ends the generation before the tokens asked of the
     verifier: the edge cancels the stream, and the verifier stops decoding for it."""

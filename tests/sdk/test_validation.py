@@ -158,6 +158,7 @@ def test_sdk_options_and_server_proto_reject_the_same_values(options):
         ),
         ({"stop": 3}, "stop: must be a string or a list of strings, got 3"),
         ({"model": 3}, "model: must be a string, got 3"),
+        ({"ignore_eos": "yes"}, "ignore_eos: must be true or false, got 'yes'"),
     ],
 )
 def test_values_the_proto_cannot_hold_are_rejected_by_name(options, message):
