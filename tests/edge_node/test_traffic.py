@@ -300,6 +300,21 @@ async def test_cloud_only_streams_from_the_verifier_and_fails_over(target, draft
     assert stats.bytes_to_cloud < 300
 
 
+async def test_generations_share_the_edges_view_of_its_verifier(verifier, draft):
+    """What one generation's replies say of the verifier (its ms per node, its fitted
+    pass cost) is the edge's, so the next generation starts from it (`VerifierView`)."""
+    runtime = make_runtime(draft, [f"127.0.0.1:{verifier.port}"])
+    try:
+        assert runtime.verifier.ms_per_node == 0.0
+        await generate(runtime, request(Mode.LOSSLESS, max_tokens=24))
+        heard = runtime.verifier.ms_per_node
+        assert heard > 0.0
+        await generate(runtime, request(Mode.LOSSLESS, max_tokens=24))
+    finally:
+        await runtime.close()
+    assert runtime.verifier.ms_per_node != heard  # the second one updated the same view
+
+
 @pytest.mark.parametrize("mode", [Mode.LOSSLESS, Mode.CLOUD_ONLY])
 async def test_ignore_eos_generates_past_the_end_of_sequence_token(verifier, draft, mode):
     """vLLM's ignore_eos: the end token no longer ends the output, which runs to

@@ -5,6 +5,7 @@ wire, replaying it, a small fleet in both modes, the CLI, and the timeline maths
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 
@@ -320,6 +321,13 @@ async def test_cli_shaped_fleet_books_the_draft_once_then_reuses_it(
     assert await asyncio.to_thread(main, [*argv, "--shaping=8x9"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--shaping: depth: the book holds" in err, err
+    # A book made from other generations is refused, not drafted from.
+    recording = load_recordings(rec)[0]
+    other = tmp_path / "other.json"
+    save_recordings(other, [dataclasses.replace(recording, requests=recording.requests[1:])])
+    assert await asyncio.to_thread(main, [*argv, f"--recording={other}", "--shaping=2x3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--book:" in err and "a book of other generations" in err, err
 
 
 @pytest.mark.parametrize(
