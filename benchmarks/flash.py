@@ -221,7 +221,7 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
     quant = {"int8": default_quant(8, dim), "int4": default_quant(4, dim)}
     shares = None  # SwiGLU: the float16 pack's per-layer sparsity, reused by the others
     for name, pack in packs.items():
-        if not (pack / "predictor.json").exists() or not is_current(pack):
+        if not is_current(pack):
             pack_model(model_dir, pack, quant=quant.get(name), dtype=torch.float16)
             shares = calibrate_pack(pack, tokenizer, args.calibration_tokens, args.min_top1, shares)
         elif shares is None:
@@ -608,12 +608,15 @@ def build_wide(source: Path, out: Path, factor: int, noise: float = 0.05) -> Non
 
 
 def is_current(pack: Path) -> bool:
-    """Whether `pack` is in this version's format (packs from an older one are rewritten)."""
+    """Whether `pack` is in this version's format and calibrated under this version's rule
+    (SwiGLU thresholds on |silu(gate) * up|, "thresholds" in predictor.json); packs from
+    an older one are rewritten."""
     try:
         read_manifest(pack)
-    except ValueError:
+        meta = json.loads((pack / "predictor.json").read_text())
+    except (ValueError, OSError):
         return False
-    return True
+    return "thresholds" in meta
 
 
 def calibrate_pack(

@@ -4,7 +4,8 @@ Every token the client sees goes through `Output.emit`, which cuts at `max_token
 the model's end-of-sequence and end-of-turn tokens and stop strings, and detokenises
 incrementally (never splitting a UTF-8 character). Text that may be the start of a stop
 string is held back until the next tokens tell (as vLLM does), so a stop string split
-across chunks never reaches the client in part. `rollback` undoes unverified tokens
+across chunks does not reach the client in part (unless a rollback cut back to text
+already sent that a stop string then continues). `rollback` undoes unverified tokens
 when the cloud corrects them; the client applies the same `Rollback` to its text.
 """
 
@@ -102,18 +103,21 @@ class Output:
         return text
 
     def rollback(self, keep_tokens: int) -> Rollback:
-        """Drops output tokens after the first `keep_tokens`."""
+        """Drops output tokens after the first `keep_tokens`. The client keeps at most
+        the text it was sent: what the kept tokens have beyond it is still held back,
+        and goes out with later chunks."""
         keep_chars = self._detok.rollback(keep_tokens) if self._detok else 0
         self.tokens = self.tokens[:keep_tokens]
         self.text = self.text[:keep_chars]
         self._sent = min(self._sent, keep_chars)
         self.finish_reason = None
-        return Rollback(keep_tokens=keep_tokens, keep_chars=keep_chars)
+        return Rollback(keep_tokens=keep_tokens, keep_chars=self._sent)
 
     def _append(self, tokens: list[int], text: str) -> None:
-        """Appends `tokens` and their `text`, cut before the first stop string (which
-        never starts in text already returned: `release` holds back any tail a stop
-        string may start with). `tokens` are dropped when the
+        """Appends `tokens` and their `text`, cut before the first stop string, but never
+        below the text already returned (`release` holds back any tail a stop string
+        may start with, so only a rollback into sent text can leave a stop string's
+        start in it: then that start stays). `tokens` are dropped when the
         stop string starts before their own text, the last `len(decode(tokens))`
         characters of `text`: those before it complete tokens held back earlier (a
         UTF-8 character split across tokens), which are already in the output."""
@@ -126,7 +130,7 @@ class Output:
         own = len(self._tokenizer.decode(tokens)) if self._tokenizer and tokens else 0
         if hit > len(self.text) - min(own, len(text)):
             self.tokens.extend(tokens)
-        self.text = self.text[:hit]
+        self.text = self.text[: max(hit, self._sent)]
         self.finish_reason = FinishReason.STOP
 
     def _stop_at(self, start: int) -> int | None:

@@ -381,12 +381,14 @@ class KVCache(nn.Module):
             return self._update_ring(layer, step, new_entries)
         out = []
         buffers = self._buffers  # once per layer per pass: no nn.Module attribute lookups
+        index = None
+        if step.write_slice is None:  # an indexed view: (batch, time, heads, width)
+            index = (step.rows[:, None], slice(None), step.write_positions)
         for name, new in zip(self.names, new_entries, strict=True):
             buf = buffers[name][layer]
-            if step.write_slice is not None:
+            if index is None:
                 buf[step.row_slice, :, step.write_slice] = new
-            else:  # an indexed view: (batch, time, heads, width)
-                index = (step.rows[:, None], slice(None), step.write_positions)
+            else:
                 buf[index] = new.transpose(1, 2)
             if step.row_slice is not None:
                 out.append(buf[step.row_slice, :, : step.kv_len])

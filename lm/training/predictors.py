@@ -142,11 +142,13 @@ def allocate_sparsity(
 
     Each layer's cost at each of `SPARSITY_LEVELS` is measured alone (KL of the logits,
     dense || one layer cut); layers then rise one level at a time, always the one whose
-    next level costs the least more, and the longest such sequence of rises whose model
-    (every layer cut as far as it got, oracle masks) keeps `min_top1` is found by
-    bisection. 1 + layers x levels + about 8 passes over `windows`; keep them small
-    (a few thousand tokens). On SmolLM2-135M it beat one share for every layer at the
-    same mean (top-1 0.936 against 0.918 at 40%), by cutting the last layers more.
+    next level costs the least more, and bisection finds how many of those rises the
+    model (every layer cut as far as it got, oracle masks) can take and keep
+    `min_top1`: a heuristic, as it takes the costs of layers alone to add up and the
+    agreement to fall as rises are added. 1 + layers x levels + about 8 passes over
+    `windows`; keep them small (a few thousand tokens). On SmolLM2-135M it beat one
+    share for every layer at the same mean (top-1 0.936 against 0.918 at 40%), by
+    cutting the last layers more.
     """
     if not 0.0 < min_top1 <= 1.0:
         raise ValueError(f"min_top1: must be in (0, 1], got {min_top1}")

@@ -42,6 +42,7 @@ FLAGS = {
     "top_k": "--top-k",
     "mode": "--mode",
     "model": "--model",
+    "ignore_eos": "--ignore-eos",
     "timeout": "--timeout",
     "token": "--token",
     "slo": "--slo",

@@ -237,8 +237,9 @@ Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 @_typing.final
 class Rollback(_message.Message):
     """Replaces the tail of the output: keep the first `keep_tokens` output tokens
-    (and `keep_chars` characters of text) and drop the rest, then append this
-    chunk's tokens. Sent when adaptive mode's unverified tokens are corrected.
+    (and `keep_chars` characters of text, never more than was sent: text of the kept
+    tokens still held back comes in later chunks) and drop the rest, then append this
+    chunk's tokens and text. Sent when adaptive mode's unverified tokens are corrected.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -372,7 +373,9 @@ class GenerateChunk(_message.Message):
     STATS_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     text: _builtins.str
-    """Text delta for `tokens`; never splits a UTF-8 character."""
+    """Text delta; never splits a UTF-8 character. It may lag `tokens` by a few characters
+    that could start a stop string: later chunks (the last one at the latest) carry them.
+    """
     verified: _builtins.bool
     """True when the cloud verified these tokens (always true in lossless and
     cloud_only modes; false in edge_only mode).

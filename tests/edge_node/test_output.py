@@ -56,3 +56,40 @@ def test_a_rollback_below_held_text_keeps_the_stream_consistent():
     client = streamed[: rollback.keep_chars]
     client += out.emit(tokenizer.encode(" world", add_special_tokens=False), verified=True).text
     assert client + out.release(final=True) == out.text
+
+
+def test_a_rollback_into_held_text_keeps_only_what_the_client_has():
+    """Adaptive mode corrects unverified tokens whose text is partly held back: the
+    client is told to keep at most what it was sent, and gets the rest later."""
+    tokenizer = Tokenizer(train_bpe(LINES, vocab_size=300))
+    ids = tokenizer.encode("Hello, how ar", add_special_tokens=False)
+    out = Output([], 50, stop=("how are",), tokenizer=tokenizer)
+    client = "".join(out.emit([token], verified=False).text for token in ids)
+    assert client == "Hello, "  # "how ar" held
+    kept = len(tokenizer.encode("Hello, how", add_special_tokens=False))
+    rollback = out.rollback(kept)
+    assert rollback.keep_chars == len(client)  # not len("Hello, how"): never sent
+    client = client[: rollback.keep_chars]
+    client += out.emit(tokenizer.encode(" you", add_special_tokens=False), verified=True).text
+    assert client + out.release(final=True) == out.text == "Hello, how you"
+
+
+def test_several_stop_strings_hold_back_the_longest_possible_start():
+    tokenizer = Tokenizer(train_bpe(LINES, vocab_size=300))
+    out = Output([], 50, stop=("ENDING", "near."), tokenizer=tokenizer)
+    texts = _stream(out, tokenizer.encode("The END is near. END", add_special_tokens=False))
+    assert "".join(texts) == out.text == "The END is "
+    assert out.finish_reason is FinishReason.STOP
+
+
+def test_a_stop_string_continuing_text_sent_before_a_rollback_keeps_client_and_server_equal():
+    tokenizer = Tokenizer(train_bpe(LINES, vocab_size=300))
+    out = Output([], 50, stop=("how are",), tokenizer=tokenizer)
+    ids = tokenizer.encode("Hello, how you", add_special_tokens=False)
+    client = "".join(out.emit([token], verified=False).text for token in ids)
+    assert client == "Hello, how you"  # "how y" can start no stop string: all sent
+    rollback = out.rollback(len(tokenizer.encode("Hello, how", add_special_tokens=False)))
+    client = client[: rollback.keep_chars]
+    client += out.emit(tokenizer.encode(" are", add_special_tokens=False), verified=True).text
+    # "how" was sent before the correction: it stays, and the output ends there.
+    assert client == out.text == "Hello, how" and out.finish_reason is FinishReason.STOP
