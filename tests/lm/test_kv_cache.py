@@ -1,5 +1,7 @@
 """KVCache: chunked decoding, rollback, commit and batched rows against fresh forwards."""
 
+import copy
+
 import pytest
 import torch
 
@@ -174,3 +176,27 @@ def test_cached_forward_never_syncs_with_the_gpu(tiny_model):
         cache.commit(1, [0, 2])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_a_decode_step_without_a_mask_equals_the_masked_one(tiny_model, dtype):
+    """One new token per row after rows of one length takes attention's no-mask path
+    (`Transformer._sees_whole_rows`); with stale entries past the rows' ends it must
+    equal the same step through an explicit all-visible mask."""
+    model = copy.deepcopy(tiny_model).to(dtype)
+    cache = KVCache(model.config, rows=3, max_len=40, device="cpu", dtype=dtype)
+    prompts = torch.tensor([SEQ[:6], SEQ[3:9], SEQ[6:12]])
+    model(prompts, cache=cache)
+    for row in range(3):
+        cache.commit(row, range(6))
+    model(prompts[:, :4], cache=cache)  # a draft of 4; one token kept, three left stale
+    for row in range(3):
+        cache.commit(row, [0])
+    step = torch.tensor([[9], [21], [44]])
+    fast = model(step, cache=cache)
+    for row in range(3):
+        cache.rollback(row, 7)
+    visible = torch.ones(3, 1, 8, dtype=torch.bool)
+    masked = model(step, cache=cache, cache_mask=visible)
+    torch.testing.assert_close(fast, masked, atol=0, rtol=0)
