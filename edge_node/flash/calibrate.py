@@ -34,6 +34,7 @@ from lm.training.predictors import (
     activity_thresholds,
     allocate_sparsity,
     fit_predictor,
+    layer_shares,
     rates,
     record_ffn,
 )
@@ -106,10 +107,8 @@ def calibrate(
             min_top1 = DEFAULT_MIN_TOP1 if min_top1 is None else min_top1
             windows = train_windows[: max(1, ALLOCATION_TOKENS // train_windows.shape[1])]
             shares = allocate_sparsity(dense, windows, min_top1, progress=progress)
-        elif isinstance(sparsity, float | int):
-            shares = [float(sparsity)] * len(dense.layers)
         else:
-            shares = list(sparsity)
+            shares = layer_shares(sparsity, len(dense.layers))
         thresholds = activity_thresholds(dense, train_windows, shares)
         progress(f"sparsity per layer: {shares}; thresholds {[round(t, 5) for t in thresholds]}")
     records = record_ffn(dense, train_windows, thresholds)

@@ -90,14 +90,20 @@ def activity_thresholds(
     """Per layer, the |silu(gate(x)) * up(x)| (`lm.sparsity.coefficients`) below which a
     `sparsity` share of a SwiGLU model's coefficients fall on `windows` (n, time): one
     share for every layer, or one per layer."""
-    shares = [sparsity] * len(model.layers) if isinstance(sparsity, float | int) else sparsity
-    if len(shares) != len(model.layers) or not all(0.0 <= s < 1.0 for s in shares):
-        raise ValueError(
-            f"sparsity: must be in [0, 1), one value or one per layer ({len(model.layers)}), "
-            f"got {sparsity}"
-        )
+    shares = layer_shares(sparsity, len(model.layers))
     samples = _coefficient_samples(model, windows, batch_size)
     return [_quantile(sample, share) for sample, share in zip(samples, shares, strict=True)]
+
+
+def layer_shares(sparsity: float | Sequence[float], layers: int) -> list[float]:
+    """`sparsity` as one share per layer: one value for every layer, or one per layer,
+    each in [0, 1)."""
+    shares = [float(sparsity)] * layers if isinstance(sparsity, float | int) else list(sparsity)
+    if len(shares) != layers or not all(0.0 <= s < 1.0 for s in shares):
+        raise ValueError(
+            f"sparsity: must be in [0, 1), one value or one per layer ({layers}), got {sparsity}"
+        )
+    return shares
 
 
 def _coefficient_samples(
@@ -164,14 +170,8 @@ def allocate_sparsity(
             ffn.threshold = layer_thresholds[level]
         agree = kl = 0.0
         for batch, reference in zip(windows.split(batch_size), dense, strict=True):
-            logits = sparse(batch)
-            agree += (logits.argmax(-1) == reference.argmax(-1)).sum().item()
-            kl += F.kl_div(
-                F.log_softmax(logits, -1),
-                F.log_softmax(reference, -1),
-                log_target=True,
-                reduction="sum",
-            ).item()
+            batch_agree, batch_kl = _agreement_and_kl(reference, sparse(batch))
+            agree, kl = agree + batch_agree, kl + batch_kl
         return agree / windows.numel(), kl / windows.numel()
 
     layers = len(ffns)
@@ -316,14 +316,8 @@ def accuracy_cost(
         batch = batch.to(device)
         dense_logits, sparse_logits = dense(batch)[:, :-1], sparse(batch)[:, :-1]
         targets = batch[:, 1:]
-        agree += (dense_logits.argmax(-1) == sparse_logits.argmax(-1)).sum().item()
-        total += targets.numel()
-        kl += F.kl_div(
-            F.log_softmax(sparse_logits.float(), -1).flatten(0, 1),
-            F.log_softmax(dense_logits.float(), -1).flatten(0, 1),
-            log_target=True,
-            reduction="sum",
-        ).item()
+        batch_agree, batch_kl = _agreement_and_kl(dense_logits, sparse_logits)
+        agree, kl, total = agree + batch_agree, kl + batch_kl, total + targets.numel()
         for name, logits in (("dense", dense_logits), ("sparse", sparse_logits)):
             nll[name] += F.cross_entropy(
                 logits.flatten(0, 1), targets.flatten(), reduction="sum"
@@ -334,3 +328,16 @@ def accuracy_cost(
         "dense_perplexity": math.exp(nll["dense"] / total),
         "sparse_perplexity": math.exp(nll["sparse"] / total),
     }
+
+
+def _agreement_and_kl(dense: torch.Tensor, sparse: torch.Tensor) -> tuple[int, float]:
+    """Over logits (..., vocab) of two models at the same positions: how many positions
+    share their top-1, and the summed KL(dense || sparse) in nats."""
+    agree = int((dense.argmax(-1) == sparse.argmax(-1)).sum().item())
+    kl = F.kl_div(
+        F.log_softmax(sparse.float(), -1).flatten(0, -2),
+        F.log_softmax(dense.float(), -1).flatten(0, -2),
+        log_target=True,
+        reduction="sum",
+    ).item()
+    return agree, kl
