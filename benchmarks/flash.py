@@ -221,11 +221,11 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> dict:
     quant = {"int8": default_quant(8, dim), "int4": default_quant(4, dim)}
     shares = None  # SwiGLU: the float16 pack's per-layer sparsity, reused by the others
     for name, pack in packs.items():
-        if not is_current(pack):
+        meta = current_calibration(pack)
+        if meta is None:
             pack_model(model_dir, pack, quant=quant.get(name), dtype=torch.float16)
             shares = calibrate_pack(pack, tokenizer, args.calibration_tokens, args.min_top1, shares)
         elif shares is None:
-            meta = json.loads((pack / "predictor.json").read_text())
             shares = meta["report"].get("sparsity")
     unbundled = work / "ffn_unbundled.bin"
     if not unbundled.exists():
@@ -607,16 +607,16 @@ def build_wide(source: Path, out: Path, factor: int, noise: float = 0.05) -> Non
             shutil.copy(source / name, out / name)
 
 
-def is_current(pack: Path) -> bool:
-    """Whether `pack` is in this version's format and calibrated under this version's rule
-    (SwiGLU thresholds on |silu(gate) * up|, "thresholds" in predictor.json); packs from
-    an older one are rewritten."""
+def current_calibration(pack: Path) -> dict | None:
+    """`pack`'s predictor.json when the pack is in this version's format and calibrated
+    under this version's rule (SwiGLU thresholds on |silu(gate) * up|, "thresholds" in
+    it); None for packs from an older one, which are rewritten."""
     try:
         read_manifest(pack)
         meta = json.loads((pack / "predictor.json").read_text())
     except (ValueError, OSError):
-        return False
-    return "thresholds" in meta
+        return None
+    return meta if "thresholds" in meta else None
 
 
 def calibrate_pack(
